@@ -1,0 +1,275 @@
+"""Checkpoints: `from_pretrained` (Hub repo or local folder, single or sharded safetensors, Llama/Mistral
+layouts fused on the fly) and `save_pretrained` (Phi-3 names, sharded, written atomically)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .cli import UserError
+from .config import ConfigError, Phi3Config
+from .model import Phi3ForCausalLM
+
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "skip.json"]
+# Files that travel with a checkpoint when it is saved again.
+CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class CheckpointError(UserError):
+    """Weights missing, corrupt or not matching the config."""
+
+
+def parse_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise UserError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+    return names[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# Finding a checkpoint ---------------------------------------------------------------------------------
+def resolve(src: str | os.PathLike, revision: str | None = None, token: str | None = None) -> Path:
+    """A local folder as is, else a Hub repo id downloaded (config, weights, tokenizer files only)."""
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return path
+    s = str(src)
+    if path.exists() or s.startswith((".", "/", "~")) or s.count("/") != 1:
+        raise CheckpointError(f"{s}: no such folder, and not a Hub repo id of the form org/name")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors as hub_errors
+
+    try:  # token=None lets huggingface_hub read HF_TOKEN; never echo it
+        return Path(snapshot_download(s, revision=revision, token=token, allow_patterns=HUB_FILES))
+    except hub_errors.GatedRepoError:
+        raise CheckpointError(f"{s} is gated: accept its licence on the Hub and set HF_TOKEN") from None
+    except hub_errors.RepositoryNotFoundError:
+        raise CheckpointError(f"{s}: repo not found on the Hub (a private or gated repo needs HF_TOKEN)") from None
+    except hub_errors.RevisionNotFoundError:
+        raise CheckpointError(f"{s}: revision {revision!r} not found") from None
+    except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled, OSError) as e:
+        raise CheckpointError(f"{s}: cannot download it and it is not in the local Hugging Face cache "
+                              f"({type(e).__name__}); connect to the Hub once, or pass a local folder") from None
+
+
+def load_config(src: str | os.PathLike, revision: str | None = None, token: str | None = None) -> Phi3Config:
+    return Phi3Config.from_json(resolve(src, revision, token) / "config.json")
+
+
+# Reading weights ---------------------------------------------------------------------------------------
+def weight_files(folder: Path) -> dict[str, list[str]]:
+    """Shard file -> tensor names, from the index or the single file; missing shards are errors."""
+    index = folder / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+            raise CheckpointError(f"{index}: malformed index (expected a weight_map object)") from None
+        shards: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            shards.setdefault(shard, []).append(name)
+        for shard in shards:
+            if not (folder / shard).is_file():
+                raise CheckpointError(f"{index} points to a missing shard: {shard}")
+        return shards
+    if (folder / SINGLE).is_file():
+        return {SINGLE: []}
+    raise CheckpointError(f"{folder}: no {SINGLE} or {INDEX}")
+
+
+def iter_tensors(folder: Path):
+    """Yield (name, tensor) one at a time, so peak memory stays near one copy of the weights."""
+    for shard in weight_files(folder):
+        path = folder / shard
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+
+
+def fuse_llama(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """Llama/Mistral layout -> Phi-3: q,k,v into qkv_proj (rows Q, K, V); gate, up into gate_up_proj."""
+    for i in range(num_layers):
+        p = f"model.layers.{i}."
+        qkv = [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
+        if all(k in sd for k in qkv):
+            sd[p + "self_attn.qkv_proj.weight"] = torch.cat([sd.pop(k) for k in qkv])
+        gu = [p + f"mlp.{n}_proj.weight" for n in ("gate", "up")]
+        if all(k in sd for k in gu):
+            sd[p + "mlp.gate_up_proj.weight"] = torch.cat([sd.pop(k) for k in gu])
+    return sd
+
+
+def check_state_dict(sd: Mapping[str, torch.Tensor], model: Phi3ForCausalLM, where: str) -> None:
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{where}: missing tensors {', '.join(missing[:3])}{more}")
+    unexpected = sorted(set(sd) - set(expected))
+    if unexpected:
+        more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
+        raise CheckpointError(f"{where}: unexpected tensors {', '.join(unexpected[:3])}{more} "
+                              f"(not a Phi-3/Llama checkpoint matching config.json?)")
+    for k, shape in expected.items():
+        if sd[k].shape != shape:
+            raise CheckpointError(f"{where}: tensor {k} has shape {tuple(sd[k].shape)}, config.json implies "
+                                  f"{tuple(shape)}")
+
+
+def load_weights(model: Phi3ForCausalLM, folder: Path, dtype: torch.dtype,
+                 device: torch.device | str | None) -> None:
+    """Assign the folder's weights into a (meta-device) model, converted to dtype/device."""
+    sd: dict[str, torch.Tensor] = {}
+    for name, t in iter_tensors(folder):
+        if name.endswith("rotary_emb.inv_freq"):  # derived buffer some old checkpoints carry
+            continue
+        sd[name] = t.to(device=device or "cpu", dtype=dtype if t.is_floating_point() else t.dtype)
+    if model.config.source_model_type != "phi3":
+        sd = fuse_llama(sd, model.config.num_hidden_layers)
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    check_state_dict(sd, model, str(folder))
+    model.load_state_dict(sd, strict=False, assign=True)  # lm_head is absent when tied
+    model.tie_weights()
+
+
+def from_pretrained(src: str | os.PathLike, dtype: str | torch.dtype | None = None,
+                    device: torch.device | str | None = None, revision: str | None = None,
+                    token: str | None = None) -> Phi3ForCausalLM:
+    """Load a Phi-3 (or Llama/Mistral) checkpoint from a Hub repo id or a local folder, in eval mode.
+
+    dtype defaults to the config's torch_dtype. The model is built on the meta device and the weights are
+    assigned, so memory peaks near one copy of the weights.
+    """
+    folder = resolve(src, revision, token)
+    config = Phi3Config.from_json(folder / "config.json")
+    target = parse_dtype(dtype, default=parse_dtype(config.torch_dtype) if config.torch_dtype else torch.float32)
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(config)
+    load_weights(model, folder, target, device)
+    model.rotary = type(model.rotary)(config).to(device or "cpu")  # derived buffers, made for real
+    model.source_dir = folder
+    return model.eval()
+
+
+# Writing -----------------------------------------------------------------------------------------------
+def _shards(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in sd.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += n
+    return shards
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor that owns its storage (safetensors refuses views and shared storage)."""
+    t = t.detach().to("cpu").contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
+
+
+def save_checkpoint(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, folder: str | os.PathLike, *,
+                    files: Mapping[str, str | bytes] | None = None, copy_from: str | os.PathLike | None = None,
+                    extra_json: Mapping[str, Any] | None = None, max_shard_size: int = 5 * 2**30) -> Path:
+    """Write a Phi3ForCausalLM checkpoint folder atomically: a temporary sibling folder, then a rename.
+
+    files: extra files by name (tokenizer.json, ...); copy_from: a folder whose tokenizer and generation files
+    are carried over; extra_json: name -> object written as JSON (for example skip.json).
+    """
+    folder = Path(folder)
+    sd = {k: _plain(v) for k, v in state_dict.items()
+          if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    dtypes = {t.dtype for t in sd.values() if t.is_floating_point()}
+    config = config.replace(source_model_type="phi3",
+                            torch_dtype=dtype_name(dtypes.pop()) if len(dtypes) == 1 else config.torch_dtype)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        if copy_from is not None:
+            for name in CARRIED_FILES:
+                if (Path(copy_from) / name).is_file():
+                    shutil.copy2(Path(copy_from) / name, tmp / name)
+        for name, content in (files or {}).items():
+            (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
+        for name, obj in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        if not (tmp / "generation_config.json").exists():
+            gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+                   "pad_token_id": config.pad_token_id}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        shards = _shards(sd, max_shard_size)
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE), metadata=meta)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata=meta)
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.numel() * t.element_size() for t in sd.values())
+            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2) + "\n")
+        _replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename src to dst; an existing dst is moved aside first and removed only once src is in place."""
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+    os.replace(dst, old / dst.name)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_pretrained(model: Phi3ForCausalLM, folder: str | os.PathLike, *,
+                    tokenizer_from: str | os.PathLike | None = None, extra_json: Mapping[str, Any] | None = None,
+                    max_shard_size: int = 5 * 2**30) -> Path:
+    """Save a model so that transformers' Phi3ForCausalLM (and `from_pretrained` here) loads it unchanged.
+
+    Tokenizer and generation files come from `tokenizer_from`, else from the folder the model was loaded from.
+    """
+    return save_checkpoint(model.state_dict(), model.config, folder,
+                           copy_from=tokenizer_from or getattr(model, "source_dir", None),
+                           extra_json=extra_json, max_shard_size=max_shard_size)
+
+
+__all__ = ["from_pretrained", "save_pretrained", "save_checkpoint", "load_config", "resolve", "CheckpointError",
+           "ConfigError", "parse_dtype"]

@@ -1,0 +1,222 @@
+"""The Phi-3 decoder, with skip gates in its block loop.
+
+Module and parameter names are those of transformers' `Phi3ForCausalLM`, so Hub state dicts load as they are.
+`model(input_ids, skip=(30, 28))` runs every block except 30 and 28: a skipped block costs no compute and,
+with a cache, no KV memory.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cli import UserError
+from .config import Phi3Config
+from .kv_cache import KVCache, LayerKV
+from .rope import Rotary, apply_rotary
+
+try:  # optional: used on CUDA for cache-free causal attention (training, evaluation)
+    from flash_attn import flash_attn_func
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_func = None
+
+
+class InvalidSkip(UserError, ValueError):
+    """A skip set that names no valid set of layers."""
+
+
+def validate_skip(skip: Iterable[int] | None, num_layers: int) -> frozenset[int]:
+    """Check a skip set: integers in [0, num_layers), no duplicates. Raises InvalidSkip naming the range."""
+    if skip is None:
+        return frozenset()
+    valid = f"layer indices are integers in 0..{num_layers - 1}"
+    if isinstance(skip, (str, bytes)) or not isinstance(skip, Iterable):
+        raise InvalidSkip(f"skip must be a collection of layer indices, got {skip!r}; {valid}")
+    out: list[int] = []
+    for s in skip:
+        if isinstance(s, bool):
+            raise InvalidSkip(f"skip index {s!r} is not an integer; {valid}")
+        try:
+            i = operator.index(s)
+        except TypeError:
+            raise InvalidSkip(f"skip index {s!r} is not an integer; {valid}") from None
+        if not 0 <= i < num_layers:
+            raise InvalidSkip(f"skip index {i} is out of range; {valid}")
+        out.append(i)
+    if len(set(out)) != len(out):
+        raise InvalidSkip(f"skip {sorted(out)} names a layer twice; {valid}")
+    return frozenset(out)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back, then scale: the order transformers uses (it matters in bf16).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def attention_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, window: int | None,
+                   key_mask: torch.Tensor | None) -> torch.Tensor:
+    """Boolean [B|1, 1, Tq, Tk]: key j is visible to query i iff j <= i and j > i - window, and key_mask[j].
+
+    A query always sees its own slot, so a padding row never becomes all-masked (which gives NaNs in SDPA).
+    """
+    qi, kj = q_slots[:, None], k_slots[None, :]
+    ok = kj <= qi
+    if window is not None:
+        ok = ok & (kj > qi - window)
+    ok = ok[None, None]
+    if key_mask is not None:
+        ok = (ok & key_mask[:, None, None, :]) | (kj == qi)[None, None]
+    return ok
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Phi3Config):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = config.num_attention_heads, config.num_key_value_heads, config.hd
+        self.window = config.sliding_window
+        self.qkv_proj = nn.Linear(config.hidden_size, (self.n_head + 2 * self.n_kv) * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.hd, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                cache: LayerKV | None, key_mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split([self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q = apply_rotary(q.view(B, T, self.n_head, self.hd).transpose(1, 2), cos, sin)
+        k = apply_rotary(k.view(B, T, self.n_kv, self.hd).transpose(1, 2), cos, sin)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if cache is None and key_mask is None:
+            y = self._causal(q, k, v)
+        else:
+            k_slots = slots
+            if cache is not None:
+                k, v = cache.update(slots, k, v)
+                k_slots = torch.arange(k.shape[2], device=x.device)
+            mask = attention_mask(slots, k_slots, self.window, key_mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+    def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Cache-free causal attention over consecutive slots (training, evaluation, prefill without cache)."""
+        T, W = q.shape[2], self.window
+        if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            # flash-attn's window (left, right) admits left+1 keys; Phi-3's window counts the query: W - 1.
+            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                window_size=(W - 1, 0) if W is not None else (-1, -1))
+            return y.transpose(1, 2)
+        gqa = self.n_kv != self.n_head
+        if W is None or T <= W:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        slots = torch.arange(T, device=q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(slots, slots, W, None),
+                                              enable_gqa=gqa)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Phi3Config):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * F.silu(gate))
+
+
+class Block(nn.Module):
+    def __init__(self, config: Phi3Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                cache: LayerKV | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, cache, key_mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Phi3Model(nn.Module):
+    def __init__(self, config: Phi3Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Phi3ForCausalLM(nn.Module):
+    def __init__(self, config: Phi3Config):
+        super().__init__()
+        self.config = config
+        self.model = Phi3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = Rotary(config)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def hidden_states(self, input_ids: torch.Tensor, skip: Iterable[int] | None = (), *,
+                      input_pos: torch.Tensor | None = None, cache: KVCache | None = None,
+                      positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                      long_rope: bool | None = None) -> torch.Tensor:
+        """Final normed hidden states [B, T, H] (the distillation loss projects them in chunks).
+
+        input_pos: [T] slots of these tokens in the sequence and the cache (default 0..T-1).
+        positions: [T] or [B, T] rotary positions when they differ from the slots (left-padded batches).
+        key_mask:  [B, S] False at padding slots, which no query may attend to.
+        long_rope: LongRoPE factor choice; None decides from the largest position, as transformers does.
+        """
+        skipped = validate_skip(skip, self.num_layers)
+        B, T = input_ids.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=input_ids.device)
+        if positions is None:
+            positions = input_pos
+        if long_rope is None:
+            # Without a cache and explicit positions the largest position is T - 1: no device sync.
+            max_pos = T - 1 if cache is None and positions is input_pos else int(positions.max())
+            long_rope = self.rotary.use_long(max_pos)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, x.dtype, long_rope)
+        for i, block in enumerate(self.model.layers):
+            if i in skipped:
+                continue  # the skip gate: no compute, no cache
+            layer_cache = None
+            if cache is not None:
+                if i not in cache:
+                    raise ValueError(f"layer {i} runs but the KV cache has no entry for it")
+                layer_cache = cache[i]
+            x = block(x, cos, sin, input_pos, layer_cache, key_mask)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, skip: Iterable[int] | None = (), **kw) -> torch.Tensor:
+        """Logits [B, T, V]; keyword arguments as for `hidden_states`."""
+        return self.lm_head(self.hidden_states(input_ids, skip, **kw))
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Random init (for models built on the meta device and materialised with `to_empty`)."""
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+        self.rotary.reset_buffers()
+        self.tie_weights()
