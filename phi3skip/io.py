@@ -241,11 +241,21 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, 
             total = sum(t.numel() * t.element_size() for t in sd.values())
             (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                 indent=2) + "\n")
+        _default_permissions(tmp)
         _replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _default_permissions(folder: Path) -> None:
+    """mkdtemp makes a private 0700 folder; a checkpoint gets the permissions of any new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.iterdir():
+        os.chmod(f, 0o666 & ~umask)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -1,0 +1,81 @@
+"""Forward tokens/s of phi3skip's model against transformers' Phi3ForCausalLM, side by side, same weights.
+
+CPU (default): the converted SmolLM2-135M-Instruct. `--gpu`: a Phi-3-mini-shaped random model in bf16.
+Runs are alternated (ours, theirs, ours compiled, ...) and the median ratio is printed.
+
+    python scripts/bench_forward.py                      # CPU, fp32
+    python scripts/bench_forward.py --gpu --dtype bfloat16
+"""
+from __future__ import annotations
+
+import argparse
+
+import benchutil
+import torch
+
+from phi3skip import Phi3Config, Phi3ForCausalLM, from_pretrained
+from phi3skip.cli import ArgumentParser, run_main
+from phi3skip.io import parse_dtype
+
+PHI3_MINI = dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                 max_position_embeddings=4096, original_max_position_embeddings=4096, sliding_window=2047,
+                 rope_theta=10000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=32000, pad_token_id=32000)
+
+
+def build(args, device: str, dtype: torch.dtype):
+    import transformers
+
+    if args.gpu:  # random weights, shared by both models (a forward benchmark needs no second copy)
+        cfg = Phi3Config.from_dict({**PHI3_MINI, "torch_dtype": str(dtype).removeprefix("torch.")})
+        with torch.device(device):
+            hf = transformers.Phi3ForCausalLM(transformers.Phi3Config(**cfg.to_dict())).to(dtype)
+        with torch.device("meta"):
+            ours = Phi3ForCausalLM(cfg)
+        ours.load_state_dict(hf.state_dict(), assign=True)
+        ours.rotary = type(ours.rotary)(cfg).to(device)
+    else:
+        folder = args.model or benchutil.smollm2_dir()
+        ours = from_pretrained(folder, dtype=dtype, device=device)
+        hf = transformers.Phi3ForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    return ours.eval(), hf.eval()
+
+
+def main() -> None:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint folder (default: converted SmolLM2-135M-Instruct)")
+    p.add_argument("--gpu", action="store_true", help="Phi-3-mini-shaped random model on CUDA")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--no-compile", action="store_true")
+    args = p.parse_args()
+    device = "cuda" if args.gpu else "cpu"
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("error: --gpu needs a CUDA device")
+    dtype = parse_dtype(args.dtype, default=torch.bfloat16 if args.gpu else torch.float32)
+    B = args.batch or (4 if args.gpu else 2)
+    T = args.seq or (2048 if args.gpu else 256)
+    rounds = args.rounds or (10 if args.gpu else 7)
+    torch.manual_seed(0)
+    ours, hf = build(args, device, dtype)
+    x = torch.randint(0, ours.config.vocab_size, (B, T), device=device)
+
+    fns = {"transformers": lambda: hf(x, use_cache=False).logits, "phi3skip": lambda: ours(x)}
+    if not args.no_compile:
+        compiled = torch.compile(ours)
+        fns["phi3skip+compile"] = lambda: compiled(x)
+    with torch.inference_mode():
+        diff = (fns["phi3skip"]().float() - fns["transformers"]().float()).abs().max().item()
+        times = benchutil.alternate(fns, rounds=rounds, warmup=2, device=device)
+    base = benchutil.median(times["transformers"])
+    print(f"forward, {B}x{T} tokens, {dtype}, {benchutil.environment(device)}; max |logit diff| {diff:.2e}")
+    for name, ts in times.items():
+        m = benchutil.median(ts)
+        print(f"  {name:18s} {B * T / m:10.0f} tokens/s   median {m * 1e3:8.1f} ms   "
+              f"ratio vs transformers {base / m:5.2f}x")
+
+
+if __name__ == "__main__":
+    run_main(main)
