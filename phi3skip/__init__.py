@@ -1,10 +1,19 @@
-"""phi3skip: make Phi-3 models skippable by distillation, in plain PyTorch."""
-from .cli import UserError
-from .config import Phi3Config
-from .io import from_pretrained, load_config, save_checkpoint, save_pretrained
-from .kv_cache import KVCache
-from .model import InvalidSkip, Phi3ForCausalLM, validate_skip
+"""phi3skip: make Phi-3 models skippable by distillation, in plain PyTorch.
+
+Names are imported on first use, so `phi3skip.data` or `prepare.py` do not pay for importing torch.
+"""
+from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = ["Phi3Config", "Phi3ForCausalLM", "KVCache", "from_pretrained", "save_pretrained", "save_checkpoint",
-           "load_config", "validate_skip", "InvalidSkip", "UserError"]
+_EXPORTS = {
+    "Phi3Config": "config", "Phi3ForCausalLM": "model", "InvalidSkip": "model", "validate_skip": "model",
+    "KVCache": "kv_cache", "from_pretrained": "io", "save_pretrained": "io", "save_checkpoint": "io",
+    "load_config": "io", "UserError": "cli",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'phi3skip' has no attribute {name!r}")

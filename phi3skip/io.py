@@ -249,6 +249,24 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, 
     return folder
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file through a temporary sibling and a rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def _default_permissions(folder: Path) -> None:
     """mkdtemp makes a private 0700 folder; a checkpoint gets the permissions of any new file."""
     umask = os.umask(0)
@@ -281,5 +299,5 @@ def save_pretrained(model: Phi3ForCausalLM, folder: str | os.PathLike, *,
                            extra_json=extra_json, max_shard_size=max_shard_size)
 
 
-__all__ = ["from_pretrained", "save_pretrained", "save_checkpoint", "load_config", "resolve", "CheckpointError",
+__all__ = ["from_pretrained", "save_pretrained", "save_checkpoint", "atomic_write_text", "load_config", "resolve", "CheckpointError",
            "ConfigError", "parse_dtype"]

@@ -1,0 +1,368 @@
+"""prepare.py and phi3skip.corpus: round trip, counts, dtype, split, sources, and every bad input."""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from phi3skip import corpus
+from phi3skip.cli import UserError
+from phi3skip.data import open_tokens, read_header, read_meta
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("prepare", ROOT / "prepare.py")
+prepare = sys.modules["prepare"] = importlib.util.module_from_spec(_spec)  # the script, imported by path
+_spec.loader.exec_module(prepare)
+
+TRAIN_TEXT = "def f(x):\n    return x * 2  # double\n\nThe quick brown fox jumps over the lazy dog.\n" * 40
+
+
+def build_tokenizer(folder: Path, special: str = "<|endoftext|>", vocab: int = 320) -> Path:
+    """Byte-level BPE trained in milliseconds (as in test_tokenizer.py): decoding gives back any text."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[special], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TRAIN_TEXT], trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> Path:
+    return build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir) -> Tokenizer:
+    t = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    t.encode_special_tokens = True  # as prepare does: a literal <|endoftext|> in a document is plain text
+    return t
+
+
+DOCS = {
+    "a.txt": "Hello world.\nSecond line, ünïcode ✓\n",
+    "b.md": "# Title\n\nSome *markdown* text.\n",
+    "c.py": 'EOT = "<|endoftext|>"  # must stay text, not become a separator\n',
+    "empty.txt": "",
+}
+RECORDS = [{"text": f"record {i}: " + "lorem ipsum " * (i % 7)} for i in range(6)]
+
+
+@pytest.fixture
+def docs_dir(tmp_path) -> Path:
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for name, text in DOCS.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    (folder / "d.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS[:3]) + "\n\n")
+    (folder / "e.json").write_text(json.dumps(RECORDS[3:5]))
+    with gzip.open(folder / "f.jsonl.gz", "wt") as f:
+        f.write(json.dumps(RECORDS[5]) + "\n")
+    (folder / "ignored.bin").write_bytes(b"\0\1")
+    return folder
+
+
+def expected_docs() -> list[str]:
+    """In source order: files sorted by path, records in file order, empty documents skipped."""
+    return [DOCS["a.txt"], DOCS["b.md"], DOCS["c.py"]] + [r["text"] for r in RECORDS[:5]] + [RECORDS[5]["text"]]
+
+
+def run(*args: str | Path) -> dict:
+    return prepare.main([str(a) for a in args])
+
+
+def split_docs(path: Path, eos: int) -> list[np.ndarray]:
+    tokens = np.asarray(open_tokens(path))
+    assert len(tokens) == 0 or tokens[-1] == eos  # every document ends with the separator
+    ends = np.flatnonzero(tokens == eos)
+    return [tokens[a + 1:b] for a, b in zip(np.r_[-1, ends[:-1]], ends)]
+
+
+def decoded(out: Path, tok: Tokenizer, split: str) -> list[str]:
+    eos = read_meta(out)["eos_id"]
+    return [tok.decode(d.tolist(), skip_special_tokens=False) for d in split_docs(out / f"{split}.bin", eos)]
+
+
+# Round trip and counts -------------------------------------------------------------------------------------
+def test_round_trip_and_counts(tmp_path, docs_dir, tok_dir, tok):
+    out = tmp_path / "data" / "docs"
+    meta = run("--dataset", docs_dir, "--model", tok_dir, "--out", out, "--val-fraction", "0.3", "--seed", "1")
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    train, val = decoded(out, tok, "train"), decoded(out, tok, "val")
+    want = expected_docs()
+    assert sorted(train + val) == sorted(want)  # decoding gives back the source text, document by document
+    assert train == [d for d in want if d in train] and val and train  # order kept, both splits used
+    direct = [len(tok.encode(d, add_special_tokens=False).ids) + 1 for d in want]
+    assert meta["tokens"] == sum(direct) == meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
+    assert meta["documents"] == len(want)
+    assert meta["splits"]["val"]["tokens"] == read_header(out / "val.bin").n_tokens
+    assert meta["tokenizer_sha256"] and meta["vocab_size"] == 310 and meta["dtype"] == "uint16"
+    assert meta["eos_token"] == "<|endoftext|>" and meta["skipped"]["empty"] == 1
+    assert "prepare.py --dataset" in meta["command"]
+
+
+def test_stdlib_with_max_tokens(tmp_path, tok_dir, tok):
+    out = tmp_path / "std"
+    meta = run("--dataset", "stdlib", "--model", tok_dir, "--out", out, "--max-tokens", "20000", "--val-tokens", "1")
+    texts = []
+    for f in corpus.stdlib_files():  # the first documents, as prepare reads them
+        if len(texts) == meta["documents"]:
+            break
+        try:
+            if text := Path(f).read_text(encoding="utf-8"):
+                texts.append(text)
+        except UnicodeDecodeError:
+            pass
+    direct = [len(tok.encode(t, add_special_tokens=False).ids) + 1 for t in texts]
+    assert meta["tokens"] == sum(direct) and meta["tokens"] >= 20000
+    assert meta["tokens"] - direct[-1] < 20000  # stopped at the first document boundary past --max-tokens
+    assert sorted(decoded(out, tok, "train") + decoded(out, tok, "val")) == sorted(texts)
+
+
+def test_uint32_for_large_vocabularies(tmp_path, docs_dir):
+    vocab = {f"w{i}": i for i in range(70_000)} | {"[UNK]": 70_000, "<|endoftext|>": 70_001}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "big").mkdir()
+    tok.save(str(tmp_path / "big" / "tokenizer.json"))
+    (tmp_path / "w.txt").write_text("w1 w69999 w5 unknown\n")
+    meta = run("--dataset", tmp_path / "w.txt", "--model", tmp_path / "big", "--out", tmp_path / "o",
+               "--val-fraction", "0")
+    assert meta["dtype"] == "uint32" and read_header(tmp_path / "o" / "train.bin").dtype == np.uint32
+    assert open_tokens(tmp_path / "o" / "train.bin").tolist() == [1, 69999, 5, 70000, 70001]
+
+
+# The split -------------------------------------------------------------------------------------------------
+@pytest.fixture
+def many_docs(tmp_path) -> Path:
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(json.dumps({"text": f"doc {i} " + "x" * (i % 13)}) + "\n" for i in range(80)))
+    return path
+
+
+def test_split_is_deterministic_by_seed(tmp_path, many_docs, tok_dir, tok):
+    def make(name, *extra):
+        run("--dataset", many_docs, "--model", tok_dir, "--out", tmp_path / name, *extra)
+        return {s: (tmp_path / name / f"{s}.bin").read_bytes() for s in ("train", "val")}
+
+    a = make("a", "--val-fraction", "0.25", "--seed", "7")
+    assert a == make("b", "--val-fraction", "0.25", "--seed", "7", "--workers", "1")
+    assert a["val"] != make("c", "--val-fraction", "0.25", "--seed", "8")["val"]
+    n_val = len(decoded(tmp_path / "a", tok, "val"))
+    assert 8 <= n_val <= 32  # about a quarter of 80 documents
+
+
+def test_val_tokens_holds_out_whole_documents(tmp_path, many_docs, tok_dir, tok):
+    meta = run("--dataset", many_docs, "--model", tok_dir, "--out", tmp_path / "o", "--val-tokens", "200")
+    val = split_docs(tmp_path / "o" / "val.bin", meta["eos_id"])
+    got = meta["splits"]["val"]["tokens"]
+    assert got >= 200 and got - max(len(d) + 1 for d in val) < 200  # the smallest set of documents that reaches N
+    texts = [json.loads(line)["text"] for line in many_docs.read_text().splitlines()]
+    assert all(tok.decode(d.tolist()) in texts for d in val)
+
+
+def test_val_tokens_too_large(tmp_path, many_docs, tok_dir):
+    with pytest.raises(UserError, match="--val-tokens 100000 leaves no document for training"):
+        run("--dataset", many_docs, "--model", tok_dir, "--out", tmp_path / "o", "--val-tokens", "100000")
+    assert not (tmp_path / "o").exists()
+
+
+# Sources ---------------------------------------------------------------------------------------------------
+def test_filters_on_language_and_license(tmp_path, tok_dir, tok):
+    rows = [{"code": "print(1)\n", "language": "Python", "license": "mit"},
+            {"code": "fn main() {}\n", "language": "Rust", "license": "mit"},
+            {"code": "print(2)\n", "language": "python", "license": "ISC"},
+            {"code": "print(3)\n", "language": "Python", "license": "gpl-3.0"}]
+    (tmp_path / "gh.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run("--dataset", tmp_path / "gh.jsonl", "--model", tok_dir, "--out", tmp_path / "o", "--val-fraction", "0")
+    assert decoded(tmp_path / "o", tok, "train") == ["print(1)\n", "print(2)\n"]
+    meta = run("--dataset", tmp_path / "gh.jsonl", "--model", tok_dir, "--out", tmp_path / "p", "--val-fraction",
+               "0", "--language", "any", "--licenses", "any")
+    assert meta["documents"] == 4
+
+
+def test_parquet(tmp_path, tok_dir, tok):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    table = pa.table({"code": ["a = 1\n", "b = 2\n", "c = 3\n"], "language": ["Python", "Go", "Python"],
+                      "license": ["mit", "mit", "isc"]})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=2)
+    meta = run("--dataset", tmp_path / "t.parquet", "--model", tok_dir, "--out", tmp_path / "o", "--val-fraction", "0")
+    assert decoded(tmp_path / "o", tok, "train") == ["a = 1\n", "c = 3\n"] and meta["skipped"]["filtered"] == 1
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(UserError, match=r"bad\.parquet: cannot read it \(ArrowInvalid"):
+        run("--dataset", tmp_path / "bad.parquet", "--model", tok_dir, "--out", tmp_path / "p")
+
+
+def test_parquet_without_pyarrow(tmp_path, tok_dir, monkeypatch):
+    (tmp_path / "t.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import fails as if not installed
+    with pytest.raises(UserError, match=r"t\.parquet: reading parquet needs pyarrow; pip install pyarrow"):
+        run("--dataset", tmp_path / "t.parquet", "--model", tok_dir, "--out", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def _hub_cache(monkeypatch, cache: Path) -> None:
+    import huggingface_hub.constants as c
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+
+
+def test_hub_dataset_from_local_cache(tmp_path, tok_dir, tok, monkeypatch):
+    commit = "1" * 40
+    repo = tmp_path / "hub" / "datasets--org--ds"
+    snap = repo / "snapshots" / commit
+    (snap / "data").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (snap / "data" / "train-0.jsonl").write_text(json.dumps({"text": "from the cache\n"}) + "\n")
+    (snap / "data" / "other.jsonl").write_text(json.dumps({"text": "not matched\n"}) + "\n")
+    (snap / "README.md").write_text("card")
+    _hub_cache(monkeypatch, tmp_path / "hub")
+    meta = run("--dataset", "org/ds:data/train-*", "--model", tok_dir, "--out", tmp_path / "o", "--val-fraction", "0")
+    assert decoded(tmp_path / "o", tok, "train") == ["from the cache\n"]
+    assert meta["sources"][0]["kind"] == "hub" and meta["sources"][0]["repo_id"] == "org/ds"
+    (snap / "dataset_infos.json").write_text("{}")
+    (snap / "ds.py").write_text("# loading script")
+    run("--dataset", "org/ds", "--model", tok_dir, "--out", tmp_path / "p", "--val-fraction", "0")
+    assert decoded(tmp_path / "p", tok, "train") == ["not matched\n", "from the cache\n"]  # data files only
+
+
+def test_hub_dataset_offline_fails_fast(tmp_path, tok_dir, monkeypatch):
+    _hub_cache(monkeypatch, tmp_path / "empty")
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=r"org/missing: not a local path, the Hub is unreachable.*--dataset stdlib"):
+        run("--dataset", "org/missing", "--model", tok_dir, "--out", tmp_path / "o")
+    assert time.perf_counter() - start < 5
+
+
+# Bad input: one line, nothing half-written -----------------------------------------------------------------
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: "no/such/path.txt", r"unknown dataset source 'no/such/path\.txt'"),
+    (lambda d: (d / "emptydir").mkdir() or d / "emptydir", r"emptydir: no \.txt .* files in this folder"),
+    (lambda d: str(d / "*.nothing"), r"matches no \.txt"),
+    (lambda d: (d / "x.csv").write_text("a,b") and d / "x.csv", r"x\.csv: unsupported file type"),
+    (lambda d: (d / "only.txt").write_text("") and d / "only.txt" or d / "only.txt",
+     r"no documents in .*only\.txt after filtering: 1 empty"),
+    (lambda d: (d / "r.jsonl").write_text('{"body": "hi"}\n') and d / "r.jsonl",
+     r"r\.jsonl line 1: record has none of the fields text, code, content \(it has body\); pass --text-field"),
+    (lambda d: (d / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n') and d / "bad.jsonl",
+     r"bad\.jsonl line 2: not valid JSON"),
+    (lambda d: (d / "x.jsonl").write_bytes(b'{"text": "\xff"}\n') and d / "x.jsonl",
+     r"x\.jsonl: cannot read it \(UnicodeDecodeError"),
+    (lambda d: (d / "z.jsonl.gz").write_bytes(b"not gzip") and d / "z.jsonl.gz",
+     r"z\.jsonl\.gz: cannot read it \(BadGzipFile"),
+    (lambda d: (d / "go.jsonl").write_text('{"text": "x", "language": "Go"}\n') and d / "go.jsonl",
+     r"no documents in .*go\.jsonl after filtering: 1 records filtered out by --language Python"),
+])
+def test_bad_sources(tmp_path, tok_dir, setup, message):
+    src = setup(tmp_path)
+    with pytest.raises(UserError, match=message) as e:
+        run("--dataset", src, "--model", tok_dir, "--out", tmp_path / "out")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_text_field_named_but_missing(tmp_path, tok_dir):
+    (tmp_path / "r.jsonl").write_text('{"text": "hi"}\n')
+    with pytest.raises(UserError, match=r"record has no field 'body' \(it has text\); pass --text-field NAME"):
+        run("--dataset", tmp_path / "r.jsonl", "--model", tok_dir, "--out", tmp_path / "o", "--text-field", "body")
+
+
+def test_tokenizer_not_found(tmp_path, docs_dir):
+    with pytest.raises(UserError, match=r"no tokenizer\.json in this folder"):
+        run("--dataset", docs_dir, "--model", tmp_path, "--out", tmp_path / "o")
+
+
+def test_output_exists_and_overwrite(tmp_path, docs_dir, tok_dir):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(UserError, match=r"o already exists; pass --overwrite"):
+        run("--dataset", docs_dir, "--model", tok_dir, "--out", out)
+    assert (out / "keep.txt").exists()
+    run("--dataset", docs_dir, "--model", tok_dir, "--out", out, "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("where", ["tokenizing", "splitting"])
+def test_interrupt_leaves_nothing(tmp_path, docs_dir, tok_dir, monkeypatch, where):
+    out = tmp_path / "o"
+    run("--dataset", docs_dir, "--model", tok_dir, "--out", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    if where == "tokenizing":
+        real = corpus.encode
+
+        def encode(*a, **k):
+            yield next(real(*a, **k))
+            raise KeyboardInterrupt
+        monkeypatch.setattr(corpus, "encode", encode)
+    else:
+        def write_split(*a, **k):
+            a[4].write([1, 2, 3])  # part of train.bin written, then Ctrl-C
+            raise KeyboardInterrupt
+        monkeypatch.setattr(prepare, "write_split", write_split)
+    with pytest.raises(KeyboardInterrupt):
+        run("--dataset", docs_dir, "--model", tok_dir, "--out", out, "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old data is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs", "o"]  # no temporary folder left
+
+
+def test_prepared_file_checked_against_model_vocab(tmp_path, docs_dir, tok_dir):
+    run("--dataset", docs_dir, "--model", tok_dir, "--out", tmp_path / "o")
+    with pytest.raises(UserError, match=r"train\.bin: made with a tokenizer of 310 tokens but the model has 100"):
+        open_tokens(tmp_path / "o" / "train.bin", vocab_size=100)
+
+
+# As a command: one line on stderr and exit code 2 -----------------------------------------------------------
+def _cli(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "prepare.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=60)
+
+
+def test_cli_one_line_exit_2(tmp_path, docs_dir, tok_dir):
+    (tmp_path / "o").mkdir()
+    r = _cli("--dataset", docs_dir, "--model", tok_dir, "--out", tmp_path / "o")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: ") and "--overwrite" in r.stderr
+
+
+def test_cli_hub_offline_fails_fast(tmp_path, tok_dir):
+    start = time.perf_counter()
+    r = _cli("--model", tok_dir, "--out", tmp_path / "o",  # the default dataset is on the Hub
+             env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "codeparrot/github-code-clean" in r.stderr and "--dataset stdlib" in r.stderr
+    assert time.perf_counter() - start < 30  # process start and imports included; no network retries
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_cli_signal_leaves_no_partial_file(tmp_path, tok_dir, sig):
+    import signal
+    out = tmp_path / "o"
+    p = subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), "--dataset", "stdlib", "--model", str(tok_dir),
+                          "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not list(tmp_path.glob(".o.tmp-*")) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # wait until it is writing
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=30)
+    if p.returncode == 0:
+        pytest.skip("prepare.py finished before the signal")
+    assert p.returncode == 130 and err.strip() == "interrupted", err
+    assert list(tmp_path.iterdir()) == []  # neither the final folder nor a temporary one
