@@ -7,7 +7,7 @@ with a cache, no KV memory.
 from __future__ import annotations
 
 import operator
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -175,13 +175,16 @@ class Phi3ForCausalLM(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, skip: Iterable[int] | None = (), *,
                       input_pos: torch.Tensor | None = None, cache: KVCache | None = None,
                       positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                      long_rope: bool | None = None) -> torch.Tensor:
+                      long_rope: bool | None = None, blocks: Sequence[Callable[..., torch.Tensor]] | None = None
+                      ) -> torch.Tensor:
         """Final normed hidden states [B, T, H] (the distillation loss projects them in chunks).
 
         input_pos: [T] slots of these tokens in the sequence and the cache (default 0..T-1).
         positions: [T] or [B, T] rotary positions when they differ from the slots (left-padded batches).
         key_mask:  [B, S] False at padding slots, which no query may attend to.
         long_rope: LongRoPE factor choice; None decides from the largest position, as transformers does.
+        blocks:    callables run in place of `self.model.layers` (same signature and order), e.g. the layers
+                   wrapped by torch.compile for decoding; None runs the layers themselves.
         """
         skipped = validate_skip(skip, self.num_layers)
         B, T = input_ids.shape
@@ -195,7 +198,7 @@ class Phi3ForCausalLM(nn.Module):
             long_rope = self.rotary.use_long(max_pos)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype, long_rope)
-        for i, block in enumerate(self.model.layers):
+        for i, block in enumerate(self.model.layers if blocks is None else blocks):
             if i in skipped:
                 continue  # the skip gate: no compute, no cache
             layer_cache = None

@@ -1,0 +1,382 @@
+#!/usr/bin/env python
+"""Decode speed of phi3skip's generation: against transformers' generate, per skip set against the ideal
+L/(L-k), and with self-speculative decoding. Prints ratios.
+
+CPU (default): the converted SmolLM2-135M-Instruct (or --model DIR), fp32, batch 1, greedy, the same prompt and
+length for every engine; runs are alternated and medians reported.
+    python scripts/bench_generate.py --threads 1
+    python scripts/bench_generate.py --quick
+
+GPU (--gpu): a Phi-3-mini-shaped random bf16 model built on the meta device, decode tokens/s as a fraction of
+the memory-bandwidth limit (weight bytes read per token / bandwidth measured by a large device copy).
+Self-contained (no download); --quick finishes in about two minutes on an H100.
+    python scripts/bench_generate.py --gpu --quick
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python scripts/bench_generate.py` without installing
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from phi3skip import Phi3Config, Phi3ForCausalLM  # noqa: E402
+from phi3skip.cli import ArgumentParser, UserError, run_main  # noqa: E402
+from phi3skip.generate import GenerationResult, Generator  # noqa: E402
+
+PHI3_MINI = dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                 max_position_embeddings=4096, original_max_position_embeddings=4096, sliding_window=2047,
+                 rope_theta=10000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
+                 torch_dtype="bfloat16")
+PROMPT = "Write a short story about a robot who learns to paint, in five sentences."
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def section(name: str, fn: Callable[[], None], failures: list[str]) -> None:
+    """Run one part of the benchmark; a failure is reported and the rest still runs."""
+    t0 = time.perf_counter()
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - a benchmark reports every failure and goes on
+        failures.append(f"{name}: {type(e).__name__}: {e}")
+        print(f"  [{name}] FAILED: {type(e).__name__}: {e}", flush=True)
+        traceback.print_exc(limit=4)
+    print(f"  [{name}] {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+
+def candidate_layers(L: int) -> list[int]:
+    """The project's default skip order: L-2, L-4, ... (the last layer always runs)."""
+    return list(range(L - 2, 0, -2))
+
+
+# CPU: against transformers on the real model -----------------------------------------------------------------
+def hf_decode_rate(hf, ids: torch.Tensor, n: int) -> tuple[float, list[int]]:
+    """transformers' generate, greedy: tokens/s between the first and the last new token (timed by a logits
+    processor, which runs once per step right after each forward)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    stamps: list[float] = []
+
+    class Stamp(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            stamps.append(time.perf_counter())
+            return scores
+
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                      logits_processor=LogitsProcessorList([Stamp()]))  # explicit mask: id 0 may be in the prompt
+    return (n - 1) / (stamps[-1] - stamps[0]), out[0, ids.shape[1]:].tolist()
+
+
+def cpu(args: argparse.Namespace) -> None:
+    import transformers
+
+    from phi3skip import from_pretrained
+    from phi3skip.chat import format_chat
+    from phi3skip.tokenizer import load_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model:
+        folder = Path(args.model)
+    else:
+        import benchutil  # the converted SmolLM2, cached
+
+        folder = benchutil.smollm2_dir()
+    N = args.new_tokens or (32 if args.quick else 64)
+    rounds = args.rounds or (2 if args.quick else 3)
+    tok = load_tokenizer(folder)
+    ids = tok.encode(format_chat(PROMPT, tok, folder), add_special_tokens=False).ids
+    model = from_pretrained(folder, dtype=torch.float32)
+    hf = transformers.Phi3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # both run exactly N tokens
+    L = model.config.num_hidden_layers
+    x = torch.tensor([ids])
+    bw = read_bandwidth()
+    limit = bw / weight_bytes_per_token(model)
+    print(f"CPU decode benchmark: {folder.name}, {L} layers, fp32, batch 1, greedy, prompt {len(ids)} tokens, "
+          f"{N} new tokens, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}; medians of {rounds} alternated runs", flush=True)
+    print(f"  memory read bandwidth {bw / 1e9:.1f} GB/s; weights read per token "
+          f"{weight_bytes_per_token(model) / 1e6:.0f} MB -> limit {limit:.1f} tokens/s", flush=True)
+    failures: list[str] = []
+    rates: dict[str, list[float]] = {}
+    results: dict[str, GenerationResult] = {}
+    ref_tokens: list[int] = []
+
+    def run(name: str, gen: Generator) -> None:
+        r = gen.generate([ids], N)
+        rates.setdefault(name, []).append(r.decode_tokens_per_s)
+        results[name] = r
+
+    def vs_transformers() -> None:
+        with torch.no_grad():
+            hf_decode_rate(hf, x, 4)  # warm-up
+            plain = Generator(model)
+            run("phi3skip", plain)
+            gens = {"phi3skip": plain}
+            if not args.no_compile and not args.quick:
+                for mode in ("blocks", "step"):
+                    name = f"phi3skip compile={mode}"
+                    gens[name] = Generator(model, compile=mode)
+                    run(name, gens[name])  # compiles
+                    print(f"  compiled ({mode}) in {results[name].compile_s:.0f} s", flush=True)
+                    rates[name].clear()
+            for _ in range(rounds):
+                r, toks = hf_decode_rate(hf, x, N)
+                rates.setdefault("transformers", []).append(r)
+                ref_tokens[:] = toks
+                for name, g in gens.items():
+                    run(name, g)
+        base = median(rates["transformers"])
+        same = results["phi3skip"].tokens[0] == ref_tokens
+        print(f"\nvs transformers' generate (same tokens: {'yes' if same else 'NO'})")
+        for name in ["transformers", *gens]:
+            m = median(rates[name])
+            print(f"  {name:24s} {m:8.1f} tokens/s   {m / base:5.2f}x transformers   {m / limit:6.1%} of the "
+                  f"bandwidth limit")
+
+    def skip_sets() -> None:
+        cands = candidate_layers(L)
+        sets = [tuple(cands[:k]) for k in (1, 2, 4, 6) if k <= len(cands)]
+        gens = {(): Generator(model)} | {s: Generator(model, s) for s in sets}
+        times: dict[tuple, list[float]] = {}
+        with torch.no_grad():
+            for _ in range(rounds):
+                for s, g in gens.items():
+                    times.setdefault(s, []).append(1 / g.generate([ids], N).decode_tokens_per_s)
+        full = median(times[()])
+        print("\nskip sets (eager): speedup against the full model and against the ideal L/(L-k)")
+        for s in sets:
+            t = median(times[s])
+            ideal = L / (L - len(s))
+            print(f"  skip {','.join(map(str, s)):22s} {1 / t:8.1f} tokens/s   speedup {full / t:5.3f}x   "
+                  f"ideal {ideal:5.3f}x   {(full / t) / ideal:6.1%} of ideal")
+        print(f"  (full model {1 / full:.1f} tokens/s; the embedding/lm_head cost does not shrink with k)")
+
+    def speculative() -> None:
+        cands = candidate_layers(L)
+        configs = list(dict.fromkeys([(tuple(cands[:1]), 2), (tuple(cands[:2]), 3), (tuple(cands[:4]), 3)]))
+        gens = {"plain": Generator(model)}
+        for d, k in configs:
+            gens[(d, k)] = Generator(model, draft_skip=d, lookahead=k)
+        times: dict = {}
+        res: dict = {}
+        with torch.no_grad():
+            for _ in range(rounds):
+                for key, g in gens.items():
+                    r = g.generate([ids], N)
+                    times.setdefault(key, []).append(r.decode_s)
+                    res[key] = r
+        base = median(times["plain"])
+        print("\nself-speculative decoding (verifier: the full model; greedy, so lossless)")
+        for d, k in configs:
+            r, t = res[(d, k)], median(times[(d, k)])
+            same = r.tokens == res["plain"].tokens
+            print(f"  draft skip {','.join(map(str, d)):22s} K={k}   acceptance {r.acceptance_rate:6.1%}   "
+                  f"{r.decode_tokens / t:8.1f} tokens/s   speedup {base / t:5.2f}x   "
+                  f"same tokens as plain greedy: {'yes' if same else 'NO'}")
+        print("  (drafts skip layers of the undistilled model; distilled students accept more)")
+
+    section("vs transformers", vs_transformers, failures)
+    section("skip sets", skip_sets, failures)
+    section("speculative", speculative, failures)
+    if failures:
+        print("\nFAILURES:\n  " + "\n  ".join(failures))
+        sys.exit(1)
+
+
+def read_bandwidth(mib: int = 512) -> float:
+    """Bytes/s of reading a large tensor once (a sum), with the current number of threads."""
+    a = torch.ones(mib * 2**20 // 4)
+    a.sum()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a.sum()
+        times.append(time.perf_counter() - t0)
+    return a.numel() * 4 / median(times)
+
+
+# GPU: against the memory-bandwidth limit -----------------------------------------------------------------------
+def copy_bandwidth(device: torch.device, gib: float) -> float:
+    """Bytes/s of a large device-to-device copy (each byte read once and written once)."""
+    n = int(gib * 2**30) // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    for _ in range(2):
+        dst.copy_(src)
+    times = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n * 4 / median(times)
+
+
+def build_random(config: dict, device: torch.device, dtype: torch.dtype) -> Phi3ForCausalLM:
+    """A random model built on the meta device and materialised directly in `dtype` on `device`."""
+    cfg = Phi3Config.from_dict(config)
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    torch.manual_seed(0)
+    model.init_weights()
+    model.rotary = type(model.rotary)(cfg).to(device)  # fp32 frequency tables, made for real
+    return model.eval()
+
+
+def weight_bytes_per_token(model: Phi3ForCausalLM, skip: tuple[int, ...] = ()) -> int:
+    """Bytes of weights a decode step reads: every running layer, the final norm and the lm_head (the
+    embedding table is read one row at a time unless it is the tied lm_head)."""
+    total = 0
+    for i, layer in enumerate(model.model.layers):
+        if i not in skip:
+            total += sum(p.numel() * p.element_size() for p in layer.parameters())
+    total += model.model.norm.weight.numel() * model.model.norm.weight.element_size()
+    total += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    return total
+
+
+def kv_bytes_per_token(gen: Generator, max_len: int) -> int:
+    """Bytes of KV cache a decode step reads (the static cache is attended over all its slots, masked)."""
+    cfg = gen.model.config
+    return 2 * len(gen.layers) * cfg.num_key_value_heads * cfg.hd * max_len * gen.dtype.itemsize
+
+
+def gpu(args: argparse.Namespace) -> None:
+    if not torch.cuda.is_available():
+        raise UserError("--gpu needs a CUDA device")
+    device = torch.device("cuda")
+    dtype = torch.bfloat16
+    torch.backends.cuda.matmul.allow_tf32 = True
+    N = args.new_tokens or (128 if args.quick else 512)
+    rounds = args.rounds or (2 if args.quick else 3)
+    t_start = time.perf_counter()
+    failures: list[str] = []
+    rows: list[str] = []
+    state: dict = {}
+
+    def setup() -> None:
+        state["bw"] = copy_bandwidth(device, 2.0 if args.quick else 4.0)
+        t0 = time.perf_counter()
+        state["model"] = build_random(PHI3_MINI, device, dtype)
+        print(f"  built the random model in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    section("setup", setup, failures)
+    if "model" not in state:
+        print("\nFAILURES:\n  " + "\n  ".join(failures))
+        sys.exit(1)
+    model, bw = state["model"], state.get("bw", float("nan"))
+    L = model.config.num_hidden_layers
+    ids = torch.randint(100, 32000, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+    wbytes = weight_bytes_per_token(model)
+    limit = bw / wbytes
+    print(f"GPU decode benchmark: {torch.cuda.get_device_name()}, torch {torch.__version__}; Phi-3-mini shape "
+          f"({model.config.num_params() / 1e9:.2f}B params, bf16), batch 1, greedy, prompt {len(ids)}, "
+          f"{N} new tokens, medians of {rounds} runs", flush=True)
+    print(f"  copy bandwidth {bw / 1e12:.2f} TB/s; weights read per token {wbytes / 1e9:.2f} GB -> "
+          f"limit {limit:.0f} tokens/s", flush=True)
+
+    def measure(gen: Generator, n: int = N, r: int = rounds) -> tuple[float, GenerationResult]:
+        first = gen.generate([ids], n)  # compiles / captures
+        rates = [gen.generate([ids], n).decode_tokens_per_s for _ in range(r)]
+        return median(rates), first
+
+    def row(name: str, rate: float, gen: Generator, extra: str = "") -> None:
+        max_len = -(-(len(ids) + N + (gen.lookahead + 1 if gen.draft_skip else 0)) // 64) * 64
+        w = weight_bytes_per_token(model, gen.skip)
+        kv = kv_bytes_per_token(gen, max_len)
+        frac = rate * w / bw
+        frac_kv = rate * (w + kv) / bw
+        line = (f"  {name:34s} {rate:8.1f} tokens/s   {frac:6.1%} of the bandwidth limit "
+                f"({frac_kv:.1%} counting KV reads){extra}")
+        rows.append(line)
+        print(line, flush=True)
+
+    def eager() -> None:
+        g = Generator(model)
+        rate, _ = measure(g, n=32, r=1)
+        row("eager", rate, g)
+
+    def compiled() -> None:
+        g = Generator(model, compile="blocks")
+        rate, first = measure(g)
+        state["full_rate"] = rate
+        row("compiled layers + CUDA graphs", rate, g, f"   (compile {first.compile_s:.0f} s)")
+
+    def step_mode() -> None:
+        g = Generator(model, compile="step")
+        rate, first = measure(g)
+        row("compiled step (reduce-overhead)", rate, g, f"   (compile {first.compile_s:.0f} s)")
+
+    def skips() -> None:
+        cands = candidate_layers(L)
+        for k in ((2, 4) if args.quick else (2, 4, 8)):
+            s = tuple(cands[:k])
+            g = Generator(model, s, compile="blocks")
+            rate, _ = measure(g)
+            ideal = L / (L - k)
+            sp = rate / state["full_rate"] if "full_rate" in state else float("nan")
+            row(f"skip {','.join(map(str, s))}", rate, g,
+                f"   speedup {sp:.3f}x, ideal {ideal:.3f}x ({sp / ideal:.0%})")
+
+    def speculative() -> None:
+        cands = candidate_layers(L)
+        d = tuple(cands[:8])
+        g = Generator(model, draft_skip=d, lookahead=4, compile="blocks")
+        rate, first = measure(g, r=1)
+        row(f"speculative, draft skip {len(d)} layers, K=4", rate, g,
+            f"   acceptance {first.acceptance_rate:.1%} (random weights: not meaningful)")
+
+    section("eager", eager, failures)
+    section("compiled", compiled, failures)
+    if args.step:
+        section("compiled step", step_mode, failures)
+    section("skip sets", skips, failures)
+    if not args.no_speculative:
+        section("speculative", speculative, failures)
+
+    print(f"\n=== summary ({torch.cuda.get_device_name()}, {time.perf_counter() - t_start:.0f} s) ===")
+    print(f"  bandwidth {bw / 1e12:.2f} TB/s, weights/token {wbytes / 1e9:.2f} GB, limit {limit:.0f} tokens/s "
+          f"(target: compiled >= 70% of it)")
+    for line in rows:
+        print(line)
+    if failures:
+        print("FAILURES:\n  " + "\n  ".join(failures))
+        sys.exit(1)
+
+
+def main() -> None:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", action="store_true", help="Phi-3-mini-shaped random bf16 model on CUDA")
+    p.add_argument("--quick", action="store_true", help="fewer tokens and runs (~2 minutes on an H100)")
+    p.add_argument("--model", help="CPU: checkpoint folder (default: the converted SmolLM2-135M-Instruct)")
+    p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--no-compile", action="store_true", help="CPU: skip the compiled row")
+    p.add_argument("--step", action="store_true", help="GPU: also time whole-step compilation (slow to compile)")
+    p.add_argument("--no-speculative", action="store_true", help="GPU: skip the speculative row")
+    args = p.parse_args()
+    (gpu if args.gpu else cpu)(args)
+
+
+if __name__ == "__main__":
+    run_main(main)
