@@ -31,8 +31,7 @@ def run_main(main: Callable[[], object]) -> None:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (what is wrong, and --help for the rest) and exit code 2."""
+    """argparse, but a usage error is a UserError: one line (what is wrong, and --help for the rest), exit 2."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
+        raise UserError(f"{message} (see {self.prog} --help)")  # run_main prints it and exits 2

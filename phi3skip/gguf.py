@@ -15,7 +15,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path

@@ -9,6 +9,7 @@ Runs are alternated (ours, theirs, ours compiled, ...) and the median ratio is p
 from __future__ import annotations
 
 import argparse
+import time
 
 import benchutil
 import torch
@@ -63,19 +64,36 @@ def main() -> None:
     x = torch.randint(0, ours.config.vocab_size, (B, T), device=device)
 
     fns = {"transformers": lambda: hf(x, use_cache=False).logits, "phi3skip": lambda: ours(x)}
-    if not args.no_compile:
-        compiled = torch.compile(ours)
-        fns["phi3skip+compile"] = lambda: compiled(x)
     with torch.inference_mode():
         diff = (fns["phi3skip"]().float() - fns["transformers"]().float()).abs().max().item()
-        times = benchutil.alternate(fns, rounds=rounds, warmup=2, device=device)
+    print(f"forward, {B}x{T} tokens, {dtype}, {benchutil.environment(device)}; max |logit diff| {diff:.2e}",
+          flush=True)
+    times = measure(fns, rounds, device)
+    if not args.no_compile:  # a second phase, so the eager figures are out even if compiling is slow
+        compiled = torch.compile(ours)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            compiled(x)
+        print(f"  (compiled in {time.perf_counter() - t0:.0f} s)", flush=True)
+        fns["phi3skip+compile"] = lambda: compiled(x)
+        times = measure(fns, rounds, device)
+    print(f"final medians over {rounds} alternated rounds:")
+    report(times, B * T)
+
+
+def measure(fns, rounds: int, device: str) -> dict[str, list[float]]:
+    with torch.inference_mode():
+        times = benchutil.alternate(fns, rounds=rounds, warmup=1, device=device)
+    report(times, None)
+    return times
+
+
+def report(times: dict[str, list[float]], tokens: int | None) -> None:
     base = benchutil.median(times["transformers"])
-    print(f"forward, {B}x{T} tokens, {dtype}, {benchutil.environment(device)}; max |logit diff| {diff:.2e}")
     for name, ts in times.items():
         m = benchutil.median(ts)
-        print(f"  {name:18s} {B * T / m:10.0f} tokens/s   median {m * 1e3:8.1f} ms   "
-              f"ratio vs transformers {base / m:5.2f}x")
-
+        rate = f"{tokens / m:10.0f} tokens/s" if tokens else ""
+        print(f"  {name:18s} {rate}  median {m * 1e3:8.1f} ms   ratio vs transformers {base / m:5.2f}x", flush=True)
 
 if __name__ == "__main__":
     run_main(main)

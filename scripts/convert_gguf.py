@@ -9,7 +9,6 @@ generation_config.json; phi3skip.from_pretrained and transformers both load it.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path

@@ -1,0 +1,388 @@
+"""Skip-layer distillation: the chunked forward-KL loss, the sequential and nested schedules, one step.
+
+The teacher is the frozen full model, the student a trainable copy. One step on a batch:
+
+    loss = KL(T || S_full) + w * KL(T || S_skip) [+ c * CE(S_full, y)]
+
+KL(T || S) = tau^2 * mean over tokens of sum_v p_T(v) (log p_T(v) - log p_S(v)), with p = softmax(logits / tau),
+S_full the student with every layer and S_skip the student with this step's skip set. Both student passes run
+the blocks before the first skipped layer once (`forward_branches`), and the loss projects hidden states onto
+the vocabulary a chunk of tokens at a time, in fp32, computing the gradient as it goes (`chunked_kd_loss`):
+neither model's B x T x V logits exist at once, and nothing vocabulary-sized is kept for backward.
+
+Schedules (`Schedule`), over candidate layers l_1, l_2, ..., l_K (default L-2, L-4, ...):
+- sequential: phase j trains for `steps_per_phase` steps with S_skip skipping l_1..l_j (the original recipe's
+  order: earlier layers stay skipped while the next one is made skippable);
+- nested: every step skips the first k candidates, k in 0..K drawn from (seed, step), so every prefix of the
+  list stays good. k = 0 makes S_skip = S_full, and the loss is (1 + w) KL(T || S_full).
+Skip sets depend only on the step, so every rank of a sharded job runs the same blocks.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from types import MethodType
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .cli import UserError
+from .model import Phi3ForCausalLM, validate_skip
+
+SCHEDULES = ("sequential", "nested")
+IGNORE_INDEX = -100
+_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+# Candidate layers and schedules ------------------------------------------------------------------------------
+def default_layers(num_layers: int) -> list[int]:
+    """Every other layer counting down from the second-to-last: L-2, L-4, ..., down to 0 or 1."""
+    return list(range(num_layers - 2, -1, -2))
+
+
+def parse_layers(text: str | Sequence[int] | None, num_layers: int, num_skip: int | None = None) -> list[int]:
+    """`--layers 30,28,26` (or None for the default), checked, optionally cut to the first `num_skip`."""
+    if text is None or text == "":
+        layers = default_layers(num_layers)
+    elif isinstance(text, str):
+        try:
+            layers = [int(s) for s in text.replace(" ", "").split(",") if s != ""]
+        except ValueError:
+            raise UserError(f"--layers {text!r}: expected comma-separated layer indices like "
+                            f"{','.join(map(str, default_layers(num_layers)[:3]))}") from None
+    else:
+        layers = list(text)
+    if not layers:
+        raise UserError(f"--layers names no layer; give indices in 0..{num_layers - 1}")
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise UserError(f"--layers: layer {bad[0]} is out of range; this model has layers 0..{num_layers - 1}")
+    seen = {i for i in layers if layers.count(i) > 1}
+    if seen:
+        raise UserError(f"--layers names layer {min(seen)} more than once")
+    if num_skip is not None:
+        if not 1 <= num_skip <= len(layers):
+            raise UserError(f"--num-skip {num_skip}: must be in 1..{len(layers)} (the number of candidate layers)")
+        layers = layers[:num_skip]
+    return layers
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which layers the small pass skips at each optimizer step.
+
+    sequential: `len(layers)` phases of `steps_per_phase` steps; nested: one phase of `steps_per_phase` steps.
+    """
+
+    kind: str
+    layers: tuple[int, ...]
+    steps_per_phase: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise UserError(f"unknown schedule {self.kind!r}; use one of {', '.join(SCHEDULES)}")
+        if self.steps_per_phase < 1:
+            raise UserError(f"a schedule needs at least one step per phase, got {self.steps_per_phase}")
+
+    @property
+    def num_phases(self) -> int:
+        return len(self.layers) if self.kind == "sequential" else 1
+
+    @property
+    def total_steps(self) -> int:
+        return self.num_phases * self.steps_per_phase
+
+    def phase(self, step: int) -> int:
+        return min(step // self.steps_per_phase, self.num_phases - 1)
+
+    def phase_start(self, phase: int) -> int:
+        return phase * self.steps_per_phase
+
+    def phase_skip(self, phase: int) -> tuple[int, ...]:
+        """The largest skip set of a phase (sequential: l_1..l_j; nested: all candidates)."""
+        return self.layers[:phase + 1] if self.kind == "sequential" else self.layers
+
+    def skip(self, step: int, micro: int = 0) -> tuple[int, ...]:
+        """Layers the small pass skips at optimizer step `step`, micro-batch `micro` (same on every rank)."""
+        if self.kind == "sequential":
+            return self.phase_skip(self.phase(step))
+        k = int(np.random.default_rng([self.seed, step, micro]).integers(0, len(self.layers) + 1))
+        return self.layers[:k]
+
+
+# What trains ---------------------------------------------------------------------------------------------------
+def block_index(name: str) -> int | None:
+    """Block number of a parameter name (wrappers such as `_orig_mod.` or `_checkpoint_wrapped_module.` allowed)."""
+    m = _BLOCK.search(name)
+    return int(m.group(1)) if m else None
+
+
+def trainable_blocks(scope: str, num_layers: int, skip: Sequence[int], current: Sequence[int]) -> frozenset[int] | None:
+    """Blocks that train under `--train-scope` (None: every parameter, embeddings and head included).
+
+    scope: `all`; `around:R` (blocks within R of each layer in `current`, the layers being made skippable
+    now); or block indices and ranges such as `24-31` or `26,27,29`. The scope must hold a block that runs
+    in the small pass: a skipped block gets no gradient from the skip term.
+    """
+    scope = scope.strip().lower()
+    if scope == "all":
+        return None
+    try:
+        if scope.startswith("around:"):
+            r = int(scope.split(":", 1)[1])
+            if r < 0:
+                raise ValueError
+            blocks = {i for c in current for i in range(c - r, c + r + 1) if 0 <= i < num_layers}
+        else:
+            blocks = set()
+            for part in scope.replace(" ", "").split(","):
+                lo, _, hi = part.partition("-")
+                blocks.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise UserError(f"--train-scope {scope!r}: use all, around:R (R >= 0), or blocks like 24-31 or 26,27,29") from None
+    bad = sorted(i for i in blocks if not 0 <= i < num_layers)
+    if bad or not blocks:
+        raise UserError(f"--train-scope {scope!r}: blocks must be in 0..{num_layers - 1}")
+    if not blocks - set(skip):
+        raise UserError(f"--train-scope {scope!r} trains only blocks the small pass skips ({sorted(blocks)}): they get "
+                        f"no gradient from the skip term; include blocks around them, e.g. around:2")
+    return frozenset(blocks)
+
+
+def set_trainable(model: nn.Module, blocks: frozenset[int] | None) -> list[nn.Parameter]:
+    """requires_grad on the parameters of `blocks` only (all when None); returns the trainable parameters."""
+    out = []
+    for name, p in model.named_parameters():
+        train = blocks is None or block_index(name) in blocks
+        p.requires_grad_(train)
+        if train:
+            out.append(p)
+    return out
+
+
+# Forward ---------------------------------------------------------------------------------------------------------
+def forward_branches(model: Phi3ForCausalLM, input_ids: torch.Tensor,
+                     skips: Sequence[Iterable[int]]) -> list[torch.Tensor]:
+    """Final normed hidden states [B, T, H] for several skip sets in one pass.
+
+    Sets that agree on every block so far share one activation: the blocks before the first layer where two
+    sets differ run once for both, and autograd sums the gradients of the branches. Equal, up to float
+    rounding, to `[model.hidden_states(input_ids, s) for s in skips]`.
+    """
+    sets = [validate_skip(s, model.num_layers) for s in skips]
+    T = input_ids.shape[1]
+    slots = torch.arange(T, device=input_ids.device)
+    x = model.model.embed_tokens(input_ids)
+    cos, sin = model.rotary(slots, x.dtype, model.rotary.use_long(T - 1))
+    groups: list[tuple[torch.Tensor, list[int]]] = [(x, list(range(len(sets))))]
+    for i, block in enumerate(model.model.layers):
+        nxt = []
+        for h, members in groups:
+            run = [j for j in members if i not in sets[j]]
+            rest = [j for j in members if i in sets[j]]
+            if run:
+                nxt.append((block(h, cos, sin, slots), run))
+            if rest:
+                nxt.append((h, rest))
+        groups = nxt
+    out: list[torch.Tensor] = [x] * len(sets)
+    for h, members in groups:
+        h = model.model.norm(h)
+        for j in members:
+            out[j] = h
+    return out
+
+
+def bind_forward_branches(model: Phi3ForCausalLM) -> Phi3ForCausalLM:
+    """Make `forward_branches` a method of `model`, so that FSDP can run it as a forward (`parallel` registers it)."""
+    model.forward_branches = MethodType(forward_branches, model)
+    return model
+
+
+def student_hidden(student: nn.Module, input_ids: torch.Tensor, skips: Sequence[Iterable[int]]) -> list[torch.Tensor]:
+    """`forward_branches` through the method that `parallel` registers with FSDP when there is one."""
+    method = getattr(student, "forward_branches", None)
+    return method(input_ids, skips) if method is not None else forward_branches(student, input_ids, skips)
+
+
+# The loss ------------------------------------------------------------------------------------------------------
+def default_chunk(vocab_size: int, budget: int = 1 << 24) -> int:
+    """Tokens per chunk so that one fp32 chunk of logits holds about `budget` numbers (64 MiB)."""
+    return max(16, budget // vocab_size)
+
+
+class _ChunkedKD(torch.autograd.Function):
+    """Forward KL (plus optional CE) over vocabulary chunks; the gradient is computed in forward and stored.
+
+    Stored for backward: d loss / d hidden for each student pass [N, H] and d loss / d W [V, H] (fp32), never
+    anything of size N x V.
+    """
+
+    @staticmethod
+    def forward(ctx, student_weight, teacher_hidden, teacher_weight, labels, opts, *student_hiddens):
+        weights, tau, ce_weight, chunk, dtype = opts
+        need_w = ctx.needs_input_grad[0]
+        need_h = ctx.needs_input_grad[5:]
+        N = teacher_hidden.shape[0]
+        dev = teacher_hidden.device
+        ws = student_weight.to(dtype)
+        wt = teacher_weight.to(dtype)
+        kl = torch.zeros(len(student_hiddens), dtype=torch.float32, device=dev)
+        ce = torch.zeros((), dtype=torch.float32, device=dev)
+        grad_w = torch.zeros(student_weight.shape, dtype=torch.float32, device=dev) if need_w else None
+        grad_h = [torch.empty_like(h) if need else None for h, need in zip(student_hiddens, need_h)]
+        n_ce = 1
+        if ce_weight and labels is not None:
+            n_ce = max(1, int((labels != IGNORE_INDEX).sum()))
+        for a in range(0, N, chunk):
+            b = min(N, a + chunk)
+            t = (teacher_hidden[a:b].to(dtype) @ wt.T).float()
+            logp = torch.log_softmax(t.div_(tau), dim=-1)
+            del t
+            p = logp.exp()
+            for j, h in enumerate(student_hiddens):
+                hc = h[a:b].to(dtype)
+                s = (hc @ ws.T).float()
+                with_ce = j == 0 and ce_weight != 0 and labels is not None
+                if with_ce:
+                    y = labels[a:b]
+                    valid = y != IGNORE_INDEX
+                    y0 = torch.where(valid, y, 0)[:, None]
+                    log1 = torch.log_softmax(s, dim=-1) if tau != 1 else None
+                logq = torch.log_softmax(s.div_(tau), dim=-1)
+                del s
+                kl[j] += torch.sum(p * (logp - logq))
+                if with_ce:
+                    log1 = logq if log1 is None else log1
+                    ce -= (log1.gather(1, y0).squeeze(1) * valid).sum()
+                if not (need_w or need_h[j]):
+                    continue
+                # d KL / d s = tau * (q - p) / N per token; d CE / d s = (softmax(s) - onehot(y)) / n_ce.
+                kd = weights[j] * tau / N
+                cw = ce_weight / n_ce if with_ce else 0.0
+                g = logq.exp_()  # q = softmax(s / tau), in place
+                if with_ce:
+                    ce_rows = (valid.to(g.dtype) * cw)[:, None]  # ignored tokens get no CE gradient
+                if with_ce and log1 is logq:  # tau == 1: both terms share softmax(s)
+                    g.mul_(ce_rows + kd).sub_(p, alpha=kd)
+                else:
+                    g.mul_(kd).sub_(p, alpha=kd)
+                    if with_ce:
+                        g.add_(log1.exp_().mul_(ce_rows))
+                if with_ce:
+                    g.scatter_add_(1, y0, -ce_rows)
+                gd = g.to(dtype)
+                if need_h[j]:
+                    grad_h[j][a:b] = (gd @ ws).to(h.dtype)
+                if need_w:
+                    grad_w += gd.T @ hc
+                del g, gd
+            del logp, p
+        kl.mul_(tau * tau / N)
+        ce.div_(n_ce)
+        total = sum(w * kl[j] for j, w in enumerate(weights)) + ce_weight * ce
+        ctx.save_for_backward(grad_w if need_w else None, *[g for g in grad_h if g is not None])
+        ctx.need = (need_w, need_h)
+        ctx.weight_dtype = student_weight.dtype
+        stats = torch.cat([kl, ce[None]])
+        ctx.mark_non_differentiable(stats)
+        return total, stats
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_stats):
+        need_w, need_h = ctx.need
+        saved = list(ctx.saved_tensors)
+        grad_w = saved.pop(0)
+        gw = (grad_w * grad_total).to(ctx.weight_dtype) if need_w else None
+        gh = []
+        for need in need_h:
+            g = saved.pop(0) if need else None
+            gh.append(g * grad_total.to(g.dtype) if need else None)
+        return (gw, None, None, None, None, *gh)
+
+
+def chunked_kd_loss(teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
+                    student_hiddens: Sequence[torch.Tensor], student_weight: torch.Tensor,
+                    weights: Sequence[float], temperature: float = 1.0, labels: torch.Tensor | None = None,
+                    ce_weight: float = 0.0, chunk: int | None = None,
+                    dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_j weights[j] * KL(T || S_j) + ce_weight * CE(S_0, labels), in chunks of tokens, fp32 softmax.
+
+    Hidden states are [N, H] (or [B, T, H], flattened); weights are the [V, H] output projections. The vocabulary
+    projections run in `dtype` (default: the student weight's), everything after them in fp32. Returns the loss
+    (differentiable in the student hiddens and weight) and detached stats [KL_0, ..., KL_{n-1}, CE].
+    """
+    H = teacher_hidden.shape[-1]
+    teacher_hidden = teacher_hidden.reshape(-1, H)
+    student_hiddens = [h.reshape(-1, H) for h in student_hiddens]
+    if labels is not None:
+        labels = labels.reshape(-1)
+    if len(weights) != len(student_hiddens):
+        raise ValueError(f"{len(weights)} weights for {len(student_hiddens)} student passes")
+    opts = (tuple(float(w) for w in weights), float(temperature), float(ce_weight),
+            int(chunk or default_chunk(student_weight.shape[0])), dtype or student_weight.dtype)
+    return _ChunkedKD.apply(student_weight, teacher_hidden.detach(), teacher_weight.detach(), labels, opts,
+                            *student_hiddens)
+
+
+# One step ------------------------------------------------------------------------------------------------------
+STATS = ("loss", "kl_full", "kl_skip", "ce")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """temperature tau; kd_weight w of the skip term; ce_weight c of the optional next-token CE on S_full;
+    chunk tokens per vocabulary chunk (None: about 64 MiB of fp32 logits); dtype of the vocabulary projections
+    (None: the student head's)."""
+
+    temperature: float = 1.0
+    kd_weight: float = 0.01
+    ce_weight: float = 0.0
+    chunk: int | None = None
+    dtype: torch.dtype | None = None
+
+
+def distill_step(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, skip: Sequence[int],
+                 cfg: LossConfig, loss_scale: float = 1.0, backward: bool = True) -> torch.Tensor:
+    """Teacher forward, both student passes, the loss, and its backward (scaled by `loss_scale`, e.g. 1/accum).
+
+    Returns detached stats [loss, kl_full, kl_skip, ce] (see STATS) without a device sync.
+    """
+    with torch.no_grad():
+        ht = teacher.hidden_states(x)
+    skip = tuple(skip)
+    if skip:
+        skips, weights = [(), skip], [1.0, cfg.kd_weight]
+    else:  # S_skip = S_full: one pass carries both terms
+        skips, weights = [()], [1.0 + cfg.kd_weight]
+    hs = student_hidden(student, x, skips)
+    loss, stats = chunked_kd_loss(ht, teacher.lm_head.weight, hs, student.lm_head.weight, weights,
+                                  cfg.temperature, y if cfg.ce_weight else None, cfg.ce_weight, cfg.chunk, cfg.dtype)
+    if backward:
+        (loss * loss_scale).backward()
+    return torch.stack([loss.detach(), stats[0], stats[1] if skip else stats[0], stats[-1]])
+
+
+# Cost ------------------------------------------------------------------------------------------------------------
+def forward_flops(config, seq_len: int, blocks: int, heads: int) -> float:
+    """Forward FLOPs per token of `blocks` decoder blocks and `heads` vocabulary projections.
+
+    Matmuls count 2 per weight; attention 4 * heads * head_dim * T per block (PaLM's 12*L*H*Q*T over fwd+bwd).
+    """
+    H, hd = config.hidden_size, config.hd
+    nh, nkv = config.num_attention_heads, config.num_key_value_heads
+    block = (nh + 2 * nkv) * hd * H + nh * hd * H + 3 * H * config.intermediate_size
+    return blocks * (2 * block + 4 * nh * hd * seq_len) + heads * 2 * H * config.vocab_size
+
+
+def step_flops_per_token(config, seq_len: int, skip: Sequence[int]) -> float:
+    """Model FLOPs per token of one distillation step: teacher forward + student forward and backward (x3),
+    counting the blocks `forward_branches` really runs (the skip branch only from its first skipped layer)."""
+    L = config.num_hidden_layers
+    branch = len([i for i in range(min(skip), L) if i not in skip]) if skip else 0
+    teacher = forward_flops(config, seq_len, L, 1)
+    student = forward_flops(config, seq_len, L + branch, 2 if skip else 1)
+    return teacher + 3 * student

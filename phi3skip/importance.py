@@ -1,0 +1,109 @@
+"""Per-layer importance: what skipping one layer does to the output, and block influence.
+
+For each layer alone skipped: the KL divergence of the skipped model from the full one (per token, the same
+loss the distillation uses) and the perplexity change. Block influence (ShortGPT) is 1 - cos(block input, block
+output), averaged over tokens: a block that barely changes its residual stream scores near 0. Layers rank by
+KL, least important first: it is zero only for a layer that changes nothing, while a perplexity change can be
+negative by chance. The recommended skip order is that ranking.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .distill import chunked_kd_loss
+from .evaluate import Batch, perplexity
+
+
+@dataclass
+class LayerImportance:
+    layer: int
+    kl: float  # mean per-token KL(full || this layer skipped)
+    ppl_skip: float  # perplexity with this layer alone skipped
+    ppl_increase: float  # ppl_skip - full perplexity
+    block_influence: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def block_influence(model: nn.Module, batches: Sequence[Batch]) -> list[float]:
+    """Mean over tokens of 1 - cos(input, output) of every block, from one full forward per batch."""
+    layers = model.model.layers
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    count = 0
+
+    def hook(i: int):
+        def fn(module, args, output):
+            cos = F.cosine_similarity(args[0].float(), output.float(), dim=-1)
+            sums[i] += (1 - cos).sum().double().cpu()
+        return fn
+
+    handles = [block.register_forward_hook(hook(i)) for i, block in enumerate(layers)]
+    try:
+        for x, _ in batches:
+            model.hidden_states(x.to(model.lm_head.weight.device))
+            count += x.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return (sums / max(count, 1)).tolist()
+
+
+@torch.no_grad()
+def skip_kl(model: nn.Module, batches: Sequence[Batch], skip: Sequence[int],
+            full_hidden: list[torch.Tensor] | None = None) -> float:
+    """Mean per-token KL(model || model skipping `skip`) over the batches."""
+    w = model.lm_head.weight
+    total, count = 0.0, 0
+    for j, (x, _) in enumerate(batches):
+        x = x.to(w.device)
+        hf = full_hidden[j] if full_hidden is not None else model.hidden_states(x)
+        _, stats = chunked_kd_loss(hf, w, [model.hidden_states(x, skip)], w, [1.0])
+        total += float(stats[0]) * x.numel()
+        count += x.numel()
+    return total / max(count, 1)
+
+
+def rank_layers(model: nn.Module, batches: Sequence[Batch], candidates: Sequence[int] | None = None,
+                progress=None) -> tuple[float, list[LayerImportance]]:
+    """Full perplexity and the candidates (default: every layer) ranked least important first.
+
+    The order is by KL from the full model, ties broken by block influence.
+    """
+    n = model.config.num_hidden_layers
+    candidates = list(range(n)) if candidates is None else list(candidates)
+    full = perplexity(model, batches)
+    influence = block_influence(model, batches)
+    with torch.no_grad():
+        hidden = [model.hidden_states(x.to(model.lm_head.weight.device)) for x, _ in batches]
+    ranking = []
+    for layer in candidates:
+        ppl = perplexity(model, batches, skip=(layer,))
+        kl = skip_kl(model, batches, (layer,), hidden)
+        ranking.append(LayerImportance(layer, kl, ppl, ppl - full, influence[layer]))
+        if progress is not None:
+            progress(layer)
+    ranking.sort(key=lambda r: (r.kl, r.block_influence))
+    return full, ranking
+
+
+def recommended_order(ranking: Sequence[LayerImportance], k: int | None = None) -> list[int]:
+    """The first k layers of a ranking (all when k is None): the skip order `train.py --layers auto` uses."""
+    order = [r.layer for r in ranking]
+    return order if k is None else order[:k]
+
+
+def format_table(full: float, ranking: Sequence[LayerImportance]) -> str:
+    lines = [f"full model perplexity {full:.3f}", "",
+             "| rank | layer | KL(full || skipped) | ppl skipping it | increase | block influence |",
+             "|---|---|---|---|---|---|"]
+    for i, r in enumerate(ranking, 1):
+        lines.append(f"| {i} | {r.layer} | {r.kl:.4f} | {r.ppl_skip:.3f} | {r.ppl_increase:+.3f} | "
+                     f"{r.block_influence:.4f} |")
+    return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""Rank a model's layers by importance on a validation sample, and recommend a skip order.
+
+    python scripts/rank_layers.py --model data/smollm2 --data data/stdlib [--max-tokens 16384] [--json out.json]
+
+For each layer: the perplexity when that layer alone is skipped, its increase over the full model, and block
+influence (1 - cosine between the block's input and output). Least important first; `train.py --layers auto`
+trains the first K of this order.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from phi3skip import from_pretrained  # noqa: E402
+from phi3skip.cli import ArgumentParser, run_main  # noqa: E402
+from phi3skip.evaluate import val_batches  # noqa: E402
+from phi3skip.importance import format_table, rank_layers, recommended_order  # noqa: E402
+from phi3skip.io import atomic_write_text  # noqa: E402
+from phi3skip.tokenizer import check_data_tokenizer  # noqa: E402
+
+
+def main() -> None:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="Hub id or checkpoint folder")
+    p.add_argument("--data", required=True, help="data folder made by prepare.py (its val.bin is used)")
+    p.add_argument("--max-tokens", type=int, default=16384, help="validation tokens to score (default 16384)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--num-skip", type=int, default=None, help="how many layers to recommend (default: all)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="write the ranking here as JSON")
+    args = p.parse_args()
+
+    model = from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    meta = check_data_tokenizer(args.data, model.source_dir)
+    batches = val_batches(Path(args.data) / "val.bin", args.batch_size, args.seq_len, args.max_tokens,
+                          vocab_size=meta.get("vocab_size"))
+    n = model.config.num_hidden_layers
+    print(f"scoring {n} layers on {sum(x.numel() for x, _ in batches)} tokens of {args.data}/val.bin",
+          file=sys.stderr)
+    full, ranking = rank_layers(model, batches, progress=lambda i: print(f"  layer {i} done", file=sys.stderr))
+    order = recommended_order(ranking, args.num_skip)
+    print(format_table(full, ranking))
+    print(f"\nrecommended skip order: --layers {','.join(map(str, order))}")
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"model": str(args.model), "full_ppl": full,
+                                                 "ranking": [r.to_dict() for r in ranking],
+                                                 "recommended": order}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,225 @@
+"""train.py end to end on a tiny model (CPU): the loss falls, one and two (gloo FSDP) processes agree, resume
+is exact in both, a non-finite loss stops the run, the output loads in transformers, bad input is one line."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from phi3skip import Phi3Config, Phi3ForCausalLM, UserError, from_pretrained, save_checkpoint
+from phi3skip.data import write_tokens
+from phi3skip.tokenizer import tokenizer_hash
+
+ROOT = Path(__file__).resolve().parent.parent
+V = 128
+spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
+train = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train)
+
+
+def markov(n: int, seed: int) -> np.ndarray:
+    """A learnable stream: next = 7 * previous + U{0..3} (mod V)."""
+    rng = np.random.default_rng(seed)
+    ids = np.empty(n, dtype=np.int64)
+    ids[0] = 5
+    noise = rng.integers(0, 4, n)
+    for i in range(1, n):
+        ids[i] = (ids[i - 1] * 7 + noise[i]) % V
+    return ids
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 4-layer model briefly trained on the stream (a teacher worth distilling), its tokenizer, a data folder."""
+    from tokenizers import Tokenizer, models
+
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir, data = root / "model", root / "data"
+    model_dir.mkdir()
+    data.mkdir()
+    Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0")).save(str(model_dir / "tokenizer.json"))
+    cfg = Phi3Config.from_dict(dict(model_type="phi3", vocab_size=V, hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=64, original_max_position_embeddings=64,
+                                    rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                                    torch_dtype="float32"))
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(cfg)
+    model.init_weights(0.05)
+    train_ids, val_ids = markov(20000, 0), markov(3000, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    w = torch.from_numpy(train_ids[:8 * 33 * 40]).view(-1, 33)
+    for i in range(40):
+        x = w[i * 8:(i + 1) * 8]
+        torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+    save_checkpoint(model.state_dict(), cfg, model_dir, copy_from=model_dir)
+    write_tokens(data / "train.bin", train_ids, V, 2)
+    write_tokens(data / "val.bin", val_ids, V, 2)
+    (data / "meta.json").write_text(json.dumps({"tokenizer": "tiny", "vocab_size": V,
+                                               "tokenizer_sha256": tokenizer_hash(model_dir / "tokenizer.json")}))
+    return root
+
+
+def args(tiny: Path, run: Path, *extra: str) -> list[str]:
+    return ["--model", str(tiny / "model"), "--data", str(tiny / "data"), "--out", str(run / "out"),
+            "--ckpt-dir", str(run / "ckpt"), "--log-dir", str(run / "logs"), "--max-seq-len", "32",
+            "--eval-tokens", "512", "--eval-every", "0", "--log-every", "100", *extra]
+
+
+@pytest.fixture(autouse=True)
+def quiet(monkeypatch):
+    monkeypatch.setenv("STDOUT", "1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run: Path) -> list[float]:
+    return [m["loss"] for m in metrics(run) if "loss" in m]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "out" / "model.safetensors")
+
+
+def torchrun(*argv: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "STDOUT": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), *argv]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+SEQ = ("--layers", "2,0", "--steps-per-layer", "3", "--lr", "2e-3", "--kd-weight", "1")
+
+
+def test_loss_falls_and_output(tiny, tmp_path):
+    run = tmp_path / "fall"
+    out = train.main(args(tiny, run, "--layers", "1", "--steps-per-layer", "24", "--lr", "5e-4",
+                          "--kd-weight", "1", "--batch-size", "8", "--save-every", "0"))
+    ls = losses(run)
+    assert len(ls) == 24 and np.mean(ls[-4:]) < 0.6 * np.mean(ls[:2])
+    skip = json.loads((out / "skip.json").read_text())
+    assert skip["layers"] == [1] and skip["schedule"] == "sequential"
+    ppl = skip["perplexity"]
+    first = metrics(run)[0]["eval"]
+    assert ppl["teacher"] == first["teacher"]  # measured once
+    assert ppl["prefixes"][0]["skip"] == [1]
+    assert ppl["prefixes"][0]["perplexity"] < first["prefixes"][0]["perplexity"]  # distillation helped skipping
+    assert (out / "tokenizer.json").is_file()
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.Phi3ForCausalLM.from_pretrained(out).eval()
+    ours = from_pretrained(out)
+    x = torch.randint(0, V, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours(x), rtol=0, atol=1e-4)
+
+
+def test_resume_is_exact_in_one_process(tiny, tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train.main(args(tiny, whole, *SEQ, "--save-every", "2"))
+    assert train.main(args(tiny, parts, *SEQ, "--save-every", "2", "--stop-at", "5")) is None
+    assert sorted(p.name for p in (parts / "ckpt").glob("step-*")) == ["step-00000003", "step-00000004"]
+    assert not (parts / "out").exists()
+    train.main(args(tiny, parts, *SEQ, "--save-every", "2", "--resume"))
+    a, b = weights(whole), weights(parts)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(whole) == losses(parts)  # the resumed run replaced the lines after its checkpoint
+
+
+def test_two_processes_agree_and_resume_exactly(tiny, tmp_path):
+    one, two, two_parts = tmp_path / "one", tmp_path / "two", tmp_path / "two_parts"
+    train.main(args(tiny, one, *SEQ, "--batch-size", "4", "--save-every", "2"))
+    torchrun(*args(tiny, two, *SEQ, "--batch-size", "2", "--save-every", "2"))
+    np.testing.assert_allclose(losses(two), losses(one), rtol=1e-3, atol=1e-5)  # same global batches
+    a, b = json.loads((one / "out" / "skip.json").read_text()), json.loads((two / "out" / "skip.json").read_text())
+    assert b["perplexity"]["student"] == pytest.approx(a["perplexity"]["student"], rel=1e-3)
+    torchrun(*args(tiny, two_parts, *SEQ, "--batch-size", "2", "--save-every", "2", "--stop-at", "5"))
+    torchrun(*args(tiny, two_parts, *SEQ, "--batch-size", "2", "--save-every", "2", "--resume"))
+    a, b = weights(two), weights(two_parts)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, tmp_path, monkeypatch, caplog):
+    real = train.distill_step
+    calls = []
+
+    def poisoned(*a, **kw):
+        stats = real(*a, **kw)
+        calls.append(1)
+        return stats * float("nan") if len(calls) == 3 else stats
+
+    monkeypatch.setattr(train, "distill_step", poisoned)
+    run = tmp_path / "nan"
+    with pytest.raises(SystemExit) as e:
+        train.main(args(tiny, run, *SEQ, "--save-every", "2"))
+    assert e.value.code == 1
+    assert [p.name for p in (run / "ckpt").glob("step-*")] == ["step-00000002"]
+    assert (run / "ckpt" / "latest").read_text().strip() == "step-00000002"
+    assert not (run / "out").exists()
+
+
+def test_nested_schedule_runs(tiny, tmp_path):
+    run = tmp_path / "nested"
+    out = train.main(args(tiny, run, "--schedule", "nested", "--max-steps", "6", "--lr", "1e-3",
+                          "--train-scope", "1-3", "--grad-accum", "2", "--save-every", "0"))
+    skips = {tuple(m["skip"]) for m in metrics(run) if "skip" in m}
+    assert skips <= {(), (2,), (2, 0)} and len(skips) > 1
+    skip = json.loads((out / "skip.json").read_text())
+    assert [p["skip"] for p in skip["perplexity"]["prefixes"]] == [[2], [2, 0]]
+    before, after = from_pretrained(tiny / "model"), from_pretrained(out)
+    assert torch.equal(before.model.layers[0].mlp.down_proj.weight, after.model.layers[0].mlp.down_proj.weight)
+    assert not torch.equal(before.model.layers[1].mlp.down_proj.weight, after.model.layers[1].mlp.down_proj.weight)
+
+
+def _other_data(tiny: Path, tmp_path: Path, n: int = 20000, tokenizer_sha256: str | None = None) -> Path:
+    data = tmp_path / "data2"
+    data.mkdir()
+    write_tokens(data / "train.bin", markov(n, 0), V, 2)
+    write_tokens(data / "val.bin", markov(max(n // 4, 40), 1), V, 2)
+    sha = tokenizer_sha256 or tokenizer_hash(tiny / "model" / "tokenizer.json")
+    (data / "meta.json").write_text(json.dumps({"vocab_size": V, "tokenizer": "other", "tokenizer_sha256": sha}))
+    return data
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--data", "/nonexistent/data"), "no such folder"),
+    (("--layers", "4"), "out of range"),
+    (("--layers", "2,2"), "more than once"),
+    (("--schedule", "random"), "unknown"),
+    (("--max-seq-len", "100"), "exceeds the model's 64 positions"),
+    (("--train-scope", "2", "--layers", "2"), "no gradient from the skip term"),
+    (("--resume",), "no checkpoint"),
+    (("--bogus",), "unrecognized arguments"),
+])
+def test_bad_input(tiny, tmp_path, extra, message):
+    with pytest.raises(UserError, match=message):
+        train.main(args(tiny, tmp_path, *extra))
+
+
+def test_bad_data(tiny, tmp_path):
+    with pytest.raises(UserError, match="another tokenizer"):
+        train.main(args(tiny, tmp_path, "--data", str(_other_data(tiny, tmp_path, tokenizer_sha256="0" * 64))))
+    short = tmp_path / "short"
+    short.mkdir()
+    with pytest.raises(UserError, match="fewer than one global batch"):
+        train.main(args(tiny, short, "--data", str(_other_data(tiny, short, n=100))))
+
+
+def test_command_line_error_is_one_line(tiny, tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), *args(tiny, tmp_path, "--layers", "9")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "out of range" in res.stderr
