@@ -28,9 +28,10 @@ from phi3skip import parallel, train_state
 from phi3skip.cli import ArgumentParser, UserError, run_main
 from phi3skip.config import Phi3Config
 from phi3skip.data import Batches
-from phi3skip.distill import (SCHEDULES, STATS, LossConfig, Schedule, bind_forward_branches, distill_step,
+from phi3skip.distill import (SCHEDULES, STATS, LossConfig, Schedule, bind_forward_branches, default_layers, distill_step,
                               parse_layers, set_trainable, step_flops_per_token, trainable_blocks)
 from phi3skip.evaluate import token_nll, val_batches
+from phi3skip.importance import rank_layers, recommended_order
 from phi3skip.io import dtype_name, from_pretrained, parse_dtype, resolve, save_checkpoint
 from phi3skip.tokenizer import check_data_tokenizer
 
@@ -48,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--model", default="microsoft/Phi-3-mini-4k-instruct", help="Hub id or checkpoint folder (the teacher)")
     a("--data", required=True, help="data folder made by prepare.py (train.bin, val.bin, meta.json)")
     a("--out", default="data/llm_cache/student_model", help="where the student and skip.json are saved")
-    a("--layers", default=None, help="candidate layers in order, e.g. 30,28,26 (default: L-2, L-4, ...)")
+    a("--layers", default=None, help="candidate layers in order, e.g. 30,28,26 (default: L-2, L-4, ...), or 'auto': "
+                                     "the least important first, as scripts/rank_layers.py ranks them")
     a("--num-skip", "--num_skip", type=int, default=None, help="keep only the first K candidate layers")
     a("--schedule", default="sequential", help=f"one of {', '.join(SCHEDULES)} (default: sequential)")
     a("--train-scope", "--train_scope", default="all",
@@ -241,6 +243,20 @@ def eval_line(res: dict) -> str:
     return f"perplexity teacher {res['teacher']:.3f} student {res['student']:.3f} skipping {pre}"
 
 
+def auto_layers(args, model_dir: Path, config: Phi3Config, val, env, dtype: torch.dtype) -> str:
+    """--layers auto: the least important layers first, ranked on a validation sample on rank 0."""
+    order = None
+    if env.is_main:
+        model = from_pretrained(model_dir, dtype=dtype, device=env.device)
+        sample = val[:max(1, 16384 // (args.batch_size * args.max_seq_len))]
+        _, ranking = rank_layers(model, sample)
+        order = recommended_order(ranking, args.num_skip or len(default_layers(config.num_hidden_layers)))
+        log.info(f"--layers auto: ranked on {sum(x.numel() for x, _ in sample)} validation tokens -> "
+                 f"{','.join(map(str, order))}")
+        del model
+    return ",".join(map(str, parallel.broadcast_object(order, env)))
+
+
 # The run ------------------------------------------------------------------------------------------------------------
 class Diverged(Exception):
     pass
@@ -309,6 +325,8 @@ def run(args: argparse.Namespace, env: parallel.Env) -> Path | None:
     batches = Batches(data / "train.bin", args.batch_size, args.max_seq_len, args.seed, env.rank, env.world_size,
                       vocab_size=config.vocab_size)
     val = val_batches(data / "val.bin", args.batch_size, args.max_seq_len, args.eval_tokens, config.vocab_size)
+    if args.layers == "auto":
+        args.layers = auto_layers(args, model_dir, config, val, env, dtype)
     layers, schedule, warmup = plan(args, config, batches, env)
     kd_weight = args.kd_weight if args.kd_weight is not None else (0.01 if schedule.kind == "sequential" else 1.0)
     loss_cfg = LossConfig(args.temperature, kd_weight, args.ce_weight, args.kl_chunk, dtype)

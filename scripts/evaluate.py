@@ -27,6 +27,7 @@ from phi3skip.distill import default_layers  # noqa: E402
 from phi3skip.evaluate import (evaluate_skip_sets, markdown_table, parse_skip_sets, plot, pyplot,  # noqa: E402
                                val_batches)
 from phi3skip.io import atomic_write_text  # noqa: E402
+from phi3skip.model import validate_skip  # noqa: E402
 from phi3skip.tokenizer import check_data_tokenizer, eos_token_id, load_tokenizer  # noqa: E402
 
 SPEED_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
@@ -88,6 +89,8 @@ def main() -> None:
                         f"{student.config.num_hidden_layers}: not the student's teacher")
     layers = profile.get("layers") or default_layers(student.config.num_hidden_layers)
     skip_sets = parse_skip_sets(args.skip_sets, layers)
+    for s in skip_sets:  # every set checked before the first measurement
+        validate_skip(s, student.config.num_hidden_layers)
 
     datasets = {}
     if args.data:

