@@ -27,8 +27,8 @@ import numpy as np
 from phi3skip import corpus
 from phi3skip.cli import ArgumentParser, UserError, run_main
 from phi3skip.data import HEADER_BYTES, META_FILE, TokenWriter, read_header, token_dtype
-from phi3skip.tokenizer import (eos_token_id, hub_offline, read_tokenizer, tokenizer_file, tokenizer_hash,
-                                vocab_size)
+from phi3skip.hub import hub_offline
+from phi3skip.tokenizer import eos_token_id, read_tokenizer, tokenizer_file, tokenizer_hash, vocab_size
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
 DEFAULT_VAL_FRACTION = 0.01

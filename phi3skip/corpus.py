@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from .cli import UserError
+from .hub import hub_errors
 
 TEXT_EXTS = (".txt", ".md", ".rst", ".py")
 RECORD_EXTS = (".jsonl", ".json", ".parquet")
@@ -127,27 +128,14 @@ def _local_files(spec: str) -> list[str] | None:
 
 def _hub_source(spec: str, repo: str, revision: str | None, pattern: str | None, offline: bool) -> Source:
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub import errors as hub_errors
 
     hint = "use --dataset stdlib or a local path (files, folders, globs)"
-    try:
+    with hub_errors(f"{spec}: not a local path, and as a Hub dataset", hint, CorpusError, revision):
         if offline:  # only what an earlier run left in the cache
             root = Path(snapshot_download(repo, repo_type="dataset", revision=revision, local_files_only=True))
             names = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file()]
         else:
             names = sorted(HfApi().list_repo_files(repo, repo_type="dataset", revision=revision))
-    except hub_errors.LocalEntryNotFoundError:
-        raise CorpusError(f"{spec}: not a local path, the Hub is unreachable and this dataset is not in the "
-                          f"local Hugging Face cache; {hint}") from None
-    except hub_errors.GatedRepoError:
-        raise CorpusError(f"{spec}: gated dataset: accept its terms on the Hub and set HF_TOKEN") from None
-    except hub_errors.RepositoryNotFoundError:
-        raise CorpusError(f"{spec}: not a local path, and no such dataset on the Hub (a private one needs "
-                          f"HF_TOKEN); {hint}") from None
-    except hub_errors.RevisionNotFoundError:
-        raise CorpusError(f"{spec}: revision {revision!r} not found") from None
-    except (hub_errors.HfHubHTTPError, OSError) as e:
-        raise CorpusError(f"{spec}: cannot list the dataset's files ({type(e).__name__}); {hint}") from None
     if pattern is not None:
         files = [n for n in names if _supported(n) and fnmatch.fnmatch(n, pattern)]
     else:

@@ -7,13 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 from tokenizers import Tokenizer
 
 from .cli import UserError
+from .hub import hub_errors, hub_offline, is_hub_id
 from .data import read_meta
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -28,55 +27,12 @@ class TokenizerError(UserError):
     """tokenizer.json missing, unreadable, or without an end-of-text token."""
 
 
-# Reaching the Hub -----------------------------------------------------------------------------------------
-def hub_offline() -> bool:
-    """True when the Hub cannot be used: HF_HUB_OFFLINE is set, or its host does not answer within 3 s.
-
-    huggingface_hub retries an unreachable host for ~25 s before failing; probing first fails fast.
-    Behind a proxy the probe is skipped and huggingface_hub decides.
-    """
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return False
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=3).close()
-        return False
-    except OSError:
-        return True
-
-
-def is_hub_id(src: str) -> bool:
-    """`org/name`, with no path that exists locally."""
-    parts = src.split("/")
-    return len(parts) == 2 and all(parts) and not src.startswith((".", "~")) and not Path(src).exists()
-
-
 def _download(repo_id: str, filename: str, revision: str | None, token: str | None, offline: bool) -> Path:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub import errors as hub_errors
 
-    try:  # token=None lets huggingface_hub read HF_TOKEN; the token is never printed
+    with hub_errors(f"{repo_id} ({filename})", "pass --model DIR, a folder that holds tokenizer.json",
+                    TokenizerError, revision):
         return Path(hf_hub_download(repo_id, filename, revision=revision, token=token, local_files_only=offline))
-    except hub_errors.GatedRepoError:
-        raise TokenizerError(f"{repo_id} is gated: accept its licence on the Hub and set HF_TOKEN") from None
-    except hub_errors.RepositoryNotFoundError:
-        raise TokenizerError(f"{repo_id}: model repo not found on the Hub (a private one needs HF_TOKEN); "
-                             f"or pass a folder that holds tokenizer.json") from None
-    except hub_errors.RevisionNotFoundError:
-        raise TokenizerError(f"{repo_id}: revision {revision!r} not found") from None
-    except hub_errors.LocalEntryNotFoundError:  # before EntryNotFoundError: it is a subclass
-        raise TokenizerError(f"{repo_id}: the Hub is unreachable and {filename} is not in the local Hugging Face "
-                             f"cache; pass --model DIR, a folder that holds tokenizer.json") from None
-    except hub_errors.EntryNotFoundError:
-        raise TokenizerError(f"{repo_id} has no {filename}; pass a folder that holds one") from None
-    except (hub_errors.HfHubHTTPError, OSError) as e:
-        raise TokenizerError(f"{repo_id}: cannot download {filename} ({type(e).__name__}); "
-                             f"pass --model DIR, a folder that holds tokenizer.json") from None
 
 
 def tokenizer_file(src: str | os.PathLike, revision: str | None = None, token: str | None = None) -> Path:

@@ -51,9 +51,9 @@ if [ "$TINY" = 1 ]; then
   SKIP=2
 else
   PREP=(--val-tokens 160000)
-  TRAIN=(--num-skip 6 --max-steps "${DEMO_STEPS:-120}" --batch-size 4 --max-seq-len 256 --lr 1e-4
+  TRAIN=(--num-skip 6 --max-steps "${DEMO_STEPS:-120}" --batch-size 4 --max-seq-len 256 --lr 3e-4
          --eval-tokens 4096 --train-scope 12-29)
-  EVAL=(--max-tokens 8192 --seq-len 256 --speed-tokens 32)
+  EVAL=(--max-tokens 8192 --seq-len 256 --speed-tokens 64)
   SKIP=28,26
 fi
 

@@ -80,7 +80,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def model_folder(src: str) -> Path:
     """A local folder, else a Hub repo id: from the local Hugging Face cache when the Hub is unreachable."""
     from phi3skip import io
-    from phi3skip.tokenizer import hub_offline, is_hub_id
+    from phi3skip.hub import hub_offline, is_hub_id
 
     path = Path(src).expanduser()
     if path.is_dir():

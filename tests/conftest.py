@@ -52,3 +52,43 @@ def smollm2_dir(smollm2_gguf: Path) -> Path:
             if old != folder and old.is_dir() and not old.name.startswith("."):
                 shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A random 4-layer model (with a WordLevel tokenizer and skip.json), a prepare.py-style data folder over
+    its 64-token vocabulary, and a text file: (root folder, model)."""
+    import json
+
+    import numpy as np
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from phi3skip import Phi3Config, Phi3ForCausalLM, save_checkpoint
+    from phi3skip.data import write_tokens
+    from phi3skip.tokenizer import tokenizer_hash
+
+    V = 64
+    root = tmp_path_factory.mktemp("eval")
+    model_dir, data = root / "model", root / "data"
+    model_dir.mkdir()
+    data.mkdir()
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(model_dir / "tokenizer.json"))
+    cfg = Phi3Config.from_dict(dict(model_type="phi3", vocab_size=V, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=64, original_max_position_embeddings=64,
+                                    bos_token_id=1, eos_token_id=2, pad_token_id=2, torch_dtype="float32"))
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(cfg)
+    model.init_weights(0.2)
+    save_checkpoint(model.state_dict(), cfg, model_dir, copy_from=model_dir, extra_json={"skip.json": {
+        "layers": [2, 0], "teacher": str(model_dir)}})
+    rng = np.random.default_rng(0)
+    write_tokens(data / "train.bin", rng.integers(0, V, 4000), V, 2)
+    write_tokens(data / "val.bin", rng.integers(0, V, 1000), V, 2)
+    (data / "meta.json").write_text(json.dumps({"tokenizer": "tiny", "vocab_size": V,
+                                               "tokenizer_sha256": tokenizer_hash(model_dir / "tokenizer.json")}))
+    (root / "notes.txt").write_text(" ".join(f"t{i % V}" for i in range(0, 3000, 7)))
+    return root, model.eval()

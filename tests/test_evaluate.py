@@ -11,15 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phi3skip import Phi3Config, Phi3ForCausalLM, save_checkpoint
-from phi3skip.data import eval_batches, write_tokens
+from phi3skip.data import eval_batches
 from phi3skip.evaluate import bootstrap_interval, parse_skip_sets, perplexity, perplexity_ci, skip_prefixes
-from phi3skip.tokenizer import tokenizer_hash
 
 ROOT = Path(__file__).resolve().parents[1]
-V = 64
-
-
 def direct_ppl(model, batches, skip=()) -> float:
     """Full logits, full-vocabulary cross-entropy, no chunking: the definition."""
     nll, n = 0.0, 0
@@ -31,37 +26,8 @@ def direct_ppl(model, batches, skip=()) -> float:
     return float(np.exp(nll / n))
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    root = tmp_path_factory.mktemp("eval")
-    model_dir, data = root / "model", root / "data"
-    model_dir.mkdir()
-    data.mkdir()
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(model_dir / "tokenizer.json"))
-    cfg = Phi3Config.from_dict(dict(model_type="phi3", vocab_size=V, hidden_size=32, intermediate_size=64,
-                                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                    max_position_embeddings=64, original_max_position_embeddings=64,
-                                    bos_token_id=1, eos_token_id=2, pad_token_id=2, torch_dtype="float32"))
-    torch.manual_seed(0)
-    model = Phi3ForCausalLM(cfg)
-    model.init_weights(0.2)
-    save_checkpoint(model.state_dict(), cfg, model_dir, copy_from=model_dir, extra_json={"skip.json": {
-        "layers": [2, 0], "teacher": str(model_dir)}})
-    rng = np.random.default_rng(0)
-    write_tokens(data / "train.bin", rng.integers(0, V, 4000), V, 2)
-    write_tokens(data / "val.bin", rng.integers(0, V, 1000), V, 2)
-    (data / "meta.json").write_text(json.dumps({"tokenizer": "tiny", "vocab_size": V,
-                                               "tokenizer_sha256": tokenizer_hash(model_dir / "tokenizer.json")}))
-    (root / "notes.txt").write_text(" ".join(f"t{i % V}" for i in range(0, 3000, 7)))
-    return root, model.eval()
-
-
-def test_perplexity_equals_exp_mean_cross_entropy(tiny):
-    root, model = tiny
+def test_perplexity_equals_exp_mean_cross_entropy(tiny_run):
+    root, model = tiny_run
     batches = list(eval_batches(root / "data" / "val.bin", 3, 32))
     for skip in [(), (2,), (2, 0)]:
         want = direct_ppl(model, batches, skip)
@@ -95,9 +61,9 @@ def run_cli(*argv: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_evaluate_cli_writes_results_table_plot_and_profile(tiny, tmp_path):
+def test_evaluate_cli_writes_results_table_plot_and_profile(tiny_run, tmp_path):
     pytest.importorskip("matplotlib")
-    root, model = tiny
+    root, model = tiny_run
     out = tmp_path / "eval"
     r = run_cli("--model", str(root / "model"), "--data", str(root / "data"), "--text", str(root / "notes.txt"),
                 "--seq-len", "32", "--max-tokens", "512", "--speed-tokens", "4", "--out", str(out))
@@ -119,8 +85,8 @@ def test_evaluate_cli_writes_results_table_plot_and_profile(tiny, tmp_path):
     assert profile["layers"] == [2, 0] and len(profile["evaluation"]["results"]) == 3
 
 
-def test_evaluate_cli_bad_input(tiny, tmp_path):
-    root, _ = tiny
+def test_evaluate_cli_bad_input(tiny_run, tmp_path):
+    root, _ = tiny_run
     for argv, msg in [((), "nothing to score"), (("--data", str(tmp_path)), "meta.json"),
                       (("--data", str(root / "data"), "--skip-sets", "a;b"), "--skip-sets"),
                       (("--data", str(root / "data"), "--skip-sets", "9"), "out of range"),

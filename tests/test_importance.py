@@ -34,3 +34,26 @@ def test_block_influence_matches_direct_computation():
         want = (1 - torch.nn.functional.cosine_similarity(h, out, dim=-1)).mean().item()
         assert abs(bi[i] - want) < 1e-5
         h = out
+
+
+def test_rank_layers_cli(tiny_run, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, model = tiny_run
+    script = Path(__file__).resolve().parents[1] / "scripts" / "rank_layers.py"
+    out = tmp_path / "rank.json"
+    r = subprocess.run([sys.executable, str(script), "--model", str(root / "model"), "--data", str(root / "data"),
+                        "--seq-len", "32", "--max-tokens", "256", "--num-skip", "2", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert len(res["ranking"]) == 4 and len(res["recommended"]) == 2
+    kls = [x["kl"] for x in res["ranking"]]
+    assert kls == sorted(kls) and res["recommended"] == [x["layer"] for x in res["ranking"][:2]]
+    assert f"--layers {','.join(map(str, res['recommended']))}" in r.stdout
+    bad = subprocess.run([sys.executable, str(script), "--model", str(root / "model"), "--data", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+import bpe
 
 from phi3skip.cli import UserError
 from phi3skip.tokenizer import (check_data_tokenizer, eos_token_id, hub_offline, load_tokenizer, tokenizer_file,
@@ -19,16 +19,7 @@ for i in range(10):\n    print(i * i)  # squares\n"""
 
 
 def build_tokenizer(folder: Path, special: str = "<|endoftext|>", vocab: int = 320) -> Path:
-    """A byte-level BPE trained in milliseconds: decoding gives back any text exactly."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[special], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT] * 20, trainer)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    return folder
+    return bpe.build_tokenizer(folder, TEXT * 20, special, vocab)
 
 
 @pytest.fixture(scope="module")
