@@ -119,7 +119,7 @@ def setup_logging(log_dir: str, env: parallel.Env) -> Path | None:
         return None
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     path = Path(log_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}.log"
-    fh = logging.FileHandler(path)
+    fh = logging.FileHandler(path, delay=True)  # created at the first record: bad input leaves no empty log
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(fh)
     return path
