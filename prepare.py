@@ -28,6 +28,7 @@ from phi3skip import corpus
 from phi3skip.cli import ArgumentParser, UserError, run_main
 from phi3skip.data import HEADER_BYTES, META_FILE, TokenWriter, read_header, token_dtype
 from phi3skip.hub import hub_offline
+from phi3skip.io import replace_dir
 from phi3skip.tokenizer import eos_token_id, read_tokenizer, tokenizer_file, tokenizer_hash, vocab_size
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
@@ -232,13 +233,9 @@ def tokenize(tok, docs: Iterable[str], eos_id: int, tokens_out: TokenWriter, len
 # The command -----------------------------------------------------------------------------------------------
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     """Put the finished folder under its final name; an old one (--overwrite) is moved aside first."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        if not overwrite:  # appeared while we were tokenizing
-            raise UserError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    if out.exists() and not overwrite:  # appeared while we were tokenizing
+        raise UserError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    replace_dir(tmp, out)
 
 
 def _raise_interrupt(signum, frame) -> None:

@@ -63,6 +63,23 @@ def resolve(src: str | os.PathLike, revision: str | None = None, token: str | No
                                       local_files_only=hub_offline()))
 
 
+SKIP_FILE = "skip.json"
+
+
+def read_skip_profile(folder: str | os.PathLike) -> dict[str, Any]:
+    """The folder's skip.json (written by train.py, extended by scripts/evaluate.py); {} when there is none."""
+    path = Path(folder) / SKIP_FILE
+    if not path.is_file():
+        return {}
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return obj
+
+
 def load_config(src: str | os.PathLike, revision: str | None = None, token: str | None = None) -> Phi3Config:
     return Phi3Config.from_json(resolve(src, revision, token) / "config.json")
 
@@ -235,7 +252,7 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, 
             (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                 indent=2) + "\n")
         _default_permissions(tmp)
-        _replace_dir(tmp, folder)
+        replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -250,9 +267,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -260,16 +277,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
-def _default_permissions(folder: Path) -> None:
-    """mkdtemp makes a private 0700 folder; a checkpoint gets the permissions of any new file."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
+    return umask
+
+
+def _default_permissions(folder: Path) -> None:
+    """mkdtemp makes a private 0700 folder; a checkpoint gets the permissions of any new file."""
+    umask = _umask()
     os.chmod(folder, 0o777 & ~umask)
     for f in folder.iterdir():
         os.chmod(f, 0o666 & ~umask)
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path) -> None:
     """Rename src to dst; an existing dst is moved aside first and removed only once src is in place."""
     if not dst.exists():
         os.replace(src, dst)
@@ -292,5 +314,5 @@ def save_pretrained(model: Phi3ForCausalLM, folder: str | os.PathLike, *,
                            extra_json=extra_json, max_shard_size=max_shard_size)
 
 
-__all__ = ["from_pretrained", "save_pretrained", "save_checkpoint", "atomic_write_text", "load_config", "resolve", "CheckpointError",
-           "ConfigError", "parse_dtype"]
+__all__ = ["from_pretrained", "save_pretrained", "save_checkpoint", "atomic_write_text", "replace_dir", "load_config",
+           "resolve", "CheckpointError", "ConfigError", "parse_dtype"]

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from .cli import UserError
+from .io import atomic_write_text
 from .parallel import Env, barrier, broadcast_object
 
 LATEST = "latest"
@@ -54,15 +55,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
@@ -112,11 +104,11 @@ def save(folder: str | os.PathLike, step: int, model: nn.Module, optimizer: torc
                    tmp / "trainer.pt")
         summary = {"step": step, "world_size": env.world_size,
                    **{k: v for k, v in trainer.items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
-        _write_atomic(tmp / "meta.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(tmp / "meta.json", json.dumps(summary, indent=2) + "\n")
         if final.exists():  # the same step saved again (e.g. a resumed run): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_atomic(folder / LATEST, name + "\n")
+        atomic_write_text(folder / LATEST, name + "\n")
         for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)

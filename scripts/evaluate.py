@@ -26,7 +26,7 @@ from phi3skip.data import eval_batches  # noqa: E402
 from phi3skip.distill import default_layers  # noqa: E402
 from phi3skip.evaluate import (evaluate_skip_sets, markdown_table, parse_skip_sets, plot, pyplot,  # noqa: E402
                                val_batches)
-from phi3skip.io import atomic_write_text  # noqa: E402
+from phi3skip.io import atomic_write_text, read_skip_profile  # noqa: E402
 from phi3skip.model import validate_skip  # noqa: E402
 from phi3skip.tokenizer import check_data_tokenizer, eos_token_id, load_tokenizer  # noqa: E402
 
@@ -44,16 +44,6 @@ def text_batches(files: list[str], model_dir: Path, batch_size: int, seq_len: in
             raise UserError(f"--text {f}: no such file")
         ids += tok.encode(path.read_text(errors="replace")).ids + [eos]
     return list(eval_batches(np.asarray(ids, dtype=np.int64), batch_size, seq_len, max_tokens=max_tokens))
-
-
-def read_skip_json(folder: Path) -> dict:
-    path = folder / "skip.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: malformed JSON ({e})") from None
 
 
 def main() -> None:
@@ -81,7 +71,7 @@ def main() -> None:
     t0 = time.perf_counter()
     student = from_pretrained(args.model, dtype=args.dtype, device=args.device)
     folder = Path(student.source_dir)
-    profile = read_skip_json(folder)
+    profile = read_skip_profile(folder)
     teacher_src = args.teacher or profile.get("teacher")
     teacher = from_pretrained(teacher_src, dtype=args.dtype, device=args.device) if teacher_src else None
     if teacher is not None and teacher.config.num_hidden_layers != student.config.num_hidden_layers:

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/generate.py` without installing the package
     sys.path.insert(0, str(ROOT))
 
+from phi3skip import io  # noqa: E402
 from phi3skip.cli import ArgumentParser, UserError, run_main  # noqa: E402
 
 
@@ -78,33 +79,15 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def model_folder(src: str) -> Path:
-    """A local folder, else a Hub repo id: from the local Hugging Face cache when the Hub is unreachable."""
-    from phi3skip import io
-    from phi3skip.hub import hub_offline, is_hub_id
-
-    path = Path(src).expanduser()
-    if path.is_dir():
-        return path
-    if is_hub_id(src) and hub_offline():
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(src, allow_patterns=io.HUB_FILES, local_files_only=True))
-        except Exception:
-            raise UserError(f"{src}: no such folder, and the Hub is unreachable with no copy of it in the local "
-                            f"Hugging Face cache; pass --model DIR") from None
+    """A local folder, else a Hub repo id (from the local Hugging Face cache when the Hub is unreachable)."""
     return io.resolve(src)
 
 
 def show_skips(folder: Path) -> None:
-    path = folder / "skip.json"
-    if not path.is_file():
-        raise UserError(f"{folder}: no skip.json (it is written by scripts/train.py and updated by the evaluation)")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    layers = obj.get("layers") if isinstance(obj, dict) else None
+    obj = io.read_skip_profile(folder)
+    if not obj:
+        raise UserError(f"{folder}: no skip.json (it is written by train.py and updated by scripts/evaluate.py)")
+    layers = obj.get("layers")
     if isinstance(layers, list):
         print(f"skippable layers, in skip order: {', '.join(map(str, layers))}")
     print(json.dumps(obj, indent=2))
@@ -115,11 +98,11 @@ def default_draft_skip(folder: Path, skip: tuple[int, ...], num_layers: int) -> 
     of the upper half (the last layer always runs)."""
     extra: list[int] = []
     try:
-        layers = json.loads((folder / "skip.json").read_text(encoding="utf-8")).get("layers")
+        layers = io.read_skip_profile(folder).get("layers")
         if isinstance(layers, list) and all(isinstance(i, int) and 0 <= i < num_layers for i in layers):
             extra = layers
-    except (OSError, ValueError, AttributeError):
-        pass
+    except UserError:
+        pass  # a broken skip.json only loses the default draft
     if not [i for i in extra if i not in skip]:
         extra = list(range(num_layers - 2, num_layers // 2 - 1, -2))
     return tuple(sorted(set(skip) | set(extra), reverse=True))
