@@ -24,14 +24,15 @@ from pathlib import Path
 
 import torch
 
-from phi3skip import parallel, train_state
+from phi3skip import bypass, parallel, train_state
 from phi3skip.cli import ArgumentParser, UserError, run_main
 from phi3skip.config import Phi3Config
 from phi3skip.data import Batches
-from phi3skip.distill import (SCHEDULES, STATS, LossConfig, Schedule, bind_forward_branches, default_layers, distill_step,
-                              parse_layers, set_trainable, step_flops_per_token, trainable_blocks)
+from phi3skip.distill import (K_DISTS, SCHEDULES, STATS, LossConfig, Schedule, adapter_step, bind_forward_branches,
+                              default_layers, distill_step, parse_layers, set_trainable, step_flops_per_token,
+                              trainable_blocks)
 from phi3skip.evaluate import token_nll, val_batches
-from phi3skip.importance import rank_layers, recommended_order
+from phi3skip.importance import greedy_order
 from phi3skip.io import dtype_name, from_pretrained, parse_dtype, resolve, save_checkpoint
 from phi3skip.tokenizer import check_data_tokenizer
 
@@ -40,7 +41,7 @@ log = logging.getLogger("phi3skip.train")
 # Settings that must be the same to resume a run exactly.
 RUN_KEYS = ("model", "data", "layers", "schedule", "lr", "steps_per_phase", "global_batch", "max_seq_len",
             "grad_accum", "temperature", "kd_weight", "ce_weight", "train_scope", "warmup", "min_lr_ratio",
-            "weight_decay", "grad_clip", "seed")
+            "weight_decay", "grad_clip", "seed", "k_dist", "adapter_rank", "lsq_tokens")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,12 +51,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--data", required=True, help="data folder made by prepare.py (train.bin, val.bin, meta.json)")
     a("--out", default="data/llm_cache/student_model", help="where the student and skip.json are saved")
     a("--layers", default=None, help="candidate layers in order, e.g. 30,28,26 (default: L-2, L-4, ...), or 'auto': "
-                                     "the least important first, as scripts/rank_layers.py ranks them")
+                                     "each next layer the one whose skipping adds the least KL given those "
+                                     "before it (scripts/rank_layers.py --greedy)")
     a("--num-skip", "--num_skip", type=int, default=None, help="keep only the first K candidate layers")
+    a("--rank-tokens", type=int, default=1024, help="--layers auto: training tokens the greedy order is chosen on")
     a("--schedule", default="sequential", help=f"one of {', '.join(SCHEDULES)} (default: sequential)")
     a("--train-scope", "--train_scope", default="all",
       help="what trains: all (default), around:R (blocks within R of the layer being made skippable), "
-           "or blocks such as 20-31")
+           "blocks such as 20-31, or adapters: the base stays frozen (the full model is the teacher, exactly) "
+           "and only a small bypass per skippable layer trains (phi3skip/bypass.py)")
+    a("--k-dist", default="uniform", help=f"nested: which skip sets a step trains, one of {', '.join(K_DISTS)} "
+                                          "(sandwich: the deepest set and one drawn below it)")
+    a("--adapter-rank", type=int, default=None, help="rank of each bypass (adapters; default: about 2%% of a block's compute)")
+    a("--lsq-tokens", type=int, default=16384,
+      help="adapters: training tokens for the least-squares initialisation of the bypasses (0: start at zero)")
     a("--lr", type=float, default=1e-5)
     a("--num-epochs", "--num_epochs", type=float, default=1.0,
       help="epochs of train.bin per layer (sequential) or in all (nested)")
@@ -93,10 +102,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.schedule not in SCHEDULES:
         raise UserError(f"--schedule {args.schedule!r}: unknown; use one of {', '.join(SCHEDULES)}")
-    for name in ("batch_size", "grad_accum", "max_seq_len", "eval_tokens", "log_every", "keep_checkpoints"):
+    for name in ("batch_size", "grad_accum", "max_seq_len", "eval_tokens", "log_every", "keep_checkpoints", "rank_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("steps_per_layer", "max_steps", "kl_chunk"):
+    if args.k_dist not in K_DISTS:
+        raise UserError(f"--k-dist {args.k_dist!r}: unknown; use one of {', '.join(K_DISTS)}")
+    if args.train_scope.strip().lower() == "adapters" and args.ce_weight:
+        raise UserError("--ce-weight: with --train-scope adapters the full model is the frozen teacher; drop it")
+    if args.lsq_tokens < 0:
+        raise UserError(f"--lsq-tokens must be >= 0, got {args.lsq_tokens}")
+    for name in ("steps_per_layer", "max_steps", "kl_chunk", "adapter_rank"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("lr", "temperature", "num_epochs"):
@@ -230,7 +245,8 @@ def evaluate(student, teacher, layers, batches, env, ctx, teacher_ppl: float | N
     if teacher_ppl is None:
         teacher_ppl = run_perplexity(teacher, (), batches, env, ctx)
         parallel.reshard(teacher)
-    res = {"teacher": teacher_ppl, "student": run_perplexity(student, (), batches, env, ctx), "prefixes": []}
+    full = teacher_ppl if student is teacher else run_perplexity(student, (), batches, env, ctx)
+    res = {"teacher": teacher_ppl, "student": full, "prefixes": []}
     for k in range(1, len(layers) + 1):
         res["prefixes"].append({"skip": list(layers[:k]),
                                 "perplexity": run_perplexity(student, layers[:k], batches, env, ctx)})
@@ -243,16 +259,19 @@ def eval_line(res: dict) -> str:
     return f"perplexity teacher {res['teacher']:.3f} student {res['student']:.3f} skipping {pre}"
 
 
-def auto_layers(args, model_dir: Path, config: Phi3Config, val, env, dtype: torch.dtype) -> str:
-    """--layers auto: the least important layers first, ranked on a validation sample on rank 0."""
+def auto_layers(args, model_dir: Path, config: Phi3Config, batches: Batches, env, dtype: torch.dtype) -> str:
+    """--layers auto: the greedy conditional order (each layer the one that adds the least KL given those already
+    skipped), chosen on rank 0 from `--rank-tokens` of training text."""
     order = None
     if env.is_main:
         model = from_pretrained(model_dir, dtype=dtype, device=env.device)
-        sample = val[:max(1, 16384 // (args.batch_size * args.max_seq_len))]
-        _, ranking = rank_layers(model, sample)
-        order = recommended_order(ranking, args.num_skip or len(default_layers(config.num_hidden_layers)))
-        log.info(f"--layers auto: ranked on {sum(x.numel() for x, _ in sample)} validation tokens -> "
-                 f"{','.join(map(str, order))}")
+        n = max(1, math.ceil(args.rank_tokens / (args.batch_size * args.max_seq_len)))
+        sample = [batches.get(i, env.device) for i in range(n)]
+        k = args.num_skip or len(default_layers(config.num_hidden_layers))
+        t0 = time.perf_counter()
+        order = [layer for layer, _ in greedy_order(model, sample, k)]
+        log.info(f"--layers auto: greedy order on {sum(x.numel() for x, _ in sample)} training tokens "
+                 f"({time.perf_counter() - t0:.0f}s) -> {','.join(map(str, order))}")
         del model
     return ",".join(map(str, parallel.broadcast_object(order, env)))
 
@@ -278,8 +297,8 @@ def plan(args, config: Phi3Config, batches: Batches, env) -> tuple[list[int], Sc
         per_phase = args.steps_per_layer * K if args.steps_per_layer else max(1, round(args.num_epochs * steps_per_epoch))
         if args.max_steps:
             per_phase = min(per_phase, args.max_steps)
-    schedule = Schedule(args.schedule, tuple(layers), per_phase, args.seed)
-    for phase in range(schedule.num_phases):  # a bad --train-scope fails now, not hours in
+    schedule = Schedule(args.schedule, tuple(layers), per_phase, args.seed, args.k_dist)
+    for phase in range(schedule.num_phases if not adapters_scope(args) else 0):  # a bad scope fails now
         trainable_blocks(args.train_scope, config.num_hidden_layers, schedule.phase_skip(phase), current_layers(schedule, phase))
     warmup = args.warmup if args.warmup is not None else min(100, max(1, per_phase // 10))
     return layers, schedule, warmup
@@ -288,6 +307,36 @@ def plan(args, config: Phi3Config, batches: Batches, env) -> tuple[list[int], Sc
 def current_layers(schedule: Schedule, phase: int) -> tuple[int, ...]:
     """The layers being made skippable in a phase (around:R trains the blocks around them)."""
     return schedule.layers[phase:phase + 1] if schedule.kind == "sequential" else schedule.layers
+
+
+def adapters_scope(args) -> bool:
+    return args.train_scope.strip().lower() == "adapters"
+
+
+def load_adapter_student(model_dir: Path, config: Phi3Config, env, dtype: torch.dtype, args, layers, batches,
+                         fit: bool):
+    """Frozen base with skip adapters (least-squares initialised on training text unless resuming), sharded
+    under a process group. It is its own teacher: the full path is the base model."""
+    kw = dict(param_dtype=dtype, compile=args.compile)
+    rank = args.adapter_rank or bypass.default_rank(config)
+    model = None
+    if env.is_main or not env.distributed:
+        model = from_pretrained(model_dir, dtype=torch.float32, device=env.device)
+        bypass.attach(model, layers, rank)
+        n = math.ceil(args.lsq_tokens / (args.batch_size * args.max_seq_len)) if fit else 0
+        if n:
+            t0 = time.perf_counter()
+            calib = [batches.get(i, env.device)[0] for i in range(n)]
+            bypass.fit_lstsq(model, calib, layers)
+            log.info(f"bypasses of layers {layers} (rank {rank}) fitted by least squares on "
+                     f"{sum(x.numel() for x in calib)} training tokens in {time.perf_counter() - t0:.1f}s")
+    if env.distributed:
+        sd = model.state_dict() if env.is_main else None
+        model = parallel.build_sharded(config, sd, env, dtype=torch.float32, ac=args.activation_checkpointing,
+                                       prepare=lambda m: bypass.attach(m, layers, rank), **kw)
+    else:
+        parallel.parallelize(model, env, ac=args.activation_checkpointing, **kw)
+    return model.train()
 
 
 def load_models(model_dir: Path, config: Phi3Config, env, dtype: torch.dtype, args):
@@ -326,7 +375,7 @@ def run(args: argparse.Namespace, env: parallel.Env) -> Path | None:
                       vocab_size=config.vocab_size)
     val = val_batches(data / "val.bin", args.batch_size, args.max_seq_len, args.eval_tokens, config.vocab_size)
     if args.layers == "auto":
-        args.layers = auto_layers(args, model_dir, config, val, env, dtype)
+        args.layers = auto_layers(args, model_dir, config, batches, env, dtype)
     layers, schedule, warmup = plan(args, config, batches, env)
     kd_weight = args.kd_weight if args.kd_weight is not None else (0.01 if schedule.kind == "sequential" else 1.0)
     loss_cfg = LossConfig(args.temperature, kd_weight, args.ce_weight, args.kl_chunk, dtype)
@@ -336,7 +385,7 @@ def run(args: argparse.Namespace, env: parallel.Env) -> Path | None:
                     grad_accum=args.grad_accum, temperature=args.temperature, kd_weight=kd_weight,
                     ce_weight=args.ce_weight, train_scope=args.train_scope, warmup=warmup,
                     min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                    seed=args.seed)
+                    seed=args.seed, k_dist=args.k_dist, adapter_rank=args.adapter_rank, lsq_tokens=args.lsq_tokens)
     ckpt_dir = Path(args.ckpt_dir or Path("data/checkpoints") / Path(args.out).name)
     resume_from = train_state.latest(ckpt_dir)
     trainer: dict = {}
@@ -359,7 +408,17 @@ def run(args: argparse.Namespace, env: parallel.Env) -> Path | None:
              f"{schedule.steps_per_phase} steps of {settings['global_batch']} x {args.max_seq_len} tokens; "
              f"loss KL(T||S_full) + {kd_weight} KL(T||S_skip)" + (f" + {args.ce_weight} CE" if args.ce_weight else "")
              + f" at temperature {args.temperature}; train scope {args.train_scope}")
-    student, teacher = load_models(model_dir, config, env, dtype, args)
+    if adapters_scope(args):
+        student = load_adapter_student(model_dir, config, env, dtype, args, layers, batches, fit=not args.resume)
+        teacher = student  # the frozen full path is the teacher
+
+        def step_fn(x, y, skips, scale):
+            return adapter_step(student, x, y, skips, loss_cfg, scale)
+    else:
+        student, teacher = load_models(model_dir, config, env, dtype, args)
+
+        def step_fn(x, y, skips, scale):
+            return distill_step(student, teacher, x, y, skips, loss_cfg, scale)
     ctx = (torch.autocast(env.device.type, dtype=dtype) if not env.distributed and dtype != torch.float32
            else nullcontext())
 
@@ -398,9 +457,12 @@ def run(args: argparse.Namespace, env: parallel.Env) -> Path | None:
         for step in range(start, total):
             if schedule.phase(step) != phase:  # a new phase: what trains, a fresh optimizer and schedule
                 phase = schedule.phase(step)
-                blocks = trainable_blocks(args.train_scope, config.num_hidden_layers, schedule.phase_skip(phase),
-                                          current_layers(schedule, phase))
-                params = set_trainable(student, blocks)
+                if adapters_scope(args):
+                    params = bypass.set_trainable(student)
+                else:
+                    blocks = trainable_blocks(args.train_scope, config.num_hidden_layers, schedule.phase_skip(phase),
+                                              current_layers(schedule, phase))
+                    params = set_trainable(student, blocks)
                 optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
                                               fused=env.device.type == "cuda")
                 scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -417,10 +479,10 @@ def run(args: argparse.Namespace, env: parallel.Env) -> Path | None:
             flops = 0.0
             for micro in range(args.grad_accum):
                 x, y = batches.get(step * args.grad_accum + micro, env.device)
-                skip = schedule.skip(step, micro)
+                skips = schedule.skip_sets(step, micro)
                 with ctx:
-                    stats += distill_step(student, teacher, x, y, skip, loss_cfg, 1.0 / args.grad_accum)
-                flops += step_flops_per_token(config, args.max_seq_len, skip) * x.numel()
+                    stats += step_fn(x, y, skips, 1.0 / args.grad_accum)
+                flops += step_flops_per_token(config, args.max_seq_len, skips[0]) * x.numel()
             parallel.reshard(teacher)
             norm = parallel.grad_norm_clip(params, args.grad_clip)
             stats = parallel.all_reduce(stats / args.grad_accum, env, "mean")
@@ -436,7 +498,7 @@ def run(args: argparse.Namespace, env: parallel.Env) -> Path | None:
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             dt = time.perf_counter() - t_last
-            row = dict(step=done, phase=phase, skip=list(schedule.skip(step)), **vals, lr=lr, grad_norm=gnorm,
+            row = dict(step=done, phase=phase, skip=[list(k) for k in schedule.skip_sets(step)], **vals, lr=lr, grad_norm=gnorm,
                        tokens_per_s=tokens_per_step / dt, memory_gb=memory_gb(env.device))
             if peak:  # this rank's model FLOPs over its GPU's peak
                 row["mfu"] = flops / dt / peak
@@ -475,8 +537,14 @@ def run(args: argparse.Namespace, env: parallel.Env) -> Path | None:
     out = Path(args.out)
     if env.is_main:
         out_dtype = parse_dtype(config.torch_dtype, default=torch.float32) if config.torch_dtype else torch.float32
+        sd, adapter_sd = bypass.split_state_dict(sd)
         sd = {k: v.to(out_dtype) if v.is_floating_point() else v for k, v in sd.items()}
-        save_checkpoint(sd, config, out, copy_from=model_dir, extra_json={"skip.json": skip_json})
+        files = {}
+        if adapter_sd:
+            files[bypass.FILE] = bypass.file_bytes(adapter_sd)
+            skip_json["adapters"] = student.skip_adapters.describe()
+            skip_json["train_scope"] = "adapters"
+        save_checkpoint(sd, config, out, copy_from=model_dir, files=files, extra_json={"skip.json": skip_json})
         log.info(f"saved the student to {out} (skip.json: layers {layers})")
     parallel.barrier(env)
     return out

@@ -13,9 +13,15 @@ neither model's B x T x V logits exist at once, and nothing vocabulary-sized is 
 Schedules (`Schedule`), over candidate layers l_1, l_2, ..., l_K (default L-2, L-4, ...):
 - sequential: phase j trains for `steps_per_phase` steps with S_skip skipping l_1..l_j (the original recipe's
   order: earlier layers stay skipped while the next one is made skippable);
-- nested: every step skips the first k candidates, k in 0..K drawn from (seed, step), so every prefix of the
-  list stays good. k = 0 makes S_skip = S_full, and the loss is (1 + w) KL(T || S_full).
+- nested: every step skips the first k candidates, so every prefix of the list stays good. `k_dist` uniform:
+  one k in 0..K drawn from (seed, step) (k = 0 makes S_skip = S_full, and the loss is (1 + w) KL(T || S_full));
+  sandwich (the slimmable-networks rule): two skip passes each step, the deepest set (all K) and one k drawn
+  from 1..K-1, beside the full pass.
 Skip sets depend only on the step, so every rank of a sharded job runs the same blocks.
+
+With `--train-scope adapters` the base stays frozen and the full pass *is* the teacher: `adapter_step` runs it
+once without gradient, recording the residual stream, and each skip pass restarts from it at its lowest
+skipped layer with only the skip adapters (phi3skip/bypass.py) trainable.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from .cli import UserError
 from .model import Phi3ForCausalLM, validate_skip
 
 SCHEDULES = ("sequential", "nested")
+K_DISTS = ("uniform", "sandwich")
 IGNORE_INDEX = -100
 _BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -80,10 +87,13 @@ class Schedule:
     layers: tuple[int, ...]
     steps_per_phase: int
     seed: int = 0
+    k_dist: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
             raise UserError(f"unknown schedule {self.kind!r}; use one of {', '.join(SCHEDULES)}")
+        if self.k_dist not in K_DISTS:
+            raise UserError(f"unknown k distribution {self.k_dist!r}; use one of {', '.join(K_DISTS)}")
         if self.steps_per_phase < 1:
             raise UserError(f"a schedule needs at least one step per phase, got {self.steps_per_phase}")
 
@@ -111,6 +121,16 @@ class Schedule:
             return self.phase_skip(self.phase(step))
         k = int(np.random.default_rng([self.seed, step, micro]).integers(0, len(self.layers) + 1))
         return self.layers[:k]
+
+    def skip_sets(self, step: int, micro: int = 0) -> list[tuple[int, ...]]:
+        """The skip passes of a step: one set, or for nested-sandwich the deepest set and one drawn below it."""
+        if self.kind == "sequential" or self.k_dist == "uniform":
+            return [self.skip(step, micro)]
+        K = len(self.layers)
+        if K == 1:
+            return [self.layers]
+        k = int(np.random.default_rng([self.seed, step, micro]).integers(1, K))
+        return [self.layers, self.layers[:k]]
 
 
 # What trains ---------------------------------------------------------------------------------------------------
@@ -345,25 +365,50 @@ class LossConfig:
     dtype: torch.dtype | None = None
 
 
-def distill_step(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, skip: Sequence[int],
-                 cfg: LossConfig, loss_scale: float = 1.0, backward: bool = True) -> torch.Tensor:
-    """Teacher forward, both student passes, the loss, and its backward (scaled by `loss_scale`, e.g. 1/accum).
+def distill_step(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 skips: Sequence[Sequence[int]], cfg: LossConfig, loss_scale: float = 1.0,
+                 backward: bool = True) -> torch.Tensor:
+    """Teacher forward, the full student pass and one pass per skip set, the loss, and its backward (scaled by
+    `loss_scale`, e.g. 1/accum). Each skip pass has weight w; an empty set adds its w to the full pass.
 
-    Returns detached stats [loss, kl_full, kl_skip, ce] (see STATS) without a device sync.
+    Returns detached stats [loss, kl_full, kl_skip, ce] (see STATS; kl_skip is the mean over the skip passes)
+    without a device sync.
     """
     with torch.no_grad():
         ht = teacher.hidden_states(x)
-    skip = tuple(skip)
-    if skip:
-        skips, weights = [(), skip], [1.0, cfg.kd_weight]
-    else:  # S_skip = S_full: one pass carries both terms
-        skips, weights = [()], [1.0 + cfg.kd_weight]
-    hs = student_hidden(student, x, skips)
-    loss, stats = chunked_kd_loss(ht, teacher.lm_head.weight, hs, student.lm_head.weight, weights,
-                                  cfg.temperature, y if cfg.ce_weight else None, cfg.ce_weight, cfg.chunk, cfg.dtype)
+    sets = [tuple(s) for s in skips if tuple(s)]
+    w_full = 1.0 + cfg.kd_weight * (len(skips) - len(sets))
+    hs = student_hidden(student, x, [()] + sets)
+    loss, stats = chunked_kd_loss(ht, teacher.lm_head.weight, hs, student.lm_head.weight,
+                                  [w_full] + [cfg.kd_weight] * len(sets), cfg.temperature,
+                                  y if cfg.ce_weight else None, cfg.ce_weight, cfg.chunk, cfg.dtype)
     if backward:
         (loss * loss_scale).backward()
-    return torch.stack([loss.detach(), stats[0], stats[1] if skip else stats[0], stats[-1]])
+    kl_skip = stats[1:1 + len(sets)].mean() if sets else stats[0]
+    return torch.stack([loss.detach(), stats[0], kl_skip, stats[-1]])
+
+
+def adapter_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, skips: Sequence[Sequence[int]],
+                 cfg: LossConfig, loss_scale: float = 1.0, backward: bool = True) -> torch.Tensor:
+    """One step of skip-adapter training over a frozen base (the full model is the teacher, exactly).
+
+    The full forward runs once without gradient and records the residual stream; each skip set restarts from
+    it at its lowest skipped layer, so the blocks below run once for all passes. Gradient reaches only the
+    skip adapters. Stats as `distill_step` (kl_full is 0: the full path is the teacher).
+    """
+    with torch.no_grad():
+        trace = model.residuals(x)
+        ht = model.model.norm(trace[-1])
+    sets = [tuple(s) for s in skips if tuple(s)]
+    if not sets:
+        return torch.zeros(len(STATS), device=x.device)
+    hs = [model.hidden_from(min(s), trace[min(s)], s) for s in sets]
+    w = model.lm_head.weight
+    loss, stats = chunked_kd_loss(ht, w, hs, w, [cfg.kd_weight] * len(sets), cfg.temperature,
+                                  chunk=cfg.chunk, dtype=cfg.dtype)
+    if backward:
+        (loss * loss_scale).backward()
+    return torch.stack([loss.detach(), torch.zeros_like(stats[0]), stats[:len(sets)].mean(), stats[-1]])
 
 
 # Cost ------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from torch import nn
 from .cli import UserError
 from .data import eval_batches
 from .distill import default_chunk
-from .model import validate_skip
+from .model import parse_skip, validate_skip
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -148,21 +148,18 @@ def skip_prefixes(layers: Sequence[int]) -> list[tuple[int, ...]]:
 
 
 def parse_skip_sets(text: str, layers: Sequence[int]) -> list[tuple[int, ...]]:
-    """'prefixes' (every prefix of `layers`) or explicit sets '30,28;30' ('none' or '' for the full model)."""
+    """'prefixes' (every prefix of `layers`) or sets '30,28;first:2;none' (see `model.parse_skip`); the full
+    model is always scored, first."""
     if text.strip() == "prefixes":
         return skip_prefixes(layers)
     sets: list[tuple[int, ...]] = []
     for part in text.split(";"):
-        part = part.strip()
-        try:
-            s = () if part in ("", "none") else tuple(int(v) for v in part.split(","))
-        except ValueError:
-            raise UserError(f"--skip-sets {text!r}: expected 'prefixes' or sets like '30,28;30;none'") from None
+        s = parse_skip(part, layers, "--skip-sets")
         if s not in sets:
             sets.append(s)
-    if () not in sets:
-        sets.insert(0, ())
-    return sets
+    if () in sets:
+        sets.remove(())
+    return [()] + sets
 
 
 def evaluate_skip_sets(student: nn.Module, datasets: dict[str, Sequence[Batch]], skip_sets: Sequence[Sequence[int]],

@@ -183,6 +183,11 @@ def from_pretrained(src: str | os.PathLike, dtype: str | torch.dtype | None = No
     load_weights(model, folder, target, device)
     model.rotary = type(model.rotary)(config).to(device or "cpu")  # derived buffers, made for real
     model.source_dir = folder
+    adapters = read_skip_profile(folder).get("adapters")
+    if adapters is not None:  # skip-mode parameters beside the plain checkpoint (phi3skip/bypass.py)
+        from . import bypass
+
+        bypass.load(model, folder, adapters)
     return model.eval()
 
 
@@ -308,10 +313,18 @@ def save_pretrained(model: Phi3ForCausalLM, folder: str | os.PathLike, *,
     """Save a model so that transformers' Phi3ForCausalLM (and `from_pretrained` here) loads it unchanged.
 
     Tokenizer and generation files come from `tokenizer_from`, else from the folder the model was loaded from.
+    Skip adapters, when the model has them, go to their own file, named in skip.json.
     """
-    return save_checkpoint(model.state_dict(), model.config, folder,
+    files, extra = {}, dict(extra_json or {})
+    if model.skip_adapters is not None:
+        from . import bypass
+
+        files[bypass.FILE] = bypass.to_bytes(model.skip_adapters)
+        skip_json = dict(extra.get(SKIP_FILE) or read_skip_profile(getattr(model, "source_dir", None) or folder))
+        extra[SKIP_FILE] = {**skip_json, "adapters": model.skip_adapters.describe()}
+    return save_checkpoint(model.base_state_dict(), model.config, folder, files=files,
                            copy_from=tokenizer_from or getattr(model, "source_dir", None),
-                           extra_json=extra_json, max_shard_size=max_shard_size)
+                           extra_json=extra, max_shard_size=max_shard_size)
 
 
 __all__ = ["from_pretrained", "save_pretrained", "save_checkpoint", "atomic_write_text", "replace_dir", "load_config",

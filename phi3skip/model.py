@@ -51,6 +51,33 @@ def validate_skip(skip: Iterable[int] | None, num_layers: int) -> frozenset[int]
     return frozenset(out)
 
 
+def parse_skip(text: str | None, trained: Sequence[int] = (), flag: str = "--skip") -> tuple[int, ...]:
+    """A skip set from the command line: '30,28'; 'none' or '' (skip nothing); 'first:K', the first K layers of
+    the trained order `trained` (skip.json's), so nobody copies layer numbers. Ranges are checked later,
+    against the model (`validate_skip`)."""
+    text = "" if text is None else text.strip().lower()
+    if text in ("", "none"):
+        return ()
+    if text.startswith("first:"):
+        k = text.split(":", 1)[1]
+        if not trained:
+            raise UserError(f"{flag} {text}: this model has no trained skip order (skip.json); name the layers")
+        if not k.isdigit() or not 0 <= int(k) <= len(trained):
+            raise UserError(f"{flag} {text}: K must be in 0..{len(trained)}, the length of the trained order "
+                            f"{','.join(map(str, trained))}")
+        return tuple(trained[:int(k)])
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected layer indices like 30,28, first:K (the first K of the "
+                        f"trained order) or none") from None
+
+
+def untrained(skip: Iterable[int], trained: Sequence[int]) -> list[int]:
+    """The layers of `skip` that training did not make skippable (skipping them is the naive skip)."""
+    return sorted(set(skip) - set(trained), reverse=True)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -162,11 +189,16 @@ class Phi3ForCausalLM(nn.Module):
         self.model = Phi3Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = Rotary(config)
+        self.skip_adapters: nn.Module | None = None  # set by phi3skip.bypass.attach (skip-mode parameters)
         self.tie_weights()
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The plain Phi3ForCausalLM state dict: without skip adapters (they are saved in their own file)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("skip_adapters.")}
 
     @property
     def num_layers(self) -> int:
@@ -198,16 +230,64 @@ class Phi3ForCausalLM(nn.Module):
             long_rope = self.rotary.use_long(max_pos)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype, long_rope)
-        for i, block in enumerate(self.model.layers if blocks is None else blocks):
-            if i in skipped:
-                continue  # the skip gate: no compute, no cache
+        x = self.run_layers(x, cos, sin, input_pos, skipped, cache=cache, key_mask=key_mask, blocks=blocks)
+        return self.model.norm(x)
+
+    def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                   skipped: frozenset[int], *, start: int = 0, cache: KVCache | None = None,
+                   key_mask: torch.Tensor | None = None, blocks: Sequence[Callable[..., torch.Tensor]] | None = None,
+                   trace: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The block loop from layer `start` on, `x` being the residual stream entering it: the skip gates.
+
+        A skipped layer costs no compute and no cache; when the model carries skip adapters trained for this
+        skip set, the skipped slot runs their small bypass instead. `trace` collects the residual entering
+        each layer (and the last block's output).
+        """
+        bypass = self.skip_adapters.for_skip(skipped) if self.skip_adapters is not None and skipped else None
+        layers = self.model.layers if blocks is None else blocks
+        for i in range(start, len(layers)):
+            if trace is not None:
+                trace.append(x)
+            if i in skipped:  # the skip gate: no attention, no MLP, no cache
+                if bypass is not None and i in bypass:
+                    x = bypass[i](x)
+                continue
             layer_cache = None
             if cache is not None:
                 if i not in cache:
                     raise ValueError(f"layer {i} runs but the KV cache has no entry for it")
                 layer_cache = cache[i]
-            x = block(x, cos, sin, input_pos, layer_cache, key_mask)
-        return self.model.norm(x)
+            x = layers[i](x, cos, sin, slots, layer_cache, key_mask)
+        if trace is not None:
+            trace.append(x)
+        return x
+
+    def residuals(self, input_ids: torch.Tensor, skip: Iterable[int] | None = ()) -> list[torch.Tensor]:
+        """The residual stream entering every layer, then the last block's output (L + 1 tensors [B, T, H]),
+        of the model skipping `skip`, over consecutive positions: what `hidden_from` restarts from. Entry i
+        depends only on the layers below i, so it serves any skip set that agrees with `skip` below i."""
+        trace: list[torch.Tensor] = []
+        x, cos, sin, slots = self._prologue(input_ids)
+        self.run_layers(x, cos, sin, slots, validate_skip(skip, self.num_layers), trace=trace)
+        return trace
+
+    def hidden_from(self, start: int, x: torch.Tensor, skip: Iterable[int] | None = ()) -> torch.Tensor:
+        """Final normed hidden states of the model skipping `skip`, restarted at layer `start` from the residual
+        `x` entering it (no cache, consecutive positions): the layers below `start` must run unchanged."""
+        skipped = validate_skip(skip, self.num_layers)
+        if any(i < start for i in skipped):
+            raise ValueError(f"skip {sorted(skipped)} names layers below the restart layer {start}")
+        T = x.shape[1]
+        slots = torch.arange(T, device=x.device)
+        cos, sin = self.rotary(slots, x.dtype, self.rotary.use_long(T - 1))
+        return self.model.norm(self.run_layers(x, cos, sin, slots, skipped, start=start))
+
+    def _prologue(self, input_ids: torch.Tensor):
+        T = input_ids.shape[1]
+        slots = torch.arange(T, device=input_ids.device)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(slots, x.dtype, self.rotary.use_long(T - 1))
+        return x, cos, sin, slots
 
     def forward(self, input_ids: torch.Tensor, skip: Iterable[int] | None = (), **kw) -> torch.Tensor:
         """Logits [B, T, V]; keyword arguments as for `hidden_states`."""

@@ -24,7 +24,7 @@ from .model import Phi3ForCausalLM
 from .rope import Rotary
 
 # Methods other than forward that run a model; FSDP must all-gather around them as around forward.
-FORWARD_METHODS = ("hidden_states", "forward_branches")
+FORWARD_METHODS = ("hidden_states", "forward_branches", "residuals", "hidden_from")
 
 
 @dataclass(frozen=True)

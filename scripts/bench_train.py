@@ -80,7 +80,7 @@ def original_step(hf_student, hf_teacher, x, skip, w, tau=1.0):
 
 
 def ours_step(student, teacher, x, skip, cfg):
-    return distill_step(student, teacher, x, x, skip, cfg)[0]
+    return distill_step(student, teacher, x, x, [skip], cfg)[0]
 
 
 # CPU: one process per way ------------------------------------------------------------------------------------------

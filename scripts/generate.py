@@ -24,20 +24,7 @@ if str(ROOT) not in sys.path:  # run as `python scripts/generate.py` without ins
 
 from phi3skip import io  # noqa: E402
 from phi3skip.cli import ArgumentParser, UserError, run_main  # noqa: E402
-
-
-def parse_skip(text: str | None, flag: str = "--skip") -> tuple[int, ...]:
-    """'30,28' -> (30, 28); 'none' or '' -> (). Range checks happen against the model's layer count."""
-    if text is None or text.strip().lower() in ("", "none"):
-        return ()
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            out.append(int(part))
-        except ValueError:
-            raise UserError(f"{flag} {text!r}: expected comma-separated layer indices (e.g. 30,28) or none") from None
-    return tuple(out)
+from phi3skip.model import parse_skip  # noqa: E402
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -93,16 +80,18 @@ def show_skips(folder: Path) -> None:
     print(json.dumps(obj, indent=2))
 
 
-def default_draft_skip(folder: Path, skip: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
-    """The verifier's skips plus skip.json's trainable layers when there are any, else plus every other layer
-    of the upper half (the last layer always runs)."""
-    extra: list[int] = []
+def trained_order(folder: Path) -> list[int]:
+    """skip.json's trained order ([] when there is none, or it is unreadable: only `first:K` needs it)."""
     try:
-        layers = io.read_skip_profile(folder).get("layers")
-        if isinstance(layers, list) and all(isinstance(i, int) and 0 <= i < num_layers for i in layers):
-            extra = layers
-    except UserError:
-        pass  # a broken skip.json only loses the default draft
+        return [int(i) for i in io.read_skip_profile(folder).get("layers") or []]
+    except (UserError, TypeError, ValueError):
+        return []
+
+
+def default_draft_skip(trained: list[int], skip: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
+    """The verifier's skips plus the student's trained order when there is one, else plus every other layer
+    of the upper half (the last layer always runs)."""
+    extra = [i for i in trained if 0 <= i < num_layers]
     if not [i for i in extra if i not in skip]:
         extra = list(range(num_layers - 2, num_layers // 2 - 1, -2))
     return tuple(sorted(set(skip) | set(extra), reverse=True))
@@ -112,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="data/llm_cache/student_model",
                    help="checkpoint folder or Hub repo id (default: train.py's output, data/llm_cache/student_model)")
-    p.add_argument("--skip", default="none", help="layers to skip, e.g. 30,28 (default none)")
+    p.add_argument("--skip", default="none", help="layers to skip, e.g. 30,28, or first:K (the first K of the "
+                                                  "student's trained order, see --show-skips); default none")
     p.add_argument("--show-skips", action="store_true", help="print the model folder's skip.json and exit")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-file", action="append",
@@ -144,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--lookahead must be >= 1, got {args.lookahead}")
     if args.draft_skip is not None and not args.speculative:
         raise UserError("--draft-skip needs --speculative")
-    skip = parse_skip(args.skip)
     folder = model_folder(args.model)
+    trained = trained_order(folder)
+    skip = parse_skip(args.skip, trained)
     if args.show_skips:
         show_skips(folder)
         return
@@ -156,16 +147,20 @@ def main(argv: list[str] | None = None) -> None:
     from phi3skip.config import Phi3Config
     from phi3skip.generate import Generator, Sampling, check_draft_skip, check_request
     from phi3skip.io import from_pretrained, parse_dtype
-    from phi3skip.model import validate_skip
+    from phi3skip.model import untrained, validate_skip
     from phi3skip.tokenizer import load_tokenizer
 
     config = Phi3Config.from_json(folder / "config.json")
     L = config.num_hidden_layers
     validate_skip(skip, L)
+    if untrained(skip, trained) and trained:
+        print(f"note: --skip names layer(s) {','.join(map(str, untrained(skip, trained)))} that the student was not "
+              f"trained to skip (its order: {','.join(map(str, trained))}); expect the naive skip's quality",
+              file=sys.stderr)
     draft_skip = None
     if args.speculative:
-        draft_skip = (parse_skip(args.draft_skip, "--draft-skip") if args.draft_skip is not None
-                      else default_draft_skip(folder, skip, L))
+        draft_skip = (parse_skip(args.draft_skip, trained, "--draft-skip") if args.draft_skip is not None
+                      else default_draft_skip(trained, skip, L))
         check_draft_skip(skip, draft_skip, L, args.lookahead)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     try:

@@ -1,10 +1,12 @@
 """Rank a model's layers by importance on a validation sample, and recommend a skip order.
 
     python scripts/rank_layers.py --model data/smollm2 --data data/stdlib [--max-tokens 16384] [--json out.json]
+    python scripts/rank_layers.py --model data/smollm2 --data data/stdlib --greedy 6 --max-tokens 4096
 
 For each layer: the perplexity when that layer alone is skipped, its increase over the full model, and block
-influence (1 - cosine between the block's input and output). Least important first; `train.py --layers auto`
-trains the first K of this order.
+influence (1 - cosine between the block's input and output), least important first. `--greedy K` also builds
+the conditional order that `train.py --layers auto` trains: each next layer the one whose skipping adds the
+least KL given those already skipped (layers interact, so it beats the one-at-a-time ranking at every depth).
 """
 from __future__ import annotations
 
@@ -17,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from phi3skip import from_pretrained  # noqa: E402
-from phi3skip.cli import ArgumentParser, run_main  # noqa: E402
+from phi3skip.cli import ArgumentParser, UserError, run_main  # noqa: E402
 from phi3skip.evaluate import val_batches  # noqa: E402
-from phi3skip.importance import format_table, rank_layers, recommended_order  # noqa: E402
+from phi3skip.importance import format_table, greedy_order, rank_layers, recommended_order  # noqa: E402
 from phi3skip.io import atomic_write_text  # noqa: E402
 from phi3skip.tokenizer import check_data_tokenizer  # noqa: E402
 
@@ -32,6 +34,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--num-skip", type=int, default=None, help="how many layers to recommend (default: all)")
+    p.add_argument("--greedy", type=int, default=0, metavar="K",
+                   help="also the greedy conditional order of K layers (what train.py --layers auto uses)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write the ranking here as JSON")
@@ -47,10 +51,21 @@ def main() -> None:
     full, ranking = rank_layers(model, batches, progress=lambda i: print(f"  layer {i} done", file=sys.stderr))
     order = recommended_order(ranking, args.num_skip)
     print(format_table(full, ranking))
+    greedy = []
+    if args.greedy:
+        if not 1 <= args.greedy <= n:
+            raise UserError(f"--greedy {args.greedy}: must be in 1..{n}")
+        greedy = greedy_order(model, batches, args.greedy,
+                              progress=lambda b: print(f"  greedy: + layer {b[0]} (KL {b[1]:.4f})", file=sys.stderr))
+        print("\n| k | layer added | KL(full || skipping the first k) |\n|---|---|---|")
+        for k, (layer, kl) in enumerate(greedy, 1):
+            print(f"| {k} | {layer} | {kl:.4f} |")
+        order = [layer for layer, _ in greedy]
     print(f"\nrecommended skip order: --layers {','.join(map(str, order))}")
     if args.json:
         atomic_write_text(args.json, json.dumps({"model": str(args.model), "full_ppl": full,
                                                  "ranking": [r.to_dict() for r in ranking],
+                                                 "greedy": [{"layer": la, "kl": kl} for la, kl in greedy],
                                                  "recommended": order}, indent=2) + "\n")
 
 

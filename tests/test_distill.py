@@ -109,7 +109,7 @@ def test_skip_term_gradient_reaches_trainable_parameters():
     which is why the original recipe (train only that block) could not compensate; every other block does."""
     teacher, student = tiny(), tiny()
     x, y = tokens(), tokens(seed=1)
-    stats = distill_step(student, teacher, x, y, (4,), LossConfig(kd_weight=1.0), backward=False)
+    stats = distill_step(student, teacher, x, y, [(4,)], LossConfig(kd_weight=1.0), backward=False)
     assert stats[1].item() == pytest.approx(0.0, abs=1e-6) and stats[2].item() > 1e-4
     with torch.no_grad():
         ht = teacher.hidden_states(x)
@@ -131,7 +131,7 @@ def test_train_scope_limits_what_trains_and_refuses_only_skipped():
     assert blocks == {3, 4, 5}
     params = set_trainable(student, blocks)
     assert {block_index(n) for n, p in student.named_parameters() if p.requires_grad} == {3, 4, 5}
-    distill_step(student, teacher, tokens(), tokens(seed=1), (4,), LossConfig(kd_weight=1.0))
+    distill_step(student, teacher, tokens(), tokens(seed=1), [(4,)], LossConfig(kd_weight=1.0))
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in student.named_parameters()
                if p.requires_grad and block_index(n) != 4)
     assert all(p.grad is None for p in student.parameters() if not p.requires_grad)
@@ -149,7 +149,7 @@ def test_distill_step_loss_formula():
     teacher, student = tiny(0), tiny(1)
     x, y = tokens(), tokens(seed=1)
     cfg = LossConfig(temperature=2.0, kd_weight=0.3, ce_weight=0.1, chunk=5)
-    stats = distill_step(student, teacher, x, y, (5, 3), cfg)
+    stats = distill_step(student, teacher, x, y, [(5, 3)], cfg)
     loss, kl_full, kl_skip, ce = stats.tolist()
     with torch.no_grad():
         ht = teacher.hidden_states(x).flatten(0, 1)
@@ -160,7 +160,7 @@ def test_distill_step_loss_formula():
     assert loss == pytest.approx(ref.item(), rel=1e-5)
     assert loss == pytest.approx(kl_full + 0.3 * kl_skip + 0.1 * ce, rel=1e-5)
     # k = 0 (no skip): one pass carries both terms, (1 + w) KL(T || S_full)
-    stats0 = distill_step(student, teacher, x, y, (), LossConfig(kd_weight=0.3), backward=False)
+    stats0 = distill_step(student, teacher, x, y, [()], LossConfig(kd_weight=0.3), backward=False)
     assert stats0[0].item() == pytest.approx(1.3 * stats0[1].item(), rel=1e-6)
 
 

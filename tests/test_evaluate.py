@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from phi3skip.cli import UserError
 from phi3skip.data import eval_batches
 from phi3skip.evaluate import bootstrap_interval, parse_skip_sets, perplexity, perplexity_ci, skip_prefixes
 
@@ -54,6 +55,11 @@ def test_skip_set_parsing():
     assert parse_skip_sets("prefixes", [3, 1]) == [(), (3,), (3, 1)]
     assert parse_skip_sets("30,28;30", [3]) == [(), (30, 28), (30,)]
     assert parse_skip_sets("none;2", [3]) == [(), (2,)]
+    assert parse_skip_sets("first:2;first:1;7;none", [5, 3, 1]) == [(), (5, 3), (5,), (7,)]
+    with pytest.raises(UserError, match="K must be in 0..3"):
+        parse_skip_sets("first:4", [5, 3, 1])
+    with pytest.raises(UserError, match="no trained skip order"):
+        parse_skip_sets("first:1", [])
 
 
 def run_cli(*argv: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -421,9 +421,26 @@ def test_cli_show_skips_and_default_draft(tiny_dir, capsys):
     mod.main(["--model", str(tiny_dir), "--show-skips"])
     out = capsys.readouterr().out
     assert "2, 1" in out and '"ppl"' in out
-    assert mod.default_draft_skip(tiny_dir, (), 4) == (2, 1)
-    assert mod.default_draft_skip(tiny_dir, (2, 1), 4) == (2, 1)  # nothing to add from skip.json: heuristic
-    assert mod.default_draft_skip(tiny_dir.parent, (), 30) == (28, 26, 24, 22, 20, 18, 16)
+    trained = mod.trained_order(tiny_dir)
+    assert trained == [2, 1] and mod.trained_order(tiny_dir.parent) == []
+    assert mod.default_draft_skip(trained, (), 4) == (2, 1)
+    assert mod.default_draft_skip(trained, (2, 1), 4) == (2, 1)  # nothing to add from skip.json: heuristic
+    assert mod.default_draft_skip([], (), 30) == (28, 26, 24, 22, 20, 18, 16)
+
+
+def test_cli_first_k_and_untrained_layer_note(tiny_dir, capsys):
+    mod = load_script()
+    mod.main(["--model", str(tiny_dir), "--skip", "first:1", "--prompt", "w1 w2", "--max-new-tokens", "2",
+              "--ignore-eos"])
+    err = capsys.readouterr().err
+    assert "layers run 3/4" in err, err
+    assert "not trained to skip" not in err
+    mod.main(["--model", str(tiny_dir), "--skip", "3", "--prompt", "w1", "--max-new-tokens", "2", "--ignore-eos"])
+    err = capsys.readouterr().err
+    assert "note: --skip names layer(s) 3 that the student was not trained to skip (its order: 2,1)" in err
+    for bad, msg in (("first:3", "K must be in 0..2"), ("first:x", "K must be"), ("2;1", "expected layer indices")):
+        with pytest.raises(UserError, match=msg):
+            mod.main(["--model", str(tiny_dir), "--skip", bad, "--prompt", "w1"])
 
 
 def test_cli_batch_and_speculative(tiny_dir, capsys, tmp_path):

@@ -54,6 +54,13 @@ def test_rank_layers_cli(tiny_run, tmp_path):
     kls = [x["kl"] for x in res["ranking"]]
     assert kls == sorted(kls) and res["recommended"] == [x["layer"] for x in res["ranking"][:2]]
     assert f"--layers {','.join(map(str, res['recommended']))}" in r.stdout
+    g = subprocess.run([sys.executable, str(script), "--model", str(root / "model"), "--data", str(root / "data"),
+                        "--seq-len", "32", "--max-tokens", "256", "--greedy", "2", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert g.returncode == 0, g.stderr
+    res = json.loads(out.read_text())
+    assert len(res["greedy"]) == 2 and res["recommended"] == [x["layer"] for x in res["greedy"]]
+    assert res["greedy"][0]["kl"] <= res["greedy"][1]["kl"] and "| 2 |" in g.stdout
     bad = subprocess.run([sys.executable, str(script), "--model", str(root / "model"), "--data", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

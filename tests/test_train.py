@@ -175,7 +175,7 @@ def test_nested_schedule_runs(tiny, tmp_path):
     run = tmp_path / "nested"
     out = train.main(args(tiny, run, "--schedule", "nested", "--max-steps", "6", "--lr", "1e-3",
                           "--train-scope", "1-3", "--grad-accum", "2", "--save-every", "0"))
-    skips = {tuple(m["skip"]) for m in metrics(run) if "skip" in m}
+    skips = {tuple(s) for m in metrics(run) if "skip" in m for s in m["skip"]}
     assert skips <= {(), (2,), (2, 0)} and len(skips) > 1
     skip = json.loads((out / "skip.json").read_text())
     assert [p["skip"] for p in skip["perplexity"]["prefixes"]] == [[2], [2, 0]]
@@ -225,14 +225,39 @@ def test_command_line_error_is_one_line(tiny, tmp_path):
     assert res.stderr.strip().count("\n") == 0 and "out of range" in res.stderr
 
 
-def test_layers_auto_uses_the_importance_ranking(tiny, tmp_path):
-    from phi3skip.data import eval_batches
-    from phi3skip.importance import rank_layers
+def test_layers_auto_uses_the_greedy_order(tiny, tmp_path):
+    from phi3skip.data import Batches
+    from phi3skip.importance import greedy_order
 
     run = tmp_path / "auto"
     train.main(args(tiny, run, "--layers", "auto", "--num-skip", "2", "--schedule", "nested", "--max-steps", "1",
-                    "--batch-size", "4"))
+                    "--batch-size", "4", "--rank-tokens", "256"))
     model = from_pretrained(tiny / "model", dtype="float32")
-    sample = list(eval_batches(tiny / "data" / "val.bin", 4, 32, max_tokens=512))[:16384 // (4 * 32)]
-    _, ranking = rank_layers(model, sample)
-    assert json.loads((run / "out" / "skip.json").read_text())["layers"] == [r.layer for r in ranking[:2]]
+    batches = Batches(tiny / "data" / "train.bin", 4, 32, seed=0)
+    order = greedy_order(model, [batches.get(i, "cpu") for i in range(2)], 2)
+    assert json.loads((run / "out" / "skip.json").read_text())["layers"] == [layer for layer, _ in order]
+
+
+def test_adapters_keep_the_teacher_exact_and_resume_bitwise(tiny, tmp_path):
+    """--train-scope adapters: the saved base is the teacher bit for bit, only the bypasses change, skipping
+    gets better than the least-squares start, and a run stopped and resumed ends where a straight run ends."""
+    from phi3skip import bypass
+
+    extra = ("--schedule", "nested", "--k-dist", "sandwich", "--layers", "2,1", "--train-scope", "adapters",
+             "--max-steps", "6", "--lr", "3e-3", "--adapter-rank", "8", "--lsq-tokens", "256", "--save-every", "2")
+    straight = train.main(args(tiny, tmp_path / "a", *extra))
+    train.main(args(tiny, tmp_path / "b", *extra, "--stop-at", "3"))
+    resumed = train.main(args(tiny, tmp_path / "b", *extra, "--resume"))
+    assert load_file(straight / "model.safetensors").keys() == load_file(tiny / "model" / "model.safetensors").keys()
+    teacher = load_file(tiny / "model" / "model.safetensors")
+    assert all(torch.equal(v, teacher[k]) for k, v in load_file(straight / "model.safetensors").items())
+    a, b = load_file(straight / bypass.FILE), load_file(resumed / bypass.FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    prof = json.loads((straight / "skip.json").read_text())
+    assert prof["adapters"]["layers"] == [2, 1] and prof["adapters"]["rank"] == 8
+    ppl = prof["perplexity"]
+    assert ppl["student"] == ppl["teacher"]
+    start = [m for m in metrics(tmp_path / "a") if "eval" in m][0]["eval"]
+    assert ppl["prefixes"][1]["perplexity"] < start["prefixes"][1]["perplexity"]  # trained beats least squares
+    model = from_pretrained(straight)
+    assert model.skip_adapters is not None and model.skip_adapters.layers == (2, 1)

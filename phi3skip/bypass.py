@@ -1,0 +1,222 @@
+"""Skip adapters: a small low-rank bypass that runs in the slot of a skipped layer, over a frozen base model.
+
+With a frozen base the full path *is* the teacher, bit for bit; only skipped inference changes. When layer l
+is skipped, instead of nothing the slot adds a rank-r linear map of the normalised residual stream:
+
+    x  <-  x + up_l(down_l(rmsnorm_l(x)))          down_l: H -> r,  up_l: r -> H
+
+2 r H multiply-adds per token, about 2% of a block at the default rank, so skipping stays nearly as fast as
+the ideal L / (L - k). The bypass of a layer is the same whatever else is skipped: every subset of the trained
+layers has its bypasses. Initialised by least squares on calibration activations (ReplaceMe's idea: the
+linear map that best replaces the block, here reduced to rank r), then trained by distillation
+(`train.py --train-scope adapters`).
+
+On disk: `skip_adapters.safetensors` beside the base checkpoint, named by skip.json's "adapters" entry, so the
+folder stays a plain `Phi3ForCausalLM` checkpoint that transformers loads as is (without the adapters).
+A bypass acts on the residual stream where a layer was removed: no weight of a standard Phi-3 model expresses
+it, so an export with the layers removed cannot carry it (`fold` says so).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+from torch import nn
+
+from .cli import UserError
+from .model import Phi3ForCausalLM, RMSNorm
+
+FILE = "skip_adapters.safetensors"
+KIND = "bypass"
+
+
+class Bypass(nn.Module):
+    """x + up(down(rmsnorm(x))): what runs in a skipped layer's slot."""
+
+    def __init__(self, hidden: int, rank: int, eps: float):
+        super().__init__()
+        self.norm = RMSNorm(hidden, eps)
+        self.down = nn.Linear(hidden, rank, bias=False)
+        self.up = nn.Linear(rank, hidden, bias=False)
+        nn.init.zeros_(self.up.weight)  # a fresh bypass adds nothing: skipping it is the naive skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(self.down(self.norm(x)))
+
+
+class SkipAdapters(nn.Module):
+    """One bypass per trainable layer; `for_skip` gives the model's block loop those of a skip set."""
+
+    def __init__(self, layers: Sequence[int], hidden: int, rank: int, eps: float):
+        super().__init__()
+        self.layers = tuple(int(i) for i in layers)
+        self.rank = rank
+        self.bypass = nn.ModuleDict({str(i): Bypass(hidden, rank, eps) for i in self.layers})
+
+    def for_skip(self, skipped: Iterable[int]) -> dict[int, Bypass]:
+        return {i: self.bypass[str(i)] for i in skipped if str(i) in self.bypass}
+
+    def __contains__(self, layer: int) -> bool:
+        return str(layer) in self.bypass
+
+    def describe(self) -> dict:
+        return {"file": FILE, "kind": KIND, "rank": self.rank, "layers": list(self.layers)}
+
+
+def default_rank(config) -> int:
+    """The rank whose 2 r H multiply-adds are about 2% of a block's (64 for SmolLM2-135M, 368 for Phi-3-mini)."""
+    H, hd = config.hidden_size, config.hd
+    block = H * (config.num_attention_heads + 2 * config.num_key_value_heads) * hd \
+        + config.num_attention_heads * hd * H + 3 * H * config.intermediate_size
+    return max(8, round(0.02 * block / (2 * H) / 8) * 8)
+
+
+def attach(model: Phi3ForCausalLM, layers: Sequence[int], rank: int | None = None) -> SkipAdapters:
+    """Give `model` fresh (zero) bypasses for `layers`, their norms copied from the skipped blocks' input norms."""
+    cfg = model.config
+    rank = rank or default_rank(cfg)
+    p = model.lm_head.weight
+    adapters = SkipAdapters(layers, cfg.hidden_size, rank, cfg.rms_norm_eps).to(device=p.device, dtype=p.dtype)
+    with torch.no_grad():
+        for i in adapters.layers:
+            adapters.bypass[str(i)].norm.weight.copy_(model.model.layers[i].input_layernorm.weight)
+    model.skip_adapters = adapters
+    return adapters
+
+
+# Least-squares initialisation -------------------------------------------------------------------------------
+@torch.no_grad()
+def fit_lstsq(model: Phi3ForCausalLM, batches: Sequence[torch.Tensor], order: Sequence[int],
+              ridge: float = 1e-4, progress=None) -> None:
+    """Set each bypass, in `order`, to the rank-r least-squares map from its normalised input to what the skipped
+    block should have added: the full model's residual after the layer minus the residual entering it, with
+    the layers before it in `order` skipped and bypassed (so each fit sees the inputs it will get).
+
+    batches: token id tensors [B, T]. Ridge is relative to the mean diagonal of X^T X.
+    """
+    adapters = model.skip_adapters
+    traces = [model.residuals(x.to(model.lm_head.weight.device)) for x in batches]
+    for k, layer in enumerate(order):
+        skip = list(order[:k])
+        lo = min(skip + [layer])
+        byp = adapters.bypass[str(layer)]
+        xtx = xty = None
+        for t in traces:
+            inputs: list[torch.Tensor] = []
+            _restart(model, lo, t[lo], skip, layer, inputs)
+            x = inputs[0]
+            a = byp.norm(x).reshape(-1, x.shape[-1]).double()
+            b = (t[layer + 1] - x).reshape(-1, x.shape[-1]).double()
+            xtx = a.T @ a if xtx is None else xtx + a.T @ a
+            xty = a.T @ b if xty is None else xty + a.T @ b
+        xtx += ridge * xtx.diagonal().mean() * torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)
+        w = torch.linalg.solve(xtx, xty)  # [H, H]: norm(x) @ w approximates the block's contribution
+        down, up = reduced_rank(w, xtx, adapters.rank)
+        byp.down.weight.copy_(down.T)
+        byp.up.weight.copy_(up.T)
+        if progress is not None:
+            progress(layer)
+
+
+def reduced_rank(w: torch.Tensor, xtx: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-r factors (D [H, r], U [r, H]) of the regression w in the data's metric: the top right singular
+    vectors V of the fitted values X w give w ~ (w V) V^T (reduced-rank regression)."""
+    # (X w)^T (X w) = w^T X^T X w: its top eigenvectors are those right singular vectors, without X itself.
+    evals, evecs = torch.linalg.eigh(w.T @ xtx @ w)
+    v = evecs[:, -rank:]
+    return (w @ v).float(), v.T.float()
+
+
+def _restart(model: Phi3ForCausalLM, lo: int, x: torch.Tensor, skip: Sequence[int], stop: int,
+             out: list[torch.Tensor]) -> None:
+    """Run from layer `lo` (residual x) skipping `skip` up to layer `stop`; append the residual entering it."""
+    trace: list[torch.Tensor] = []
+    T = x.shape[1]
+    slots = torch.arange(T, device=x.device)
+    cos, sin = model.rotary(slots, x.dtype, model.rotary.use_long(T - 1))
+    layers = model.model.layers
+    blocks = list(layers[:stop])  # run_layers stops where the list ends: at `stop`
+    model.run_layers(x, cos, sin, slots, frozenset(skip), start=lo, blocks=blocks, trace=trace)
+    out.append(trace[-1])
+
+
+# Saving and loading -----------------------------------------------------------------------------------------
+def state_dict(adapters: SkipAdapters) -> dict[str, torch.Tensor]:
+    return {f"layers.{i}.{k}": v.detach().contiguous() for i in adapters.layers
+            for k, v in adapters.bypass[str(i)].state_dict().items()}
+
+
+def file_bytes(sd: dict[str, torch.Tensor]) -> bytes:
+    """skip_adapters.safetensors' contents, in fp32: the adapters are small, their updates are not."""
+    sd = {k: v.detach().to(device="cpu", dtype=torch.float32).contiguous() for k, v in sd.items()}
+    return save(sd, metadata={"format": "pt", "kind": KIND})
+
+
+def to_bytes(adapters: SkipAdapters) -> bytes:
+    return file_bytes(state_dict(adapters))
+
+
+def split_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A model's state dict -> (the plain Phi-3 part, the adapters under their file's names)."""
+    prefix = "skip_adapters.bypass."
+    base = {k: v for k, v in sd.items() if not k.startswith("skip_adapters.")}
+    adapters = {"layers." + k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return base, adapters
+
+
+def set_trainable(model: nn.Module) -> list[nn.Parameter]:
+    """Freeze the base; the skip adapters train. Returns the trainable parameters."""
+    out = []
+    for name, p in model.named_parameters():
+        train = "skip_adapters." in name
+        p.requires_grad_(train)
+        if train:
+            out.append(p)
+    return out
+
+
+def load(model: Phi3ForCausalLM, folder: str | Path, entry: dict) -> SkipAdapters:
+    """Attach the adapters that skip.json's `entry` names (safetensors only: nothing loaded can run code)."""
+    folder = Path(folder)
+    try:
+        kind, rank, layers = entry["kind"], int(entry["rank"]), [int(i) for i in entry["layers"]]
+        name = str(entry.get("file", FILE))
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{folder}/skip.json: its 'adapters' entry is malformed ({json.dumps(entry)[:120]})") from None
+    if kind != KIND:
+        raise UserError(f"{folder}/skip.json: unknown skip-adapter kind {kind!r} (this phi3skip knows {KIND!r})")
+    path = folder / Path(name).name
+    if not path.is_file():
+        raise UserError(f"{folder}/skip.json names skip adapters {path.name}, which is missing")
+    n = model.config.num_hidden_layers
+    if not layers or any(not 0 <= i < n for i in layers):
+        raise UserError(f"{path}: adapter layers {layers} are not layers of this {n}-layer model")
+    adapters = attach(model, layers, rank)
+    want = state_dict(adapters)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            got = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    if set(got) != set(want) or any(got[k].shape != want[k].shape for k in want):
+        raise UserError(f"{path}: its tensors do not match the adapters skip.json describes (rank {rank}, "
+                        f"layers {layers}); re-save the student")
+    with torch.no_grad():
+        for k, v in want.items():
+            v.copy_(got[k])
+    return adapters
+
+
+def fold(model: Phi3ForCausalLM, skip: Iterable[int]) -> dict[str, torch.Tensor]:
+    """The full-depth state dict for an export skipping `skip`, refusing when bypasses would be lost."""
+    adapters = model.skip_adapters
+    lost = sorted(i for i in skip if adapters is not None and i in adapters)
+    if lost:
+        raise UserError(f"skip {sorted(skip)}: layers {lost} run a trained bypass when skipped (skip adapters), "
+                        f"which a standard Phi-3 checkpoint cannot hold; serve this skip set with phi3skip, or "
+                        f"export a student trained without --train-scope adapters")
+    return model.base_state_dict()

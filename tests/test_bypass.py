@@ -1,0 +1,163 @@
+"""Skip adapters over a frozen base: the restart forwards, the least-squares bypass, saving and loading, the
+adapter training step, the sandwich schedule and the greedy layer order."""
+import json
+
+import pytest
+import torch
+
+from phi3skip import UserError, from_pretrained, save_pretrained
+from phi3skip import bypass
+from phi3skip.distill import LossConfig, Schedule, adapter_step, chunked_kd_loss
+from phi3skip.importance import greedy_order
+from test_distill import tiny, tokens
+
+
+def kl_of(model, x, skip):
+    with torch.no_grad():
+        w = model.lm_head.weight
+        return chunked_kd_loss(model.hidden_states(x), w, [model.hidden_states(x, skip)], w, [1.0])[1][0].item()
+
+
+@torch.no_grad()
+def test_restart_from_residuals_equals_a_full_forward():
+    model = tiny()
+    x = tokens()
+    trace = model.residuals(x)
+    assert len(trace) == model.num_layers + 1
+    torch.testing.assert_close(model.model.norm(trace[-1]), model.hidden_states(x))
+    for skip in [(3,), (4, 2), (5, 3, 1)]:
+        lo = min(skip)
+        torch.testing.assert_close(model.hidden_from(lo, trace[lo], skip), model.hidden_states(x, skip),
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="below the restart layer"):
+        model.hidden_from(3, trace[3], (1,))
+
+
+@torch.no_grad()
+def test_fresh_bypass_is_the_naive_skip_and_full_path_is_untouched():
+    model = tiny()
+    x = tokens()
+    full, naive = model(x), model(x, (4, 2))
+    bypass.attach(model, [4, 2], rank=8)
+    assert torch.equal(model(x), full)
+    torch.testing.assert_close(model(x, (4, 2)), naive)
+    assert model.skip_adapters.describe() == {"file": bypass.FILE, "kind": "bypass", "rank": 8, "layers": [4, 2]}
+    assert not any(k.startswith("skip_adapters") for k in model.base_state_dict())
+
+
+@torch.no_grad()
+def test_least_squares_bypass_beats_the_naive_skip_and_full_rank_is_the_exact_solution():
+    model = tiny(std=0.2)
+    calib = [tokens(B=4, T=16, seed=s) for s in range(4)]
+    x = torch.cat(calib)  # a random model does not generalise: score on the calibration text itself
+    naive = [kl_of(model, x, (4,)), kl_of(model, x, (4, 1))]
+    bypass.attach(model, [4, 1], rank=32)  # rank = hidden size: the unconstrained least squares
+    bypass.fit_lstsq(model, calib, [4, 1], ridge=0.0)
+    fitted = [kl_of(model, x, (4,)), kl_of(model, x, (4, 1))]
+    assert fitted[0] < 0.5 * naive[0] and fitted[1] < 0.5 * naive[1]
+    # layer 4's bypass is the least-squares solution on its own inputs (layer 1 is fitted after it)
+    b = model.skip_adapters.bypass["4"]
+    xs, ys = [], []
+    for t in calib:
+        tr = model.residuals(t)
+        xs.append(b.norm(tr[4]).reshape(-1, 32))
+        ys.append((tr[5] - tr[4]).reshape(-1, 32))
+    X, Y = torch.cat(xs).double(), torch.cat(ys).double()
+    w = torch.linalg.lstsq(X, Y).solution
+    got = (b.up.weight @ b.down.weight).T.double()
+    torch.testing.assert_close(got, w, rtol=1e-3, atol=1e-4)
+    # a lower rank is the best rank-r map in the data's metric: no worse a fit than truncating w's SVD
+    d, u = bypass.reduced_rank(w, X.T @ X, 4)
+    u_, s_, vh_ = torch.linalg.svd(w)
+    plain = (u_[:, :4] * s_[:4]) @ vh_[:4]
+    assert ((X @ (d.double() @ u.double()) - Y).norm() <= (X @ plain - Y).norm() + 1e-9)
+
+
+def test_save_and_load_round_trip_keeps_a_plain_checkpoint(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = tiny(std=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    bypass.attach(model, [4, 2], rank=8)
+    bypass.fit_lstsq(model, [tokens(B=4, T=16, seed=s) for s in range(2)], [4, 2])
+    save_pretrained(model, tmp_path / "s", extra_json={"skip.json": {"layers": [4, 2]}})
+    prof = json.loads((tmp_path / "s" / "skip.json").read_text())
+    assert prof["adapters"]["layers"] == [4, 2] and (tmp_path / "s" / bypass.FILE).is_file()
+    back = from_pretrained(tmp_path / "s")
+    x = tokens()
+    with torch.no_grad():
+        for skip in [(), (4,), (4, 2), (2,), (3,)]:
+            assert torch.equal(back(x, skip), model(x, skip)), skip
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s")  # the plain base, as saved
+        torch.testing.assert_close(hf(x).logits, model(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(UserError, match="cannot hold"):
+        bypass.fold(back, (4,))
+    assert set(bypass.fold(back, (3,))) == set(back.base_state_dict())
+
+
+def test_damaged_adapter_files_are_one_line_errors(tmp_path):
+    model = tiny()
+    bypass.attach(model, [4], rank=8)
+    save_pretrained(model, tmp_path / "s", extra_json={"skip.json": {"layers": [4]}})
+    prof_path = tmp_path / "s" / "skip.json"
+    prof = json.loads(prof_path.read_text())
+    (tmp_path / "s" / bypass.FILE).write_bytes(b"not safetensors")
+    with pytest.raises(UserError, match="not a readable safetensors"):
+        from_pretrained(tmp_path / "s")
+    prof_path.write_text(json.dumps({**prof, "adapters": {**prof["adapters"], "rank": 16}}))
+    with pytest.raises(UserError, match="not a readable|do not match"):
+        from_pretrained(tmp_path / "s")
+    prof_path.write_text(json.dumps({**prof, "adapters": {**prof["adapters"], "kind": "pickle"}}))
+    with pytest.raises(UserError, match="unknown skip-adapter kind"):
+        from_pretrained(tmp_path / "s")
+    (tmp_path / "s" / bypass.FILE).unlink()
+    prof_path.write_text(json.dumps(prof))
+    with pytest.raises(UserError, match="missing"):
+        from_pretrained(tmp_path / "s")
+
+
+def test_adapter_step_trains_only_adapters_and_lowers_the_skip_kl():
+    model = tiny(std=0.2)
+    bypass.attach(model, [4, 2], rank=8)
+    params = bypass.set_trainable(model)
+    assert all(p.requires_grad == any(p is q for q in params) for p in model.parameters())
+    base = {k: v.clone() for k, v in model.base_state_dict().items()}
+    opt = torch.optim.Adam(params, lr=1e-2)
+    x = tokens(B=4, T=16)
+    first = None
+    for _ in range(30):
+        stats = adapter_step(model, x, x, [(4, 2), (4,)], LossConfig(kd_weight=1.0))
+        first = stats[2].item() if first is None else first
+        opt.step()
+        opt.zero_grad()
+    assert stats[1].item() == 0.0 and stats[2].item() < 0.5 * first
+    # the stats' skip KL is the mean of the two passes' KL, computed directly
+    want = (kl_of(model, x, (4, 2)) + kl_of(model, x, (4,))) / 2
+    assert adapter_step(model, x, x, [(4, 2), (4,)], LossConfig(kd_weight=1.0), backward=False)[2].item() \
+        == pytest.approx(want, rel=1e-4)
+    assert all(torch.equal(v, base[k]) for k, v in model.base_state_dict().items())  # the base never moves
+
+
+def test_sandwich_schedule_trains_the_deepest_set_and_one_below():
+    s = Schedule("nested", (5, 3, 1, 0), 100, seed=1, k_dist="sandwich")
+    sets = [s.skip_sets(i) for i in range(100)]
+    assert all(a == (5, 3, 1, 0) and 1 <= len(b) <= 3 and b == (5, 3, 1, 0)[:len(b)] for a, b in sets)
+    assert {len(b) for _, b in sets} == {1, 2, 3}
+    assert Schedule("nested", (5,), 10, k_dist="sandwich").skip_sets(3) == [(5,)]
+    assert Schedule("nested", (5, 3), 10, seed=2).skip_sets(7) == [Schedule("nested", (5, 3), 10, seed=2).skip(7)]
+    with pytest.raises(UserError, match="k distribution"):
+        Schedule("nested", (5,), 10, k_dist="zipf")
+
+
+@torch.no_grad()
+def test_greedy_order_picks_the_identity_layer_then_conditions_on_it():
+    model = tiny()
+    model.model.layers[3].self_attn.o_proj.weight.zero_()  # an identity block: free to skip
+    model.model.layers[3].mlp.down_proj.weight.zero_()
+    batches = [(tokens(B=2, T=16, seed=s), None) for s in range(2)]
+    order = greedy_order(model, batches, 3)
+    assert order[0][0] == 3 and order[0][1] < 1e-7
+    x = torch.cat([b for b, _ in batches])
+    for k in (2, 3):  # each pick is the best next layer given those before it, by direct computation
+        prev = [layer for layer, _ in order[:k - 1]]
+        kls = {c: kl_of(model, x, prev + [c]) for c in range(6) if c not in prev}
+        assert order[k - 1][0] == min(kls, key=kls.get)
+        assert order[k - 1][1] == pytest.approx(kls[order[k - 1][0]], rel=1e-4)
