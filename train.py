@@ -406,8 +406,10 @@ def run(args: argparse.Namespace, env: parallel.Env) -> Path | None:
              f"({config.num_hidden_layers} layers, {config.num_params() / 1e6:.1f}M params); log {log_path}")
     log.info(f"{schedule.kind} schedule over layers {layers}: {schedule.num_phases} phase(s) x "
              f"{schedule.steps_per_phase} steps of {settings['global_batch']} x {args.max_seq_len} tokens; "
-             f"loss KL(T||S_full) + {kd_weight} KL(T||S_skip)" + (f" + {args.ce_weight} CE" if args.ce_weight else "")
-             + f" at temperature {args.temperature}; train scope {args.train_scope}")
+             + (f"loss {kd_weight} KL(T||S_skip) per skip pass (frozen base: S_full is T)" if adapters_scope(args)
+                else f"loss KL(T||S_full) + {kd_weight} KL(T||S_skip)")
+             + (f" + {args.ce_weight} CE" if args.ce_weight else "")
+             + f" at temperature {args.temperature}; k {schedule.k_dist}; train scope {args.train_scope}")
     if adapters_scope(args):
         student = load_adapter_student(model_dir, config, env, dtype, args, layers, batches, fit=not args.resume)
         teacher = student  # the frozen full path is the teacher

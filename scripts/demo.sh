@@ -7,7 +7,7 @@
 #   bash scripts/demo.sh                # the real demo (~30 minutes on 2 cores)
 #   bash scripts/demo.sh --tiny         # every stage on a tiny random model (CI smoke test, ~1 minute)
 #   bash scripts/demo.sh --no-install   # skip the pip step (the project is already installed)
-# Environment: DEMO_STEPS (training steps, default 120), DEMO_OUT (default data), PYTHON (default python3).
+# Environment: DEMO_STEPS (training steps, default 60), DEMO_OUT (default data), PYTHON (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,15 +46,16 @@ if [ "$TINY" = 1 ]; then
   $PY scripts/random_model.py "$TEACHER" "$OUT/teacher" --layers 4 --hidden 64 --overwrite
   TEACHER=$OUT/teacher
   PREP=(--max-tokens 200000 --val-tokens 20000)
-  TRAIN=(--num-skip 2 --max-steps 3 --batch-size 2 --max-seq-len 64 --eval-tokens 512 --train-scope all)
+  TRAIN=(--layers auto --num-skip 2 --rank-tokens 128 --max-steps 3 --batch-size 2 --max-seq-len 64
+         --eval-tokens 512 --train-scope adapters --k-dist sandwich --lsq-tokens 512 --lr 1e-3)
   EVAL=(--max-tokens 512 --seq-len 64 --speed-tokens 4)
-  SKIP=2
+  SKIP=first:1
 else
   PREP=(--val-tokens 160000)
-  TRAIN=(--num-skip 6 --max-steps "${DEMO_STEPS:-120}" --batch-size 4 --max-seq-len 256 --lr 3e-4
-         --eval-tokens 4096 --train-scope 12-29)
+  TRAIN=(--layers auto --num-skip 6 --max-steps "${DEMO_STEPS:-60}" --batch-size 4 --max-seq-len 256 --lr 1e-3
+         --eval-tokens 4096 --train-scope adapters --k-dist sandwich --lsq-tokens 16384)
   EVAL=(--max-tokens 8192 --seq-len 256 --speed-tokens 64)
-  SKIP=28,26
+  SKIP=first:2
 fi
 
 stage "prepare: tokenize the Python standard library -> $OUT/stdlib (pydoc_data's prose is left out)"
@@ -66,7 +67,7 @@ $PY -c "import pydoc_data.topics as t, sys; open(sys.argv[1], 'w').write('\n\n'.
   "$OUT/prose/python-docs.txt"
 
 STUDENT=$OUT/llm_cache/student_model
-stage "distil: nested schedule, student -> $STUDENT"
+stage "distil: greedy layer order, least-squares bypasses, nested sandwich over a frozen base -> $STUDENT"
 STDOUT=1 $PY train.py --model "$TEACHER" --data "$OUT/stdlib" --out "$STUDENT" --schedule nested \
   --eval-every 0 --log-every 10 --ckpt-dir "$OUT/checkpoints/demo" --log-dir "$OUT/logs" "${TRAIN[@]}"
 
