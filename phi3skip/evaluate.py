@@ -147,8 +147,11 @@ def skip_prefixes(layers: Sequence[int]) -> list[tuple[int, ...]]:
     return [tuple(layers[:k]) for k in range(len(layers) + 1)]
 
 
-def parse_skip_sets(text: str, layers: Sequence[int]) -> list[tuple[int, ...]]:
-    """'prefixes' (every prefix of `layers`) or explicit sets '30,28;30' ('none' or '' for the full model)."""
+def parse_skip_sets(text: str, layers: Sequence[int], flag: str = "--skip-sets",
+                    expected: str = "'prefixes' or sets like '30,28;30;none'") -> list[tuple[int, ...]]:
+    """'prefixes' (every prefix of `layers`) or explicit sets '30,28;30' ('none' or '' for the full model).
+
+    flag and expected name the option and its form in the error message (scripts/export.py parses --skip here)."""
     if text.strip() == "prefixes":
         return skip_prefixes(layers)
     sets: list[tuple[int, ...]] = []
@@ -157,7 +160,7 @@ def parse_skip_sets(text: str, layers: Sequence[int]) -> list[tuple[int, ...]]:
         try:
             s = () if part in ("", "none") else tuple(int(v) for v in part.split(","))
         except ValueError:
-            raise UserError(f"--skip-sets {text!r}: expected 'prefixes' or sets like '30,28;30;none'") from None
+            raise UserError(f"{flag} {text!r}: expected {expected}") from None
         if s not in sets:
             sets.append(s)
     if () not in sets:
