@@ -183,16 +183,17 @@ def prune(state_dict: Mapping[str, torch.Tensor], config: Phi3Config,
 
 # The model card ----------------------------------------------------------------------------------------
 def model_card(*, source: str, profile: Mapping[str, Any], skip: Sequence[int], config: Phi3Config,
-               num_layers: int, dtype: torch.dtype, command: str | None, gguf: Path | None = None,
-               outtype: str | None = None) -> str:
+               num_layers: int, dtype: torch.dtype, student_dtype: torch.dtype, command: str | None,
+               gguf: Path | None = None, outtype: str | None = None) -> str:
+    """The export's README.md: what it is, where from, its measured quality, and how to load it."""
     shown = ",".join(map(str, skip)) or "none"
     keep = [i for i in range(num_layers) if i not in set(skip)]
     trained = is_trained(profile, skip, num_layers) if profile else False
     order = ",".join(map(str, trained_order(profile, num_layers)))
-    lines = [f"# {Path(source).name or source}, layers {shown} removed", "",
+    lines = [f"# {Path(source).name or source}, layer{'s' if len(skip) > 1 else ''} {shown} removed", "",
              f"A standard Phi-3 (`Phi3ForCausalLM`) checkpoint made by phi3skip from the skippable student `{source}`"
-             + (f" (distilled from `{profile['teacher']}`)" if profile.get("teacher") else "") + f": decoder layers "
-             f"{shown} are removed, so {len(keep)} of {num_layers} layers remain, renumbered 0..{len(keep) - 1}. "
+             + (f" (distilled from `{profile['teacher']}`)" if profile.get("teacher") else "") + ": decoder "
+             + (f"layers {shown} are" if len(skip) > 1 else f"layer {shown} is") + f" removed, so {len(keep)} of {num_layers} layers remain, renumbered 0..{len(keep) - 1}. "
              "It computes exactly what the student computes with those layers skipped.", "",
              "| | |", "|---|---|",
              f"| source | `{source}` |",
@@ -217,10 +218,14 @@ def model_card(*, source: str, profile: Mapping[str, Any], skip: Sequence[int], 
             num = lambda v: f"{v:.2f}" if isinstance(v, (int, float)) else "–"  # noqa: E731
             lines.append(f"| {m['by']} | {m['data']} | {m['tokens'] or '–'} | {num(m['ppl'])}{ci} | {num(m['full'])} "
                          f"| {num(m['teacher'])} |")
-        weights = profile.get("weights_dtype")
-        lines += ["", f"Perplexity, lower is better. train.py measured the student's weights "
-                  + (f"as saved ({weights})" if weights else "before they were cast for saving (older skip.json)")
-                  + (f"; this export is {dtype_name(dtype)}." if weights and weights != dtype_name(dtype) else ".")]
+        # train.py measures the weights as saved (weights_dtype); before that field, it measured the fp32 weights
+        weights = profile.get("weights_dtype") or ("float32" if student_dtype == torch.float32 else None)
+        lines += ["", "Perplexity, lower is better."]
+        if any(m["by"] == "train.py" for m in measured):
+            lines[-1] += (f" train.py measured the student's weights as saved ({weights})" if weights else
+                          " train.py measured the student's fp32 weights before they were rounded for saving "
+                          f"({dtype_name(student_dtype)})")
+            lines[-1] += f"; this export is {dtype_name(dtype)}." if dtype_name(dtype) != weights else "."
     else:
         lines.append("None recorded for this skip set: measure it with `scripts/evaluate.py --skip-sets "
                      f"'{shown}'` on the student.")
@@ -288,9 +293,9 @@ def export(src: str | os.PathLike, *, skip: str | Sequence[int] | None = None, n
     gguf_path = Path(gguf).expanduser() if gguf is not None else None
     _check_outputs(out_path, gguf_path, overwrite)
     if gguf_path is not None:
-        from .gguf_writer import OUTTYPES, _gguf
+        from .gguf_writer import OUTTYPES, require_gguf
 
-        _gguf()  # the optional package, before any work
+        require_gguf()  # the optional package, before any work
         if outtype is not None and outtype not in OUTTYPES:
             raise ExportError(f"--outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
     model = from_pretrained(src)  # in its stored dtype: pruning does not change any weight
@@ -307,13 +312,17 @@ def export(src: str | os.PathLike, *, skip: str | Sequence[int] | None = None, n
     state, config = prune(state_for_skip(model, chosen), model.config, chosen)
     target = parse_dtype(dtype, default=model.lm_head.weight.dtype)
     state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ExportError(f"tensor {bad} is not finite in {dtype_name(target)}"
+                          + (" (beyond float16's range): use --dtype bfloat16 or float32" if target == torch.float16 else ""))
     if gguf_path is not None:
         from .gguf_writer import check_config
 
         check_config(config)  # before the folder is written
         outtype = outtype or default_outtype(target)
     card = model_card(source=str(src), profile=profile, skip=chosen, config=config, num_layers=L, dtype=target,
-                      command=command, gguf=gguf_path, outtype=outtype)
+                      student_dtype=model.lm_head.weight.dtype, command=command, gguf=gguf_path, outtype=outtype)
     if out_path is not None:
         save_checkpoint(state, config, out_path, copy_from=folder, files={"README.md": card})
     if gguf_path is not None:

@@ -36,7 +36,7 @@ _SPLIT_PRE = {_LLAMA3_SPLIT: "llama-bpe", _GPT4O_SPLIT: "gpt-4o"}
 Field = tuple[str, Any, Any, Any]  # key, value, GGUFValueType, array element type
 
 
-def _gguf():
+def require_gguf():
     try:
         import gguf
     except ImportError:
@@ -59,7 +59,7 @@ def tokenizer_metadata(folder: str | os.PathLike, config: Phi3Config) -> list[Fi
 
 
 def _from_gguf(path: Path) -> list[Field]:
-    gguf = _gguf()
+    gguf = require_gguf()
     try:
         return tokenizer_fields(gguf.GGUFReader(path, "r"))
     except Exception as e:  # truncated or corrupt: the reader raises assorted errors
@@ -270,7 +270,7 @@ def write_gguf(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, path:
     outtype: f32, f16, bf16 or q8_0 (2-D weights; norms and rope factors stay F32). The file is written under a
     temporary name and renamed into place; an existing file is an error unless overwrite=True.
     """
-    gguf = _gguf()
+    gguf = require_gguf()
     path = Path(path).expanduser()
     if outtype not in OUTTYPES:
         raise GGUFError(f"unknown GGUF outtype {outtype!r}; use one of {', '.join(OUTTYPES)}")
@@ -309,4 +309,4 @@ def write_gguf(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, path:
     return path
 
 
-__all__ = ["write_gguf", "tokenizer_metadata", "check_config", "OUTTYPES"]
+__all__ = ["write_gguf", "tokenizer_metadata", "check_config", "require_gguf", "OUTTYPES"]

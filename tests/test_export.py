@@ -211,3 +211,13 @@ def test_cli_bad_input(tmp_path, monkeypatch, args, message):
     with pytest.raises(UserError, match=message):
         cli.main(["--model", str(folder), *args])
     assert not (tmp_path / "o").exists()
+
+
+def test_float16_overflow_is_refused(tmp_path):
+    folder, ours = student(tmp_path, "medium-gqa")
+    with torch.no_grad():
+        ours.model.layers[1].mlp.down_proj.weight[0, 0] = 1e5
+    folder = phi3skip.save_pretrained(ours, tmp_path / "big", extra_json={"skip.json": PROFILE})
+    with pytest.raises(ExportError, match="not finite in float16 .*use --dtype bfloat16"):
+        export(folder, num_skip=1, out=tmp_path / "out", dtype="float16")
+    assert not (tmp_path / "out").exists()
