@@ -531,18 +531,26 @@ def run(args: argparse.Namespace, env: parallel.Env) -> Path | None:
         metrics.close()
     progress.close()
 
+    # skip.json must describe the files on disk: round the fp32 master weights to the dtype they are saved in (the
+    # teacher's torch_dtype) before measuring. The checkpoints in --ckpt-dir keep the fp32 weights.
+    out_dtype = parse_dtype(config.torch_dtype, default=torch.float32) if config.torch_dtype else torch.float32
+    if out_dtype != torch.float32:
+        with torch.no_grad():
+            for name, p in student.named_parameters():  # elementwise, so the same on FSDP shards
+                if "skip_adapters." not in name:  # the adapters are saved in fp32
+                    p.copy_(p.to(out_dtype))
     res = evaluate(student, teacher, layers, val, env, ctx, teacher_ppl)
     log.info(f"final: {eval_line(res)}")
     skip_json = {"layers": layers, "schedule": schedule.kind, "teacher": str(args.model), "steps": total,
-                 "val_tokens": sum(y.numel() for _, y in val), "perplexity": res}
+                 "val_tokens": sum(y.numel() for _, y in val), "weights_dtype": dtype_name(out_dtype),
+                 "perplexity": res}
     sd = parallel.full_state_dict(student, env)
     out = Path(args.out)
     if env.is_main:
-        out_dtype = parse_dtype(config.torch_dtype, default=torch.float32) if config.torch_dtype else torch.float32
         sd, adapter_sd = bypass.split_state_dict(sd)
-        sd = {k: v.to(out_dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        sd = {k: v.to(out_dtype) if v.is_floating_point() else v for k, v in sd.items()}  # exact: already rounded
         files = {}
-        if adapter_sd:
+        if adapter_sd:  # skip adapters stay fp32, in their own file
             files[bypass.FILE] = bypass.file_bytes(adapter_sd)
             skip_json["adapters"] = student.skip_adapters.describe()
             skip_json["train_scope"] = "adapters"

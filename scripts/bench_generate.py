@@ -56,9 +56,12 @@ def section(name: str, fn: Callable[[], None], failures: list[str]) -> None:
     print(f"  [{name}] {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
-def candidate_layers(L: int) -> list[int]:
-    """The project's default skip order: L-2, L-4, ... (the last layer always runs)."""
-    return list(range(L - 2, 0, -2))
+def candidate_layers(L: int, folder: Path | None = None) -> list[int]:
+    """A trained student's order (skip.json), else the project's default skip order: L-2, L-4, ..."""
+    from phi3skip.io import read_skip_profile
+
+    trained = read_skip_profile(folder).get("layers") if folder is not None else None
+    return list(trained) if trained else list(range(L - 2, 0, -2))
 
 
 # CPU: against transformers on the real model -----------------------------------------------------------------
@@ -148,7 +151,7 @@ def cpu(args: argparse.Namespace) -> None:
                   f"bandwidth limit")
 
     def skip_sets() -> None:
-        cands = candidate_layers(L)
+        cands = candidate_layers(L, folder)
         sets = [tuple(cands[:k]) for k in (1, 2, 4, 6) if k <= len(cands)]
         gens = {(): Generator(model)} | {s: Generator(model, s) for s in sets}
         times: dict[tuple, list[float]] = {}
@@ -166,8 +169,8 @@ def cpu(args: argparse.Namespace) -> None:
         print(f"  (full model {1 / full:.1f} tokens/s; the embedding/lm_head cost does not shrink with k)")
 
     def speculative() -> None:
-        cands = candidate_layers(L)
-        configs = list(dict.fromkeys([(tuple(cands[:1]), 2), (tuple(cands[:2]), 3), (tuple(cands[:4]), 3)]))
+        cands = candidate_layers(L, folder)
+        configs = list(dict.fromkeys([(tuple(cands[:k]), la) for k in (2, 4, 6) for la in (2, 4) if k <= len(cands)]))
         gens = {"plain": Generator(model)}
         for d, k in configs:
             gens[(d, k)] = Generator(model, draft_skip=d, lookahead=k)
@@ -187,7 +190,7 @@ def cpu(args: argparse.Namespace) -> None:
             print(f"  draft skip {','.join(map(str, d)):22s} K={k}   acceptance {r.acceptance_rate:6.1%}   "
                   f"{r.decode_tokens / t:8.1f} tokens/s   speedup {base / t:5.2f}x   "
                   f"same tokens as plain greedy: {'yes' if same else 'NO'}")
-        print("  (drafts skip layers of the undistilled model; distilled students accept more)")
+        print("  (a round costs K c_draft + 1 forwards, memory-bound; with skip adapters the drafts run the bypasses)")
 
     section("vs transformers", vs_transformers, failures)
     section("skip sets", skip_sets, failures)

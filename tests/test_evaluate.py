@@ -108,9 +108,12 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     r = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), "--tiny", "--no-install"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for stage in ("convert", "prepare", "distil", "evaluate", "generate", "done"):
+    for stage in ("convert", "prepare", "distil", "evaluate", "generate", "export", "done"):
         assert f"] {stage}" in r.stdout
     demo = tmp_path / "demo"
     assert json.loads((demo / "llm_cache" / "student_model" / "skip.json").read_text())["evaluation"]
     assert (demo / "eval" / "ppl_vs_speed.png").is_file() and (demo / "stdlib" / "train.bin").is_file()
     assert "layers run 3/4 (skip 2)" in r.stderr
+    export = demo / "export" / "student-skip-2"
+    assert json.loads((export / "config.json").read_text())["num_hidden_layers"] == 3
+    assert (demo / "export" / "student-skip-2.q8_0.gguf").is_file() and "not a prefix" not in r.stderr

@@ -261,3 +261,21 @@ def test_adapters_keep_the_teacher_exact_and_resume_bitwise(tiny, tmp_path):
     assert ppl["prefixes"][1]["perplexity"] < start["prefixes"][1]["perplexity"]  # trained beats least squares
     model = from_pretrained(straight)
     assert model.skip_adapters is not None and model.skip_adapters.layers == (2, 1)
+
+
+def test_skip_json_describes_the_saved_weights(tiny, tmp_path):
+    """A bfloat16 teacher: the student is saved in bfloat16, and skip.json's perplexities are those of the saved
+    files (measured after the fp32 master weights were rounded), not of the in-memory fp32 weights."""
+    from phi3skip.evaluate import perplexity, val_batches
+
+    teacher = from_pretrained(tiny / "model")
+    bf16 = save_checkpoint({k: v.to(torch.bfloat16) for k, v in teacher.state_dict().items()}, teacher.config,
+                           tmp_path / "bf16", copy_from=tiny / "model")
+    out = train.main(args(tiny, tmp_path / "run", "--model", str(bf16), "--layers", "2", "--steps-per-layer", "3",
+                          "--lr", "2e-3", "--kd-weight", "1", "--save-every", "0"))
+    skip = json.loads((out / "skip.json").read_text())
+    assert skip["weights_dtype"] == "bfloat16" and {t.dtype for t in weights(tmp_path / "run").values()} == {torch.bfloat16}
+    saved = from_pretrained(out, dtype=torch.float32)
+    val = val_batches(tiny / "data" / "val.bin", 4, 32, 512, V)
+    assert perplexity(saved, val) == pytest.approx(skip["perplexity"]["student"], rel=1e-6)
+    assert perplexity(saved, val, [2]) == pytest.approx(skip["perplexity"]["prefixes"][0]["perplexity"], rel=1e-6)

@@ -1,0 +1,320 @@
+"""Export a chosen skip set as an ordinary, shallower model: the student with those layers removed.
+
+    from phi3skip.export import export
+    export("data/llm_cache/student_model", skip="28,26", out="exported/", gguf="exported.gguf", outtype="q8_0")
+
+The skipped blocks are dropped and the rest renumbered (`num_hidden_layers` updated), so any engine that runs
+Phi-3 (transformers, vLLM, TGI, llama.cpp through the GGUF) computes exactly what `model(x, skip=...)` computes.
+The folder is a standard `Phi3ForCausalLM` checkpoint (io.save_checkpoint: sharded past 5 GB, tokenizer and
+generation files, written atomically) with a model card (README.md) naming the source, the skipped layers, their
+measured perplexity from skip.json and the command that made it; the GGUF comes from gguf_writer.py.
+
+Pruning takes a plain full-depth Phi-3 state dict: whatever the training recipe adds for skipped inference is
+merged into it first, for the chosen skip set (`state_for_skip`), or the export refuses with one line.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .cli import UserError
+from .config import Phi3Config
+from .bypass import fold
+from .evaluate import parse_skip_sets
+from .io import check_state_dict, dtype_name, from_pretrained, parse_dtype, read_skip_profile, save_checkpoint
+from .model import Phi3ForCausalLM, validate_skip
+
+
+class ExportError(UserError):
+    """A skip set or an output that cannot be exported as asked."""
+
+
+# The skip set ------------------------------------------------------------------------------------------
+def trained_order(profile: Mapping[str, Any], num_layers: int) -> list[int]:
+    """skip.json's candidate layers in the order they were made skippable ([] when there is none)."""
+    layers = profile.get("layers")
+    if isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        validate_skip(layers, num_layers)
+        return list(layers)
+    return []
+
+
+def choose_skip(profile: Mapping[str, Any], num_layers: int, skip: str | Sequence[int] | None = None,
+                num_skip: int | None = None) -> tuple[int, ...]:
+    """`--skip 28,26`, or the first `--num-skip K` layers of skip.json's trained order."""
+    order = trained_order(profile, num_layers)
+    if skip is not None and num_skip is not None:
+        raise ExportError("give --skip or --num-skip, not both")
+    if skip is not None:
+        if isinstance(skip, str):
+            sets = [s for s in parse_skip_sets(skip, order, flag="--skip") if s]
+            if len(sets) > 1:
+                raise ExportError(f"--skip {skip!r}: one skip set only (layer indices like 28,26)")
+            skip = sets[0] if sets else ()
+        validate_skip(skip, num_layers)
+        return tuple(skip)
+    if not order:
+        raise ExportError("no trained skip order (skip.json with 'layers') in the model folder: pass --skip LAYERS")
+    if num_skip is None:
+        raise ExportError(f"pass --skip LAYERS or --num-skip K (K in 1..{len(order)}: a prefix of the trained order "
+                          f"{','.join(map(str, order))})")
+    if not 1 <= num_skip <= len(order):
+        raise ExportError(f"--num-skip {num_skip}: must be in 1..{len(order)} (the trained order "
+                          f"{','.join(map(str, order))})")
+    return tuple(order[:num_skip])
+
+
+def is_trained(profile: Mapping[str, Any], skip: Sequence[int], num_layers: int) -> bool:
+    """True when the student was trained to run without exactly these layers: a prefix of the trained order."""
+    order = trained_order(profile, num_layers)
+    return not skip or any(set(order[:k]) == set(skip) for k in range(1, len(order) + 1))
+
+
+def measurements(profile: Mapping[str, Any], skip: Sequence[int]) -> list[dict[str, Any]]:
+    """What skip.json records about this skip set's quality: train.py's validation perplexity (`perplexity`) and
+    scripts/evaluate.py's results (`evaluation`), each with the full student's and the teacher's for reference."""
+    key = set(skip)
+    out: list[dict[str, Any]] = []
+    ppl = profile.get("perplexity") or {}
+    if isinstance(ppl, dict):
+        mine = ppl.get("student") if not key else next(
+            (p.get("perplexity") for p in ppl.get("prefixes") or [] if set(p.get("skip") or []) == key), None)
+        if isinstance(mine, (int, float)):
+            out.append(dict(by="train.py", data="validation", tokens=profile.get("val_tokens"), ppl=mine, interval=None,
+                            full=ppl.get("student"), teacher=ppl.get("teacher")))
+    ev = profile.get("evaluation") or {}
+    results = ev.get("results") or [] if isinstance(ev, dict) else []
+    full = next((r for r in results if not r.get("skip")), None)
+    for r in results:
+        if set(r.get("skip") or []) != key:
+            continue
+        for data, v in (r.get("student") or {}).items():
+            teacher = ((full or {}).get("teacher") or {}).get(data) or {}
+            out.append(dict(by="scripts/evaluate.py", data=data, tokens=v.get("tokens"), ppl=v.get("ppl"),
+                            interval=(v.get("low"), v.get("high")),
+                            full=(((full or {}).get("student") or {}).get(data) or {}).get("ppl"),
+                            teacher=teacher.get("ppl")))
+    return out
+
+
+def describe(m: dict[str, Any]) -> str:
+    ci = f" [{m['interval'][0]:.2f}, {m['interval'][1]:.2f}]" if m.get("interval") and None not in m["interval"] else ""
+    return f"{m['data']} perplexity {m['ppl']:.2f}{ci} ({m['by']})"
+
+
+def quality_note(profile: Mapping[str, Any], skip: Sequence[int], num_layers: int) -> str | None:
+    """A warning for a skip set the student was not trained for (or a model with no skip.json), or None."""
+    shown = ",".join(map(str, skip))
+    measured = measurements(profile, skip)
+    quality = ("measured " + "; ".join(map(describe, measured)) if measured else
+               f"its quality was never measured (scripts/evaluate.py --skip-sets '{shown}' measures it)")
+    if not profile:
+        return f"no skip.json in the model folder: the model was not trained for skipping by phi3skip, and {quality}"
+    if is_trained(profile, skip, num_layers):
+        return None
+    order = ",".join(map(str, trained_order(profile, num_layers))) or "none"
+    return f"--skip {shown} is not a prefix of the trained order {order}: the student was not trained for it; {quality}"
+
+
+# Weights -----------------------------------------------------------------------------------------------
+def state_for_skip(model: Phi3ForCausalLM, skip: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The full-depth Phi-3 state dict that, run with `skip`, computes what `model(x, skip=skip)` computes: skip
+    adapters are folded for this skip set, or refused with one line when they cannot be (phi3skip.bypass.fold)."""
+    if model.skip_adapters is None:
+        return model.base_state_dict()
+    return fold(model, skip)
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
+
+
+def prune(state_dict: Mapping[str, torch.Tensor], config: Phi3Config,
+          skip: Sequence[int]) -> tuple[dict[str, torch.Tensor], Phi3Config]:
+    """Remove the skipped blocks of a full-depth Phi-3 state dict and renumber the rest; returns the state dict
+    and its config. A tied config whose lm_head differs from the embedding (an adapter fold changed one of
+    them) is written untied, with both tensors."""
+    skipped = validate_skip(skip, config.num_hidden_layers)
+    keep = [i for i in range(config.num_hidden_layers) if i not in skipped]
+    renumber = {old: new for new, old in enumerate(keep)}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state_dict.items():
+        if name.startswith("model.layers."):
+            i, rest = name.removeprefix("model.layers.").split(".", 1)
+            if int(i) in skipped:
+                continue
+            name = f"model.layers.{renumber[int(i)]}.{rest}"
+        out[name] = t
+    tied = config.tie_word_embeddings
+    if tied and "lm_head.weight" in out:
+        if same_tensor(out["lm_head.weight"], out["model.embed_tokens.weight"]):
+            del out["lm_head.weight"]
+        else:
+            tied = False
+    extra = dict(config.extra)
+    if isinstance(extra.get("layer_types"), list) and len(extra["layer_types"]) == config.num_hidden_layers:
+        extra["layer_types"] = [extra["layer_types"][i] for i in keep]
+    new_config = config.replace(num_hidden_layers=len(keep), tie_word_embeddings=tied, extra=extra)
+    with torch.device("meta"):
+        check_state_dict(out, Phi3ForCausalLM(new_config), "the state dict to export")
+    return out, new_config
+
+
+# The model card ----------------------------------------------------------------------------------------
+def model_card(*, source: str, profile: Mapping[str, Any], skip: Sequence[int], config: Phi3Config,
+               num_layers: int, dtype: torch.dtype, student_dtype: torch.dtype, command: str | None,
+               gguf: Path | None = None, outtype: str | None = None) -> str:
+    """The export's README.md: what it is, where from, its measured quality, and how to load it."""
+    shown = ",".join(map(str, skip)) or "none"
+    keep = [i for i in range(num_layers) if i not in set(skip)]
+    trained = is_trained(profile, skip, num_layers) if profile else False
+    order = ",".join(map(str, trained_order(profile, num_layers)))
+    lines = [f"# {Path(source).name or source}, layer{'s' if len(skip) > 1 else ''} {shown} removed", "",
+             f"A standard Phi-3 (`Phi3ForCausalLM`) checkpoint made by phi3skip from the skippable student `{source}`"
+             + (f" (distilled from `{profile['teacher']}`)" if profile.get("teacher") else "") + ": decoder "
+             + (f"layers {shown} are" if len(skip) > 1 else f"layer {shown} is") + f" removed, so {len(keep)} of {num_layers} layers remain, renumbered 0..{len(keep) - 1}. "
+             "It computes exactly what the student computes with those layers skipped.", "",
+             "| | |", "|---|---|",
+             f"| source | `{source}` |",
+             f"| skipped layers | {shown} "
+             + (f"(a prefix of the trained skip order {order})" if trained and skip else
+                f"(**not** a skip set the student was trained for; trained order: {order or 'none'})" if skip else "")
+             + " |",
+             f"| layer map | layers 0..{len(keep) - 1} here are the student's {_ranges(keep)} |",
+             f"| weights | {dtype_name(dtype)}, {config.num_params() / 1e6:.1f}M parameters"
+             + (", embeddings tied" if config.tie_word_embeddings else "") + " |"]
+    if gguf is not None:
+        lines.append(f"| GGUF | `{gguf.name}` ({outtype}, llama.cpp's phi3 architecture) |")
+    if command:
+        lines.append(f"| made by | `{command}` |")
+    lines += ["", "## Measured quality (from the student's skip.json)", ""]
+    measured = measurements(profile, skip)
+    if measured:
+        lines += ["| measured by | data | tokens | this model | full student | teacher |", "|---|---|---|---|---|---|"]
+        for m in measured:
+            ci = (f" [{m['interval'][0]:.2f}, {m['interval'][1]:.2f}]"
+                  if m.get("interval") and None not in m["interval"] else "")
+            num = lambda v: f"{v:.2f}" if isinstance(v, (int, float)) else "–"  # noqa: E731
+            lines.append(f"| {m['by']} | {m['data']} | {m['tokens'] or '–'} | {num(m['ppl'])}{ci} | {num(m['full'])} "
+                         f"| {num(m['teacher'])} |")
+        # train.py measures the weights as saved (weights_dtype); before that field, it measured the fp32 weights
+        weights = profile.get("weights_dtype") or ("float32" if student_dtype == torch.float32 else None)
+        lines += ["", "Perplexity, lower is better."]
+        if any(m["by"] == "train.py" for m in measured):
+            lines[-1] += (f" train.py measured the student's weights as saved ({weights})" if weights else
+                          " train.py measured the student's fp32 weights before they were rounded for saving "
+                          f"({dtype_name(student_dtype)})")
+            lines[-1] += f"; this export is {dtype_name(dtype)}." if dtype_name(dtype) != weights else "."
+    else:
+        lines.append("None recorded for this skip set: measure it with `scripts/evaluate.py --skip-sets "
+                     f"'{shown}'` on the student.")
+    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              'model = AutoModelForCausalLM.from_pretrained("PATH/TO/THIS/FOLDER")',
+              'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")', "```", ""]
+    if gguf is not None:
+        lines += ["```bash", f'llama-cli -m {gguf.name} -p "def fibonacci(n):"      # llama.cpp; Ollama: FROM ./{gguf.name}',
+                  "```", ""]
+    return "\n".join(lines)
+
+
+def _ranges(layers: Sequence[int]) -> str:
+    """[0, 1, 2, 3, 5, 7, 8] -> '0-3, 5, 7-8'."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+# The whole export --------------------------------------------------------------------------------------
+@dataclass
+class Exported:
+    skip: tuple[int, ...]
+    config: Phi3Config
+    dtype: torch.dtype
+    folder: Path | None
+    gguf: Path | None
+    note: str | None  # the quality warning, if any
+
+
+def default_outtype(dtype: torch.dtype) -> str:
+    """The GGUF type that holds the exported weights exactly."""
+    return {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
+
+
+def _check_outputs(out: Path | None, gguf: Path | None, overwrite: bool) -> None:
+    if out is None and gguf is None:
+        raise ExportError("nothing to write: give --out DIR and/or --gguf FILE")
+    if out is not None and out.exists():
+        if not out.is_dir():
+            raise ExportError(f"{out}: exists and is not a folder")
+        if not overwrite and any(out.iterdir()):
+            raise ExportError(f"{out}: already exists; pass --overwrite to replace it")
+    if gguf is not None and gguf.exists():
+        if gguf.is_dir():
+            raise ExportError(f"{gguf}: is a folder, expected a .gguf file name")
+        if not overwrite:
+            raise ExportError(f"{gguf}: already exists; pass --overwrite to replace it")
+
+
+def export(src: str | os.PathLike, *, skip: str | Sequence[int] | None = None, num_skip: int | None = None,
+           out: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
+           gguf: str | os.PathLike | None = None, outtype: str | None = None, overwrite: bool = False,
+           command: str | None = None, warn: Callable[[str], None] | None = None) -> Exported:
+    """Export the student `src` (folder or Hub id) with `skip` removed: a checkpoint folder `out` and/or a GGUF.
+
+    dtype: the exported weights (default: the student's own). outtype: the GGUF's (default: the one that holds
+    those weights exactly). warn receives the quality warning for a skip set the student was not trained for.
+    """
+    out_path = Path(out).expanduser() if out is not None else None
+    gguf_path = Path(gguf).expanduser() if gguf is not None else None
+    _check_outputs(out_path, gguf_path, overwrite)
+    if gguf_path is not None:
+        from .gguf_writer import OUTTYPES, require_gguf
+
+        require_gguf()  # the optional package, before any work
+        if outtype is not None and outtype not in OUTTYPES:
+            raise ExportError(f"--outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
+    model = from_pretrained(src)  # in its stored dtype: pruning does not change any weight
+    folder = Path(model.source_dir)
+    profile = read_skip_profile(folder)
+    L = model.config.num_hidden_layers
+    chosen = choose_skip(profile, L, skip, num_skip)
+    if len(chosen) == L:
+        raise ExportError(f"--skip removes all {L} layers; keep at least one")
+    note = quality_note(profile, chosen, L) if chosen else None
+    if note:
+        (warn or (lambda m: warnings.warn(m, stacklevel=3)))(note)
+    state, config = prune(state_for_skip(model, chosen), model.config, chosen)
+    target = parse_dtype(dtype, default=model.lm_head.weight.dtype)
+    state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ExportError(f"tensor {bad} is not finite in {dtype_name(target)}"
+                          + (" (beyond float16's range): use --dtype bfloat16 or float32" if target == torch.float16 else ""))
+    if gguf_path is not None:
+        from .gguf_writer import check_config
+
+        check_config(config)  # before the folder is written
+        outtype = outtype or default_outtype(target)
+    card = model_card(source=str(src), profile=profile, skip=chosen, config=config, num_layers=L, dtype=target,
+                      student_dtype=model.lm_head.weight.dtype, command=command, gguf=gguf_path, outtype=outtype)
+    if out_path is not None:
+        save_checkpoint(state, config, out_path, copy_from=folder, files={"README.md": card})
+    if gguf_path is not None:
+        from .gguf_writer import write_gguf
+
+        shown = "-".join(map(str, chosen)) or "none"
+        write_gguf(state, config, gguf_path, tokenizer_dir=folder, outtype=outtype, overwrite=overwrite,
+                   name=f"{folder.name} skip {shown}")
+    return Exported(chosen, config.replace(torch_dtype=dtype_name(target)), target, out_path, gguf_path, note)
+
+
+__all__ = ["export", "prune", "state_for_skip", "choose_skip", "measurements", "model_card", "ExportError"]

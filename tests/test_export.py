@@ -1,0 +1,208 @@
+"""Export of a skip set as a standard Phi-3 checkpoint: every model variant against transformers, the untying
+rule, the adapter seam, the choice of skip set and its warnings, the model card, and the command line."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import phi3skip
+from phi3skip import Phi3ForCausalLM, UserError, save_checkpoint
+from phi3skip.export import ExportError, choose_skip, export, measurements, prune
+
+transformers = pytest.importorskip("transformers")
+from test_model import make_pair, tokens  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "export.py"
+PROFILE = {"layers": [2, 0], "schedule": "nested", "teacher": "tiny-teacher", "val_tokens": 512,
+           "weights_dtype": "float32",
+           "perplexity": {"teacher": 10.0, "student": 10.5, "prefixes": [{"skip": [2], "perplexity": 11.25},
+                                                                         {"skip": [2, 0], "perplexity": 13.5}]}}
+
+
+def student(tmp_path: Path, variant: str, profile: dict | None = PROFILE) -> tuple[Path, torch.nn.Module]:
+    _, ours, _ = make_pair(variant)
+    extra = {"skip.json": profile} if profile is not None else None
+    return phi3skip.save_pretrained(ours, tmp_path / f"student-{variant}", extra_json=extra), ours
+
+
+@pytest.mark.parametrize("variant", ["mini-4k", "mini-128k-su", "medium-gqa", "phi3.5-longrope", "phi4-mini"])
+@torch.no_grad()
+def test_export_equals_skipping_in_transformers(tmp_path, variant):
+    """Window, LongRoPE (su and longrope), GQA, partial rotary, tied embeddings: transformers' AutoModelForCausalLM
+    on the export gives phi3skip's logits on the student with that skip set."""
+    folder, ours = student(tmp_path, variant)
+    res = export(folder, num_skip=2, out=tmp_path / "out")
+    assert res.skip == (2, 0) and res.note is None  # a trained prefix: no warning
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 2 and cfg["architectures"] == ["Phi3ForCausalLM"]
+    assert cfg["tie_word_embeddings"] == ours.config.tie_word_embeddings
+    assert not (tmp_path / "out" / "skip.json").exists()  # layer indices of the student mean nothing here
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert type(hf).__name__ == "Phi3ForCausalLM"
+    x = tokens(24)  # longer than the windows (7, 9) and the LongRoPE original context (16)
+    ref = ours(x, skip=(2, 0))
+    assert (hf(x).logits - ref).abs().max().item() <= 1e-4
+    again = phi3skip.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(again(x), ref, rtol=0, atol=1e-6)
+    # blocks renumbered: the export's block 0 is the student's 1, block 1 the student's 3
+    assert torch.equal(again.model.layers[0].mlp.down_proj.weight, ours.model.layers[1].mlp.down_proj.weight)
+    assert torch.equal(again.model.layers[1].self_attn.qkv_proj.weight, ours.model.layers[3].self_attn.qkv_proj.weight)
+
+
+@torch.no_grad()
+def test_llama_layout_student_and_dtype(tmp_path):
+    """A Llama-layout checkpoint (fused on load) exports as Phi-3; --dtype casts; bf16 loads back in bf16."""
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                   max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(tmp_path / "llama")
+    ours = phi3skip.from_pretrained(tmp_path / "llama", dtype=torch.float32)
+    export(tmp_path / "llama", skip="1", out=tmp_path / "f32", warn=lambda m: None)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "f32", dtype=torch.float32).eval()
+    x = tokens(12)
+    assert (hf(x).logits - ours(x, skip=[1])).abs().max().item() <= 1e-4
+    res = export(tmp_path / "llama", skip="1", out=tmp_path / "bf16", dtype="bfloat16", warn=lambda m: None)
+    assert res.dtype == torch.bfloat16
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert phi3skip.from_pretrained(tmp_path / "bf16").lm_head.weight.dtype == torch.bfloat16
+
+
+@torch.no_grad()
+def test_untied_when_head_differs(tmp_path):
+    """Folding may change lm_head alone: a tied config is then written untied, with both tensors."""
+    _, ours, cfg = make_pair("phi4-mini")
+    sd = dict(ours.state_dict())
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"] + 0.01
+    pruned, new_cfg = prune(sd, cfg, (2,))
+    assert not new_cfg.tie_word_embeddings and new_cfg.num_hidden_layers == 3
+    assert set(pruned) >= {"lm_head.weight", "model.embed_tokens.weight"}
+    save_checkpoint(pruned, new_cfg, tmp_path / "untied")
+    untied = Phi3ForCausalLM(cfg.replace(tie_word_embeddings=False)).eval()
+    untied.load_state_dict(sd)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "untied", dtype=torch.float32).eval()
+    x = tokens(20)
+    assert (hf(x).logits - untied(x, skip=(2,))).abs().max().item() <= 1e-4
+    same, tied_cfg = prune(ours.state_dict(), cfg, (2,))  # unchanged head: stays tied, one tensor
+    assert tied_cfg.tie_word_embeddings and "lm_head.weight" not in same
+
+
+@torch.no_grad()
+def test_skip_adapters_refuse_the_sets_they_serve(tmp_path):
+    """A student with trained bypasses: a skip set that uses one cannot become a standard checkpoint (one line);
+    a set that uses none exports the plain base, equal to phi3skip skipping those layers."""
+    from phi3skip import bypass
+
+    folder, _ = student(tmp_path, "medium-gqa")
+    model = phi3skip.from_pretrained(folder)
+    bypass.attach(model, [2], rank=8)
+    with torch.no_grad():
+        model.skip_adapters.bypass["2"].up.weight.normal_()
+    withad = tmp_path / "with-adapters"
+    phi3skip.save_pretrained(model, withad, extra_json={"skip.json": {**PROFILE, "layers": [2]}})
+    with pytest.raises(UserError, match="cannot hold"):
+        export(withad, skip="2", out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.warns(UserWarning, match="not a prefix of the trained order"):
+        out = export(withad, skip="0", out=tmp_path / "out0")
+    x = tokens(9)
+    torch.testing.assert_close(phi3skip.from_pretrained(out.folder)(x), model(x, skip=(0,)), rtol=1e-5, atol=1e-5)
+
+
+def test_choosing_the_skip_set():
+    assert choose_skip(PROFILE, 4, num_skip=1) == (2,)
+    assert choose_skip(PROFILE, 4, skip="0,2") == (0, 2)
+    assert choose_skip(PROFILE, 4, skip="none") == ()
+    for kw, message in [({}, "pass --skip LAYERS or --num-skip K"), ({"num_skip": 3}, r"--num-skip 3: must be in 1\.\.2"),
+                        ({"skip": "4"}, "out of range"), ({"skip": "2,2"}, "twice"), ({"skip": "a,b"}, "--skip 'a,b'"),
+                        ({"skip": "2;0"}, "one skip set"), ({"skip": "2", "num_skip": 1}, "not both")]:
+        with pytest.raises(UserError, match=message):
+            choose_skip(PROFILE, 4, **kw)
+    with pytest.raises(UserError, match="no trained skip order"):
+        choose_skip({}, 4, num_skip=1)
+
+
+def test_untrained_set_warns_with_its_measured_quality(tmp_path):
+    """A set outside the trained prefixes is exported with a warning naming its measured (or unmeasured) quality."""
+    profile = {**PROFILE, "evaluation": {"results": [
+        {"skip": [], "student": {"val": {"ppl": 10.4, "low": 9.0, "high": 12.0, "tokens": 800}},
+         "teacher": {"val": {"ppl": 10.0, "low": 9.0, "high": 11.0, "tokens": 800}}},
+        {"skip": [0, 1], "student": {"val": {"ppl": 31.5, "low": 28.0, "high": 35.0, "tokens": 800}},
+         "teacher": {"val": {"ppl": 99.0, "low": 90.0, "high": 110.0, "tokens": 800}}}]}}
+    folder, _ = student(tmp_path, "medium-gqa", profile)
+    notes = []
+    export(folder, skip="1,0", out=tmp_path / "a", warn=notes.append)
+    assert len(notes) == 1 and "not a prefix of the trained order 2,0" in notes[0]
+    assert "val perplexity 31.50 [28.00, 35.00] (scripts/evaluate.py)" in notes[0]
+    export(folder, skip="3", out=tmp_path / "b", warn=notes.append)
+    assert "never measured" in notes[1] and "--skip-sets '3'" in notes[1]
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "**not** a skip set the student was trained for" in card and "| 31.50 [28.00, 35.00] | 10.40 | 10.00 |" in card
+
+
+def test_model_card(tmp_path):
+    folder, _ = student(tmp_path, "mini-4k")
+    export(folder, num_skip=2, out=tmp_path / "out", command="python scripts/export.py --num-skip 2")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "layers 2,0 removed" in card and "2 of 4 layers remain" in card
+    assert "a prefix of the trained skip order 2,0" in card
+    assert "| train.py | validation | 512 | 13.50 | 10.50 | 10.00 |" in card  # this set, the full student, the teacher
+    assert "measured the student's weights as saved (float32)" in card
+    assert "`python scripts/export.py --num-skip 2`" in card and "AutoModelForCausalLM" in card
+    assert measurements(PROFILE, (0, 2))[0]["ppl"] == 13.5  # a set is a set: order does not matter
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+
+
+def test_cli(tmp_path):
+    folder, ours = student(tmp_path, "medium-gqa")
+    exists = tmp_path / "exists"
+    exists.mkdir()
+    (exists / "keep.txt").write_text("x")
+    r = run_cli("--model", folder, "--num-skip", "1", "--out", exists)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: {exists}: already exists; pass --overwrite to replace it"]
+    r = run_cli("--model", folder, "--skip", "3,1", "--out", exists, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert "warning: --skip 3,1 is not a prefix of the trained order 2,0" in r.stderr
+    assert "2 of 4 layers (removed 3,1)" in r.stdout and not (exists / "keep.txt").exists()
+    x = tokens(16)
+    with torch.no_grad():
+        assert torch.equal(phi3skip.from_pretrained(exists)(x), ours(x, skip=(3, 1)))
+    assert "--skip 3,1 --out" in (exists / "README.md").read_text()
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--num-skip", "1"), "nothing to write: give --out DIR and/or --gguf FILE"),
+    (("--skip", "0,1,2,3", "--out", "o"), "removes all 4 layers"),
+    (("--skip", "7", "--out", "o"), "out of range"),
+    (("--outtype", "q8_0", "--out", "o"), "--outtype needs --gguf FILE"),
+    (("--outtype", "q4",), "invalid choice"),
+])
+def test_cli_bad_input(tmp_path, monkeypatch, args, message):
+    spec = importlib.util.spec_from_file_location("export_cli", SCRIPT)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    folder, _ = student(tmp_path, "medium-gqa")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=message):
+        cli.main(["--model", str(folder), *args])
+    assert not (tmp_path / "o").exists()
+
+
+def test_float16_overflow_is_refused(tmp_path):
+    folder, ours = student(tmp_path, "medium-gqa")
+    with torch.no_grad():
+        ours.model.layers[1].mlp.down_proj.weight[0, 0] = 1e5
+    folder = phi3skip.save_pretrained(ours, tmp_path / "big", extra_json={"skip.json": PROFILE})
+    with pytest.raises(ExportError, match="not finite in float16 .*use --dtype bfloat16"):
+        export(folder, num_skip=1, out=tmp_path / "out", dtype="float16")
+    assert not (tmp_path / "out").exists()
