@@ -113,7 +113,9 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     demo = tmp_path / "demo"
     assert json.loads((demo / "llm_cache" / "student_model" / "skip.json").read_text())["evaluation"]
     assert (demo / "eval" / "ppl_vs_speed.png").is_file() and (demo / "stdlib" / "train.bin").is_file()
-    assert "layers run 3/4 (skip 2)" in r.stderr
-    export = demo / "export" / "student-skip-2"
-    assert json.loads((export / "config.json").read_text())["num_hidden_layers"] == 3
-    assert (demo / "export" / "student-skip-2.q8_0.gguf").is_file() and "not a prefix" not in r.stderr
+    student = json.loads((demo / "llm_cache" / "student_model" / "skip.json").read_text())
+    assert student["adapters"]["layers"] == student["layers"] and len(student["layers"]) == 2
+    assert f"layers run 3/4 (skip {student['layers'][0]})" in r.stderr and "not trained to skip" not in r.stderr
+    export = demo / "export" / "student"  # the full model: bypassed skip sets are served by phi3skip only
+    assert json.loads((export / "config.json").read_text())["num_hidden_layers"] == 4
+    assert (demo / "export" / "student.q8_0.gguf").is_file()
