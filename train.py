@@ -486,13 +486,16 @@ def main(argv: list[str] | None = None) -> Path | None:
     args = parse_args(argv)
     env = parallel.init(args.device)
     try:
-        return run(args, env)
-    except Diverged as e:
+        out = run(args, env)
+    except Diverged as e:  # every rank sees the same loss, so all stop here together
         parallel.close(env)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    finally:
-        parallel.close(env)
+    except BaseException:
+        parallel.close(env, wait=False)  # a rank that failed alone must not wait for the others
+        raise
+    parallel.close(env)
+    return out
 
 
 if __name__ == "__main__":

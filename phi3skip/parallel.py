@@ -9,6 +9,7 @@ Every rank must call the sharded blocks in the same order: callers derive skip d
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -75,9 +76,24 @@ def init(device: str | None = None, timeout_s: float = 1800) -> Env:
     return Env(rank, world, local, dev, mesh)
 
 
-def close(env: Env) -> None:
-    if env.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+def close(env: Env, wait: bool = True) -> None:
+    """Tear the process group down before the interpreter exits, with no communication thread left running.
+
+    torch's DeviceMesh keeps its process groups in `_pg_registry` (and torch's caches keep the mesh alive), so
+    after `destroy_process_group` gloo's threads still run while Python shuts down and C++ destroys them in no
+    set order: a rank could abort at exit ("terminate called without an active exception"), failing a finished
+    job. So: wait for every rank (`wait`, on the success path: no rank leaves while a peer still talks to it),
+    destroy the groups, drop the mesh's references and collect the sharded models' cycles that hold the group.
+    """
+    if not (env.distributed and dist.is_initialized()):
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
+    registry = getattr(env.mesh, "_pg_registry", None)
+    if isinstance(registry, dict):
+        registry.clear()
+    gc.collect()  # FSDP state (in reference cycles with its modules) holds the group too
 
 
 # Collectives that are no-ops in one process ------------------------------------------------------------------
