@@ -21,6 +21,7 @@ from .cli import UserError
 from .data import eval_batches
 from .distill import default_chunk
 from .model import validate_skip
+from .paths import temp_sibling
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -256,8 +257,11 @@ def plot(results: Sequence[SkipSetResult], path: str | os.PathLike) -> Path:
         ax.legend()
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    tmp = temp_sibling(path)
+    try:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path
