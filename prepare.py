@@ -305,7 +305,7 @@ def _no_documents(args: argparse.Namespace, stats: corpus.Stats) -> str:
     if stats.empty:
         why.append(f"{stats.empty:,} empty")
     if stats.undecodable:
-        why.append(f"{stats.undecodable:,} files not UTF-8")
+        why.append(f"{stats.undecodable:,} files not UTF-8 text (or binary)")
     return (f"no documents in {' '.join(args.dataset)} after filtering"
             + (f": {'; '.join(why)}" if why else "") + "; check --dataset and the filters")
 

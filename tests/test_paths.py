@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from phi3skip.cli import UserError
 from phi3skip.paths import check_apart, check_output, clean_stale, temp_sibling
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_check_output(tmp_path):
@@ -70,3 +75,35 @@ def test_only_dead_processes_temporaries_are_removed(tmp_path, dead_pid):
     assert old.exists()  # killed between its two renames: it may be the only copy while `out` is missing
     target.mkdir()
     assert clean_stale(tmp_path, "out") == [old]
+
+
+# Every command: an output path that cannot be written is one line, exit 2, before any work ---------------------------
+def _commands(tiny_run, blocked: Path) -> dict[str, list[str]]:
+    root, _ = tiny_run
+    model, data = str(root / "model"), str(root / "data")
+    return {
+        "prepare": ["prepare.py", "--dataset", str(root / "notes.txt"), "--model", model, "--out", str(blocked)],
+        "train --out": ["train.py", "--model", model, "--data", data, "--out", str(blocked)],
+        "train --ckpt-dir": ["train.py", "--model", model, "--data", data, "--out", str(blocked.parent.parent / "o"),
+                             "--ckpt-dir", str(blocked)],
+        "train --log-dir": ["train.py", "--model", model, "--data", data, "--out", str(blocked.parent.parent / "o"),
+                            "--log-dir", str(blocked)],
+        "evaluate": ["scripts/evaluate.py", "--model", model, "--data", data, "--out", str(blocked)],
+        "convert_gguf": ["scripts/convert_gguf.py", str(blocked.parent.parent / "model.gguf"), str(blocked)],
+        "random_model": ["scripts/random_model.py", model, str(blocked)],
+        "rank_layers": ["scripts/rank_layers.py", "--model", model, "--data", data, "--json", str(blocked)],
+    }
+
+
+@pytest.mark.integration
+def test_every_command_checks_its_outputs_first(tiny_run, tmp_path):
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    blocked = tmp_path / "blocker" / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("STDOUT", None)
+    for name, argv in _commands(tiny_run, blocked).items():
+        r = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2, (name, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "blocker is a file, not a folder" in lines[0], (name, r.stderr)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"], name  # no work started

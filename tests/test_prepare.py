@@ -306,6 +306,19 @@ def test_killed_runs_temporaries_are_removed_by_the_next_run(tmp_path, docs_dir,
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
 
 
+def test_text_files_follow_one_rule(tmp_path, tok_dir):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "good.txt").write_text("Hello world. " * 5)
+    (src / "binary.txt").write_bytes(b"Hello\x00\x01 world. " * 5)  # valid UTF-8, but binary
+    (src / "latin1.txt").write_bytes("caf\u00e9 ".encode("latin-1") * 5)
+    meta = run("--dataset", src, "--model", tok_dir, "--out", tmp_path / "o", "--val-fraction", "0")
+    assert meta["documents"] == 1 and meta["skipped"]["undecodable_files"] == 2
+    with pytest.raises(UserError, match=r"--out .*src is --dataset"):
+        run("--dataset", src, "--model", tok_dir, "--out", src, "--overwrite")
+    assert (src / "good.txt").exists()
+
+
 @pytest.mark.parametrize("where", ["tokenizing", "splitting"])
 def test_interrupt_leaves_nothing(tmp_path, docs_dir, tok_dir, monkeypatch, where):
     out = tmp_path / "o"
