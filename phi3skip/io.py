@@ -148,6 +148,9 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], model: Phi3ForCausalLM, whe
         if sd[k].shape != shape:
             raise CheckpointError(f"{where}: tensor {k} has shape {tuple(sd[k].shape)}, config.json implies "
                                   f"{tuple(shape)}")
+        if not sd[k].is_floating_point():  # an integer (e.g. quantized) tensor is not a weight this model can use
+            raise CheckpointError(f"{where}: tensor {k} is {dtype_name(sd[k].dtype)}; weights must be floating point "
+                                  f"(float32, bfloat16 or float16; convert quantized checkpoints first)")
 
 
 def load_weights(model: Phi3ForCausalLM, folder: Path, dtype: torch.dtype,
