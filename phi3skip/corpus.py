@@ -306,8 +306,12 @@ def _fetch(source: Source, name: str) -> str:
     from huggingface_hub import hf_hub_download
 
     try:
-        return hf_hub_download(source.repo_id, name, repo_type="dataset", revision=source.revision,
-                               local_files_only=source.offline)
+        with hub_errors(f"{source.spec} ({name})", "check the network, or download the dataset first",
+                        CorpusError, source.revision):
+            return hf_hub_download(source.repo_id, name, repo_type="dataset", revision=source.revision,
+                                   local_files_only=source.offline)
+    except CorpusError:
+        raise
     except Exception as e:  # network or cache failure midway: one line, not a traceback
         raise CorpusError(f"{source.spec}: cannot fetch {name} ({type(e).__name__}); check the network, "
                           f"or download the dataset first") from None
