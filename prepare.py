@@ -29,6 +29,7 @@ from phi3skip.cli import ArgumentParser, UserError, run_main
 from phi3skip.data import HEADER_BYTES, META_FILE, TokenWriter, read_header, token_dtype
 from phi3skip.hub import hub_offline
 from phi3skip.io import replace_dir
+from phi3skip.paths import check_apart, check_output, temp_sibling
 from phi3skip.tokenizer import eos_token_id, read_tokenizer, tokenizer_file, tokenizer_hash, vocab_size
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
@@ -233,8 +234,7 @@ def tokenize(tok, docs: Iterable[str], eos_id: int, tokens_out: TokenWriter, len
 # The command -----------------------------------------------------------------------------------------------
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     """Put the finished folder under its final name; an old one (--overwrite) is moved aside first."""
-    if out.exists() and not overwrite:  # appeared while we were tokenizing
-        raise UserError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    check_output(out, "--out", "folder", overwrite)  # it may have appeared while we were tokenizing
     replace_dir(tmp, out)
 
 
@@ -245,11 +245,9 @@ def _raise_interrupt(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    out = Path(args.out) if args.out else default_out(args.dataset)
-    if out.exists() and not args.overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a folder; choose another --out")
+    out = check_output(Path(args.out) if args.out else default_out(args.dataset), "--out", "folder", args.overwrite)
+    check_apart(out, "--out", {"--model": args.model if Path(args.model).exists() else None,
+                               **{"--dataset": s for s in args.dataset if Path(s).exists()}})
 
     offline = functools.cache(hub_offline)  # probed once, and only if a Hub id needs it
     tok_path = tokenizer_file(args.model, revision=args.revision)
@@ -265,8 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
     corpus.set_threads(args.workers)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_sibling(out)
     tmp.mkdir()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     try:
@@ -308,7 +305,7 @@ def _no_documents(args: argparse.Namespace, stats: corpus.Stats) -> str:
     if stats.empty:
         why.append(f"{stats.empty:,} empty")
     if stats.undecodable:
-        why.append(f"{stats.undecodable:,} files not UTF-8")
+        why.append(f"{stats.undecodable:,} files not UTF-8 text (or binary)")
     return (f"no documents in {' '.join(args.dataset)} after filtering"
             + (f": {'; '.join(why)}" if why else "") + "; check --dataset and the filters")
 

@@ -34,6 +34,7 @@ from phi3skip.distill import (K_DISTS, SCHEDULES, STATS, LossConfig, Schedule, a
 from phi3skip.evaluate import token_nll, val_batches
 from phi3skip.importance import greedy_order
 from phi3skip.io import dtype_name, from_pretrained, parse_dtype, resolve, save_checkpoint
+from phi3skip.paths import check_apart, check_output
 from phi3skip.tokenizer import check_data_tokenizer
 
 log = logging.getLogger("phi3skip.train")
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--model", default="microsoft/Phi-3-mini-4k-instruct", help="Hub id or checkpoint folder (the teacher)")
     a("--data", required=True, help="data folder made by prepare.py (train.bin, val.bin, meta.json)")
     a("--out", default="data/llm_cache/student_model", help="where the student and skip.json are saved")
+    a("--overwrite", action="store_true", help="replace an existing --out folder")
     a("--layers", default=None, help="candidate layers in order, e.g. 30,28,26 (default: L-2, L-4, ...), or 'auto': "
                                      "each next layer the one whose skipping adds the least KL given those "
                                      "before it (scripts/rank_layers.py --greedy)")
@@ -111,12 +113,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError("--ce-weight: with --train-scope adapters the full model is the frozen teacher; drop it")
     if args.lsq_tokens < 0:
         raise UserError(f"--lsq-tokens must be >= 0, got {args.lsq_tokens}")
-    for name in ("steps_per_layer", "max_steps", "kl_chunk", "adapter_rank"):
+    for name in ("steps_per_layer", "max_steps", "kl_chunk", "adapter_rank", "stop_at"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("lr", "temperature", "num_epochs"):
         if not getattr(args, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("save_every", "eval_every", "warmup", "kd_weight", "ce_weight", "weight_decay", "grad_clip"):
+        if getattr(args, name) is not None and not getattr(args, name) >= 0:  # `not >=` also catches NaN
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if not 0 <= args.min_lr_ratio <= 1:
+        raise UserError(f"--min-lr-ratio must be between 0 and 1, got {args.min_lr_ratio}")
+    if args.dtype is not None and parse_dtype(args.dtype) not in (torch.bfloat16, torch.float32):
+        raise UserError(f"--dtype {args.dtype}: training runs in bfloat16 or float32 (float16 would need a loss "
+                        f"scaler, and its gradients underflow without one)")
     return args
 
 
@@ -211,6 +221,24 @@ def check_data_folder(folder: str) -> Path:
         if not (path / name).is_file():
             raise UserError(f"--data {folder}: no {name}; (re-)create the folder with prepare.py")
     return path
+
+
+def check_outputs(args: argparse.Namespace, ckpt_dir: Path) -> None:
+    """Every path train.py writes, checked before any work: a bad one fails now, not after the run; and --out
+    (replaced at the end) must not be or hold what the run reads or keeps, nor sit inside the teacher."""
+    check_output(args.out, "--out", "folder", args.overwrite)
+    check_output(ckpt_dir, "--ckpt-dir", "dir")
+    if os.environ.get("STDOUT", "") in ("", "0"):
+        check_output(args.log_dir, "--log-dir", "dir")
+    check_apart(args.out, "--out", {"--model": args.model if Path(args.model).exists() else None}, inside_too=True)
+    check_apart(args.out, "--out", {"--data": args.data, "--ckpt-dir": ckpt_dir, "--log-dir": args.log_dir})
+
+
+def teacher_ref(model: str) -> str:
+    """The teacher as skip.json records it, to be found again from any folder: a local one by its absolute path,
+    a Hub id as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(model)
 
 
 def lr_lambda(steps: int, warmup: int, min_ratio: float):
@@ -359,6 +387,8 @@ def load_models(model_dir: Path, config: Phi3Config, env, dtype: torch.dtype, ar
 
 
 def run(args: argparse.Namespace, env: parallel.Env) -> Path | None:
+    ckpt_dir = Path(args.ckpt_dir or Path("data/checkpoints") / Path(args.out).name)
+    check_outputs(args, ckpt_dir)
     log_path = setup_logging(args.log_dir, env)
     torch.manual_seed(args.seed)
     dtype = parse_dtype(args.dtype, default=torch.bfloat16 if env.device.type == "cuda" else torch.float32)
@@ -367,6 +397,7 @@ def run(args: argparse.Namespace, env: parallel.Env) -> Path | None:
         model_dir = resolve(args.model)  # downloads once per node first
     parallel.barrier(env)
     model_dir = resolve(args.model)
+    check_apart(args.out, "--out", {"--model": model_dir}, inside_too=True)  # a Hub model's cached folder too
     config = Phi3Config.from_json(model_dir / "config.json")
     check_data_tokenizer(data, model_dir)
     if args.max_seq_len > config.max_position_embeddings:
@@ -386,19 +417,26 @@ def run(args: argparse.Namespace, env: parallel.Env) -> Path | None:
                     ce_weight=args.ce_weight, train_scope=args.train_scope, warmup=warmup,
                     min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                     seed=args.seed, k_dist=args.k_dist, adapter_rank=args.adapter_rank, lsq_tokens=args.lsq_tokens)
-    ckpt_dir = Path(args.ckpt_dir or Path("data/checkpoints") / Path(args.out).name)
-    resume_from = train_state.latest(ckpt_dir)
-    trainer: dict = {}
+    resume_from, trainer, lr_scale = None, {}, 1.0
     if args.resume:
+        resume_from, damaged = train_state.resumable(ckpt_dir, env)
+        for path, why in damaged:
+            log.warning(f"checkpoint {path} is damaged ({why}); "
+                        + (f"resuming from {resume_from} instead" if resume_from else "no older one is intact"))
         if resume_from is None:
-            raise UserError(f"--resume: no checkpoint in {ckpt_dir}; start without --resume")
+            raise UserError(f"--resume: no intact checkpoint in {ckpt_dir}"
+                            + (f" ({damaged[0][0].name}: {damaged[0][1]})" if damaged else "")
+                            + "; start without --resume")
         trainer = train_state.read_trainer(resume_from)
-        diff = [k for k in RUN_KEYS if trainer["settings"].get(k) != settings[k]]
+        saved = trainer["settings"]
+        # A lower --lr is allowed: it is how a run that diverged continues from its last good checkpoint.
+        diff = [k for k in RUN_KEYS if saved.get(k) != settings[k] and not (k == "lr" and settings[k] < saved[k])]
         if diff:
             k = diff[0]
-            raise UserError(f"--resume: {resume_from} was made with {k}={trainer['settings'].get(k)!r}, this run has "
-                            f"{settings[k]!r}; use the same settings or another --ckpt-dir")
-    elif resume_from is not None:
+            raise UserError(f"--resume: {resume_from} was made with {k}={saved.get(k)!r}, this run has "
+                            f"{settings[k]!r}; use the same settings (a lower --lr is allowed) or another --ckpt-dir")
+        lr_scale = settings["lr"] / saved["lr"]
+    elif train_state.latest(ckpt_dir) is not None:
         raise UserError(f"{ckpt_dir} holds checkpoints of an earlier run: pass --resume to continue it, or choose "
                         f"another --ckpt-dir (or delete that folder)")
 
@@ -427,7 +465,8 @@ def run(args: argparse.Namespace, env: parallel.Env) -> Path | None:
     start, opt_phase = 0, None
     if args.resume:
         start, opt_phase = trainer["step"], trainer["phase"]
-        log.info(f"resuming from {resume_from} at step {start}")
+        log.info(f"resuming from {resume_from} at step {start}"
+                 + (f" with --lr {args.lr:g} (was {trainer['settings']['lr']:g})" if lr_scale != 1 else ""))
     metrics = Metrics(ckpt_dir / "metrics.jsonl", env, start if args.resume else None)
     teacher_ppl = trainer.get("teacher_ppl")
     if not args.resume:
@@ -470,7 +509,7 @@ def run(args: argparse.Namespace, env: parallel.Env) -> Path | None:
                 scheduler = torch.optim.lr_scheduler.LambdaLR(
                     optimizer, lr_lambda(schedule.steps_per_phase, warmup, args.min_lr_ratio))
                 if args.resume and step == start and opt_phase == phase:
-                    train_state.load(resume_from, student, env, optimizer, scheduler)
+                    train_state.load(resume_from, student, env, optimizer, scheduler, lr_scale=lr_scale)
                 elif args.resume and step == start:
                     train_state.load(resume_from, student, env)  # the checkpoint ended the previous phase
                 n_train = sum(p.numel() for p in params)  # DTensor.numel() is the global count
@@ -492,15 +531,18 @@ def run(args: argparse.Namespace, env: parallel.Env) -> Path | None:
             gnorm = float(norm)
             if not (math.isfinite(vals["loss"]) and math.isfinite(gnorm)):
                 raise Diverged(f"non-finite {'loss' if not math.isfinite(vals['loss']) else 'gradient norm'} at step "
-                               f"{step + 1}; stopped without updating. Last good checkpoint: {last_ckpt or 'none'} "
-                               f"(resume from it with a lower --lr)")
+                               f"{step + 1}; stopped without updating. Last good checkpoint: {last_ckpt or 'none'}; "
+                               + (f"continue from it with a lower learning rate: the same command with --resume "
+                                  f"--lr {args.lr / 2:g}" if last_ckpt else "start again with a lower --lr"))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             dt = time.perf_counter() - t_last
-            row = dict(step=done, phase=phase, skip=[list(k) for k in schedule.skip_sets(step)], **vals, lr=lr, grad_norm=gnorm,
+            row = dict(step=done, phase=phase,
+                       skip=[list(k) for m in range(args.grad_accum) for k in schedule.skip_sets(step, m)],
+                       **vals, lr=lr, grad_norm=gnorm,
                        tokens_per_s=tokens_per_step / dt, memory_gb=memory_gb(env.device))
             if peak:  # this rank's model FLOPs over its GPU's peak
                 row["mfu"] = flops / dt / peak
@@ -541,7 +583,7 @@ def run(args: argparse.Namespace, env: parallel.Env) -> Path | None:
                     p.copy_(p.to(out_dtype))
     res = evaluate(student, teacher, layers, val, env, ctx, teacher_ppl)
     log.info(f"final: {eval_line(res)}")
-    skip_json = {"layers": layers, "schedule": schedule.kind, "teacher": str(args.model), "steps": total,
+    skip_json = {"layers": layers, "schedule": schedule.kind, "teacher": teacher_ref(args.model), "steps": total,
                  "val_tokens": sum(y.numel() for _, y in val), "weights_dtype": dtype_name(out_dtype),
                  "perplexity": res}
     sd = parallel.full_state_dict(student, env)

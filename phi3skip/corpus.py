@@ -83,7 +83,7 @@ class Stats:
     documents: int = 0
     filtered: int = 0  # records dropped by the language/licence filters
     empty: int = 0  # empty documents skipped
-    undecodable: int = 0  # text files that are not UTF-8, skipped
+    undecodable: int = 0  # text files that are not UTF-8 text (or are binary), skipped
     files: int = 0
     per_source: dict[str, int] = field(default_factory=dict)
 
@@ -264,12 +264,33 @@ def _parquet_docs(path: str, filters: Filters, stats: Stats) -> Iterator[str]:
                 yield text
 
 
+class NotText(CorpusError):
+    """A file that is not text: not UTF-8, or binary."""
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """The text of a document file (gzip allowed): UTF-8 without NUL bytes, else `NotText`.
+
+    The one rule for text, in prepare.py (such files are skipped and counted) and in scripts/evaluate.py
+    (refused): bytes are never guessed into text.
+    """
+    try:
+        with _open_text(str(path)) as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise NotText(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+    except (OSError, EOFError) as e:  # unreadable, or a damaged .gz
+        raise CorpusError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if "\x00" in text:
+        raise NotText(f"{path}: a binary file (it holds NUL bytes), not text")
+    return text
+
+
 def _text_doc(path: str, stats: Stats) -> Iterator[str]:
     try:
-        with _open_text(path) as f:
-            yield f.read()
-    except UnicodeDecodeError:
-        stats.undecodable += 1  # not UTF-8: skipped rather than guessed
+        yield read_text_file(path)
+    except NotText:
+        stats.undecodable += 1  # skipped rather than guessed
 
 
 def file_documents(path: str, filters: Filters, stats: Stats) -> Iterator[str]:
@@ -285,8 +306,12 @@ def _fetch(source: Source, name: str) -> str:
     from huggingface_hub import hf_hub_download
 
     try:
-        return hf_hub_download(source.repo_id, name, repo_type="dataset", revision=source.revision,
-                               local_files_only=source.offline)
+        with hub_errors(f"{source.spec} ({name})", "check the network, or download the dataset first",
+                        CorpusError, source.revision):
+            return hf_hub_download(source.repo_id, name, repo_type="dataset", revision=source.revision,
+                                   local_files_only=source.offline)
+    except CorpusError:
+        raise
     except Exception as e:  # network or cache failure midway: one line, not a traceback
         raise CorpusError(f"{source.spec}: cannot fetch {name} ({type(e).__name__}); check the network, "
                           f"or download the dataset first") from None

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .cli import UserError
+from .paths import temp_sibling
 
 MAGIC = b"P3SKTOK\0"
 VERSION = 1
@@ -157,7 +158,7 @@ class TokenWriter:
         self.eos_id = eos_id
         self.dtype = token_dtype(vocab_size)
         self.n_tokens = 0
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = temp_sibling(self.path)
         self._f = open(self.tmp, "wb", buffering=1 << 20)
         self._f.write(self._header().pack())  # placeholder count, rewritten on close
 

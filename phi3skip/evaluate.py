@@ -21,6 +21,7 @@ from .cli import UserError
 from .data import eval_batches
 from .distill import default_chunk
 from .model import parse_skip, validate_skip
+from .paths import temp_sibling
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -157,9 +158,7 @@ def parse_skip_sets(text: str, layers: Sequence[int], flag: str = "--skip-sets")
         s = parse_skip(part, layers, flag)
         if s not in sets:
             sets.append(s)
-    if () in sets:
-        sets.remove(())
-    return [()] + sets
+    return [()] + [s for s in sets if s]  # the full model first: the baseline every speedup is against
 
 
 def evaluate_skip_sets(student: nn.Module, datasets: dict[str, Sequence[Batch]], skip_sets: Sequence[Sequence[int]],
@@ -202,7 +201,7 @@ def markdown_table(results: Sequence[SkipSetResult]) -> str:
         head += [f"{n}: student", f"{n}: teacher, naive skip"] if results[0].teacher is not None else [f"{n}"]
     head += ["decode tok/s", "speedup"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = results[0].tokens_per_s
+    base = full_model(results).tokens_per_s
     for r in results:
         row = [",".join(map(str, r.skip)) or "none", str(r.layers_run)]
         for n in names:
@@ -213,6 +212,14 @@ def markdown_table(results: Sequence[SkipSetResult]) -> str:
                 f"{r.tokens_per_s / base:.2f}x" if r.tokens_per_s and base else "-"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def full_model(results: Sequence[SkipSetResult]) -> SkipSetResult:
+    """The result without skipped layers: speedups are against it, wherever it is in the list."""
+    for r in results:
+        if not r.skip:
+            return r
+    raise ValueError("the results have no full-model (skip none) entry to compare against")
 
 
 def _ppl(p: Perplexity) -> str:
@@ -235,10 +242,10 @@ def plot(results: Sequence[SkipSetResult], path: str | os.PathLike) -> Path:
     plt = pyplot()
     names = list(results[0].student)
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.2), squeeze=False)
-    base = results[0].tokens_per_s
+    full = full_model(results)
+    base = full.tokens_per_s
     for ax, name in zip(axes[0], names):
-        xs = [r.tokens_per_s / base if r.tokens_per_s and base else results[0].layers_run / r.layers_run
-              for r in results]
+        xs = [r.tokens_per_s / base if r.tokens_per_s and base else full.layers_run / r.layers_run for r in results]
         if results[0].teacher is not None:
             ax.plot(xs, [r.teacher[name].ppl for r in results], "o--", color="tab:gray", label="teacher, naive skip")
         ax.plot(xs, [r.student[name].ppl for r in results], "o-", color="tab:blue", label="distilled student")
@@ -253,8 +260,11 @@ def plot(results: Sequence[SkipSetResult], path: str | os.PathLike) -> Path:
         ax.legend()
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    tmp = temp_sibling(path)
+    try:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path

@@ -51,6 +51,10 @@ from .model import Phi3ForCausalLM, validate_skip
 COMPILE_MODES = ("blocks", "step")
 
 
+class NonFiniteLogits(UserError):
+    """The model's logits hold NaN or Inf: damaged weights, or an overflow in a low-precision dtype."""
+
+
 # Sampling -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Sampling:
@@ -409,7 +413,13 @@ class Generator:
         skip, cache = (self.draft_skip, ws.draft_cache) if draft else (self.skip, ws.cache)
         h = self.model.hidden_states(tokens, skip, input_pos=torch.arange(T, device=self.device), cache=cache,
                                      positions=ws.positions(T), key_mask=ws.key_mask, long_rope=long)
-        return self.model.lm_head(h[:, -1])
+        logits = self.model.lm_head(h[:, -1])
+        if not bool(torch.isfinite(logits).all()):  # one check per prefill; NaN would decode as garbage or nothing
+            raise NonFiniteLogits(f"the model gives non-finite logits (NaN/Inf) on this prompt"
+                                  f"{f' skipping {list(skip)}' if skip else ''}: its weights hold NaN/Inf or "
+                                  f"overflow in {str(logits.dtype).removeprefix('torch.')}; check the checkpoint, "
+                                  f"or try --dtype float32")
+        return logits
 
     # Public API -------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -496,12 +496,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     unless overwrite=True.
     """
     from .io import parse_dtype, save_checkpoint
+    from .paths import check_output
 
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise GGUFError(f"{out}: exists and is not a folder")
-    if out.exists() and not overwrite and any(out.iterdir()):
-        raise GGUFError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
+    out = check_output(out_dir, "", "folder", overwrite)
     torch_dtype = None if dtype is None else parse_dtype(dtype)
     f = _open(gguf_path)
     tensors = {t.name: t for t in f.reader.tensors}

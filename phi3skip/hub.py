@@ -1,9 +1,12 @@
-"""Reaching the Hugging Face Hub: a fast offline probe, and one place that turns huggingface_hub's errors into
-one-line user errors (gated, not found, bad revision, offline and not cached, unreachable)."""
+"""Reaching the Hugging Face Hub: a fast offline probe, a time limit on every request, and one place that turns
+huggingface_hub's errors into one-line user errors (gated, not found, bad revision, offline and not cached,
+unreachable, not answering)."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -39,6 +42,53 @@ def hub_offline() -> bool:
         return True
 
 
+# Seconds any Hub request may wait to connect, or between bytes; huggingface_hub leaves some calls unbounded,
+# so an endpoint that accepts the connection and never answers would hang a command.
+HUB_TIMEOUT_S = float(os.environ.get("PHI3SKIP_HUB_TIMEOUT", "15"))
+_bounded = False
+
+
+def _time_limit(request) -> None:
+    """httpx request hook: every phase of the request gets a finite timeout (an explicit finite one is kept)."""
+    given = request.extensions.get("timeout") or {}
+    request.extensions["timeout"] = {k: given.get(k) if given.get(k) is not None else HUB_TIMEOUT_S
+                                     for k in ("connect", "read", "write", "pool")}
+
+
+def bound_hub_requests() -> None:
+    """Make huggingface_hub's HTTP client (also each one it re-creates) put a time limit on every request."""
+    global _bounded
+    if _bounded:
+        return
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http  # its default client: offline mode and request ids live in its hooks
+
+    default = _http.default_client_factory
+
+    def factory():
+        client = default()
+        hooks = client.event_hooks
+        client.event_hooks = {**hooks, "request": [*hooks.get("request", []), _time_limit]}
+        return client
+
+    set_client_factory(factory)
+    _bounded = True
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """huggingface_hub's retry warnings off: a failure is reported once, as one line."""
+    hf_log = logging.getLogger("huggingface_hub")
+    level = hf_log.level
+    hf_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_log.setLevel(level)
+
+
 @contextmanager
 def hub_errors(what: str, hint: str, error: type[UserError] = UserError,
                revision: str | None = None) -> Iterator[None]:
@@ -48,8 +98,10 @@ def hub_errors(what: str, hint: str, error: type[UserError] = UserError,
     """
     from huggingface_hub import errors as e
 
+    bound_hub_requests()
     try:
-        yield
+        with _quiet():
+            yield
     except e.GatedRepoError:  # before RepositoryNotFoundError: it is a subclass
         raise error(f"{what} is gated: accept its terms on the Hub and set HF_TOKEN") from None
     except e.RepositoryNotFoundError:
@@ -62,4 +114,17 @@ def hub_errors(what: str, hint: str, error: type[UserError] = UserError,
     except e.EntryNotFoundError:
         raise error(f"{what}: no such file in the repo; {hint}") from None
     except (e.HfHubHTTPError, OSError) as x:
-        raise error(f"{what}: cannot reach the Hub ({type(x).__name__}); {hint}") from None
+        raise error(f"{what}: cannot reach the Hub ({_reason(x)}); {hint}") from None
+    except Exception as x:  # httpx's timeouts and protocol errors are not OSErrors
+        if type(x).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore"):
+            raise
+        raise error(f"{what}: the Hub did not answer ({_reason(x)}); {hint}") from None
+
+
+def _reason(x: Exception) -> str:
+    status = getattr(getattr(x, "response", None), "status_code", None)
+    if status is not None:
+        return f"HTTP {status}"
+    if "Timeout" in type(x).__name__:
+        return f"no answer within {HUB_TIMEOUT_S:g} s"
+    return type(x).__name__

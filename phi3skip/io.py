@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -17,6 +16,7 @@ from .cli import UserError
 from .config import ConfigError, Phi3Config
 from .hub import hub_errors, hub_offline, is_hub_id
 from .model import Phi3ForCausalLM
+from .paths import temp_sibling
 
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.gguf", "skip.json"]
@@ -150,6 +150,9 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], model: Phi3ForCausalLM, whe
         if sd[k].shape != shape:
             raise CheckpointError(f"{where}: tensor {k} has shape {tuple(sd[k].shape)}, config.json implies "
                                   f"{tuple(shape)}")
+        if not sd[k].is_floating_point():  # an integer (e.g. quantized) tensor is not a weight this model can use
+            raise CheckpointError(f"{where}: tensor {k} is {dtype_name(sd[k].dtype)}; weights must be floating point "
+                                  f"(float32, bfloat16 or float16; convert quantized checkpoints first)")
 
 
 def load_weights(model: Phi3ForCausalLM, folder: Path, dtype: torch.dtype,
@@ -230,8 +233,9 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, 
     config = config.replace(source_model_type="phi3",
                             torch_dtype=dtype_name(dtypes.pop()) if len(dtypes) == 1 else config.torch_dtype)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    tmp = temp_sibling(folder)
     try:
+        tmp.mkdir()
         if copy_from is not None:
             for name in CARRIED_FILES:
                 if (Path(copy_from) / name).is_file():
@@ -270,16 +274,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a text file through a temporary sibling and a rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    tmp = temp_sibling(path)
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "x", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -291,9 +294,8 @@ def _umask() -> int:
 
 
 def _default_permissions(folder: Path) -> None:
-    """mkdtemp makes a private 0700 folder; a checkpoint gets the permissions of any new file."""
+    """Files copied from a read-only source keep its mode; a checkpoint gets the permissions of any new file."""
     umask = _umask()
-    os.chmod(folder, 0o777 & ~umask)
     for f in folder.iterdir():
         os.chmod(f, 0o666 & ~umask)
 
@@ -303,8 +305,8 @@ def replace_dir(src: Path, dst: Path) -> None:
     if not dst.exists():
         os.replace(src, dst)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-    os.replace(dst, old / dst.name)
+    old = temp_sibling(dst, "old")
+    os.replace(dst, old)
     os.replace(src, dst)
     shutil.rmtree(old, ignore_errors=True)
 

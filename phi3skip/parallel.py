@@ -18,6 +18,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+# Imported before any process group exists: on import, torch.distributed.fsdp binds the current default group
+# into a default argument (ShardedGradScaler's), which would keep that group alive past `close`.
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from .cli import UserError
 from .config import Phi3Config
@@ -142,8 +145,6 @@ def apply_fsdp(model: Phi3ForCausalLM, mesh, param_dtype: torch.dtype | None, re
     The root keeps its parameters (embeddings, norm, head) gathered after forward, as FSDP does for a root, so
     the chunked loss can read `lm_head.weight`; call `reshard` on a model that runs no backward (the teacher).
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)

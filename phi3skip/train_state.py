@@ -1,22 +1,26 @@
-"""Resumable training state, written atomically.
+"""Resumable training state, written atomically, read without running anything it holds.
 
 A checkpoint is a folder `step-00000120/` in the run's checkpoint folder, holding everything a run needs to
 continue exactly where it stopped:
 
-    *.distcp, .metadata   student weights and optimizer state through torch.distributed.checkpoint (DCP): each
+    *.distcp, .metadata   student weights and optimizer tensors through torch.distributed.checkpoint (DCP): each
                           rank writes its own shards (a run may resume on another number of ranks)
-    trainer.pt            scheduler state and the run's position: step, phase, data position, run settings
-    rng-<rank>.pt         each rank's RNG states (python, numpy, torch CPU and CUDA)
+    trainer.json          the run's position and settings, the scheduler state, the optimizer's hyperparameters
+    rng-<rank>.json       each rank's RNG states (python, numpy, torch CPU and CUDA)
     meta.json             a readable summary, written last
 
-It is written as `.step-00000120.tmp/`, renamed when complete, and then `latest` is pointed at it (replaced
+Nothing read back can execute code: JSON for the small files, tensors only through DCP (`weights_only` loads),
+and DCP's pickled `.metadata` through an unpickler that builds nothing but DCP's own metadata classes.
+
+It is written as a temporary sibling, renamed when complete, and then `latest` is pointed at it (replaced
 atomically), so an interrupted save leaves the previous checkpoint as it was. With several nodes the folder
-must be on a filesystem that every node sees.
+must be on a filesystem that every node sees. `resumable` skips damaged checkpoints, newest first.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -27,36 +31,120 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from .cli import UserError
 from .io import atomic_write_text
 from .parallel import Env, barrier, broadcast_object
+from .paths import clean_stale, temp_sibling
 
 LATEST = "latest"
 PREFIX = "step-"
+TRAINER = "trainer.json"
+METADATA = ".metadata"  # DCP's file name
+
+
+class CheckpointDamaged(UserError):
+    """A checkpoint piece that is missing, truncated or not what it should be."""
 
 
 def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
+# RNG states as JSON ---------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(mt), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointDamaged(f"{path.name} is missing") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointDamaged(f"{path.name} is unreadable ({type(e).__name__})") from None
+
+
+def _read_rng(path: Path) -> dict[str, Any]:
+    state = _read_json(path)
+    try:  # the shapes set_rng_state needs: a damaged file fails here, not halfway through restoring
+        assert len(state["python"]) == 3 and len(state["python"][1]) == 625
+        assert len(state["numpy"]) == 5 and len(state["numpy"][1]) == 624
+        assert all(isinstance(b, int) and 0 <= b < 256 for b in state["torch"])
+    except (AssertionError, KeyError, TypeError, IndexError):
+        raise CheckpointDamaged(f"{path.name} does not hold RNG states") from None
+    return state
+
+
+# DCP's metadata, unpickled safely -----------------------------------------------------------------------------------
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_ALLOWED = {
+    (_DCP_METADATA, n) for n in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                                 "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+     ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata classes, torch dtypes and sizes, paths; any other global is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def read_metadata(path: Path) -> Any:
+    try:
+        with open(path / METADATA, "rb") as f:
+            return _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise CheckpointDamaged(f"{METADATA} is missing") from None
+    except Exception as e:  # truncated, garbage, or a pickle that asks for something else: never run
+        raise CheckpointDamaged(f"{METADATA} is unreadable ({type(e).__name__}: {str(e)[:80]})") from None
+
+
+class _SafeReader(dcp.FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        md = read_metadata(Path(self.path))
+        if getattr(md, "storage_meta", None) is None:
+            md.storage_meta = StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        return md
+
+
+class _TensorsOnly(DefaultLoadPlanner):
+    """Our checkpoints hold tensors only; DCP would unpickle any other entry with weights_only=False."""
+
+    def load_bytes(self, read_item: Any, value: Any) -> None:
+        raise CheckpointDamaged(f"unexpected non-tensor entry {read_item.dest_index.fqn}")
+
+
+# Which checkpoints there are ------------------------------------------------------------------------------------
 def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
     """Complete checkpoints in `folder`, oldest first."""
     folder = Path(folder)
@@ -78,6 +166,54 @@ def latest(folder: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def verify(path: str | os.PathLike) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None when every piece is there and readable: the JSON files
+    parse, DCP's metadata unpickles safely, and every shard it names exists and is long enough."""
+    path = Path(path)
+    try:
+        if (path / "trainer.pt").exists() and not (path / TRAINER).exists():
+            return "written by an older phi3skip as pickles (trainer.pt), which are not read: they could run code"
+        saved = _read_json(path / TRAINER)
+        if not (isinstance(saved, dict) and {"trainer", "scheduler", "param_groups", "world_size"} <= saved.keys()):
+            return f"{TRAINER} lacks the run's state"
+        for rank in range(int(saved["world_size"])):
+            _read_rng(path / f"rng-{rank}.json")
+        need: dict[str, int] = {}
+        for info in read_metadata(path).storage_data.values():
+            name = str(info.relative_path)
+            if Path(name).name != name:
+                return f"{METADATA} names a file outside the checkpoint ({name})"
+            need[name] = max(need.get(name, 0), info.offset + info.length)
+        for name, size in sorted(need.items()):
+            if not (path / name).is_file():
+                return f"{name} is missing"
+            if (path / name).stat().st_size < size:
+                return f"{name} is truncated"
+    except CheckpointDamaged as e:
+        return str(e)
+    except (OSError, AttributeError, TypeError, ValueError) as e:
+        return f"unreadable ({type(e).__name__})"
+    return None
+
+
+def resumable(folder: str | os.PathLike, env: Env) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest intact checkpoint, and the newer damaged ones with the reason (checked on rank 0, agreed by all)."""
+    found = None
+    if env.is_main:
+        damaged = []
+        for path in reversed(list_checkpoints(folder)):
+            why = verify(path)
+            if why is None:
+                found = (str(path), [(str(p), w) for p, w in damaged])
+                break
+            damaged.append((path, why))
+        else:
+            found = (None, [(str(p), w) for p, w in damaged])
+    path, damaged = broadcast_object(found, env)
+    return (Path(path) if path else None), [(Path(p), w) for p, w in damaged]
+
+
+# Saving and loading ---------------------------------------------------------------------------------------------
 def save(folder: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
          scheduler: Any, trainer: dict[str, Any], env: Env, keep: int = 2) -> Path:
     """Write a checkpoint of every rank's state at `step` (all ranks call this); returns its folder.
@@ -87,21 +223,24 @@ def save(folder: str | os.PathLike, step: int, model: nn.Module, optimizer: torc
     folder = Path(folder)
     name = checkpoint_name(step)
     final = folder / name
-    tmp = folder / f".{name}.tmp"
+    tmp = None
     if env.is_main:
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    barrier(env)
-    tmp.mkdir(parents=True, exist_ok=True)
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        clean_stale(folder, f"{PREFIX}*")  # the temporaries of saves killed with -9
+        tmp = temp_sibling(final)
+        tmp.mkdir()
+    tmp = Path(broadcast_object(str(tmp) if tmp else None, env))
+    optim = get_optimizer_state_dict(model, optimizer)
+    state = {"model": get_model_state_dict(model), "optim": optim["state"]}  # tensors only
     with warnings.catch_warnings():  # DCP warns that one process means no process group: that is the intent
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(state, checkpoint_id=str(tmp), no_dist=not env.distributed)
-    torch.save(rng_state(), tmp / f"rng-{env.rank}.pt")
+    atomic_write_text(tmp / f"rng-{env.rank}.json", json.dumps(rng_state()))
     barrier(env)
     if env.is_main:
-        torch.save({"trainer": trainer, "scheduler": scheduler.state_dict(), "world_size": env.world_size},
-                   tmp / "trainer.pt")
+        saved = {"trainer": trainer, "scheduler": scheduler.state_dict(), "param_groups": optim["param_groups"],
+                 "world_size": env.world_size}
+        atomic_write_text(tmp / TRAINER, json.dumps(saved, indent=1) + "\n")
         summary = {"step": step, "world_size": env.world_size,
                    **{k: v for k, v in trainer.items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
         atomic_write_text(tmp / "meta.json", json.dumps(summary, indent=2) + "\n")
@@ -123,32 +262,57 @@ def read_trainer(path: str | os.PathLike) -> dict[str, Any]:
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        return torch.load(path / "trainer.pt", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); resume from another one "
-                        f"or start without --resume") from None
+        return _read_json(path / TRAINER)
+    except CheckpointDamaged as e:
+        raise CheckpointDamaged(f"checkpoint {path} is damaged: {e}; delete it to resume from the one before, "
+                                f"or start without --resume") from None
+
+
+def _reason(e: BaseException) -> str:
+    """One line for a failed load: the first rank's own error rather than DCP's wrapper and its tracebacks."""
+    failures = getattr(e, "failures", None)
+    if isinstance(e, dcp.CheckpointException) and failures:
+        e = next(iter(failures.values()))[0]
+    if isinstance(e, CheckpointDamaged):
+        return str(e)
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first[:100]}" if first else type(e).__name__
+
+
+def _scaled(groups: list[dict[str, Any]], scale: float) -> list[dict[str, Any]]:
+    return [{**g, **{k: g[k] * scale for k in ("lr", "initial_lr") if k in g}} for g in groups]
 
 
 def load(path: str | os.PathLike, model: nn.Module, env: Env, optimizer: torch.optim.Optimizer | None = None,
-         scheduler: Any = None) -> dict[str, Any]:
+         scheduler: Any = None, lr_scale: float = 1.0) -> dict[str, Any]:
     """Restore model weights (and optimizer, scheduler, RNG when given) from a checkpoint; returns `trainer`.
 
-    Every rank calls this. RNG states are restored when the checkpoint has one for this rank.
+    Every rank calls this. RNG states are restored when the checkpoint has one for this rank. `lr_scale`
+    multiplies the restored learning rates (a run resumed with a lower --lr).
     """
     path = Path(path)
     saved = broadcast_object(_read(path) if env.is_main else None, env)
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(path), no_dist=not env.distributed)
+        state["optim"] = get_optimizer_state_dict(model, optimizer)["state"]
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=_SafeReader(path), planner=_TensorsOnly(), no_dist=not env.distributed)
+        rng = _read_rng(path / f"rng-{env.rank}.json") if saved["world_size"] == env.world_size else None
+    except (Exception, dcp.CheckpointException) as e:  # DCP gathers every rank's failure, raised on all of them
+        raise CheckpointDamaged(f"checkpoint {path} is damaged ({_reason(e)}); delete it to resume from the one "
+                                f"before, or start without --resume") from None
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+        set_optimizer_state_dict(model, optimizer,
+                                 {"state": state["optim"], "param_groups": _scaled(saved["param_groups"], lr_scale)})
         if scheduler is not None:
-            scheduler.load_state_dict(saved["scheduler"])
-    rng = path / f"rng-{env.rank}.pt"
-    if rng.is_file() and saved["world_size"] == env.world_size:
-        set_rng_state(torch.load(rng, weights_only=False))
+            sched = dict(saved["scheduler"])
+            for k in ("base_lrs", "_last_lr"):
+                if k in sched:
+                    sched[k] = [lr * lr_scale for lr in sched[k]]
+            scheduler.load_state_dict(sched)
+    if rng is not None:
+        set_rng_state(rng)
     return saved["trainer"]

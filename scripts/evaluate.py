@@ -26,23 +26,38 @@ from phi3skip.data import eval_batches  # noqa: E402
 from phi3skip.distill import default_layers  # noqa: E402
 from phi3skip.evaluate import (evaluate_skip_sets, markdown_table, parse_skip_sets, plot, pyplot,  # noqa: E402
                                val_batches)
-from phi3skip.io import atomic_write_text, read_skip_profile  # noqa: E402
+from phi3skip.corpus import read_text_file  # noqa: E402
+from phi3skip.io import atomic_write_text, read_skip_profile, resolve  # noqa: E402
+from phi3skip.paths import check_output, writable  # noqa: E402
 from phi3skip.model import validate_skip  # noqa: E402
 from phi3skip.tokenizer import check_data_tokenizer, eos_token_id, load_tokenizer  # noqa: E402
 
 SPEED_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 
 
-def text_batches(files: list[str], model_dir: Path, batch_size: int, seq_len: int, max_tokens: int):
+def read_texts(files: list[str]) -> dict[str, str]:
+    """The --text files, by prepare.py's rule for text (UTF-8, not binary): checked before any model loads."""
+    texts = {}
+    for f in files:
+        if not Path(f).is_file():
+            raise UserError(f"--text {f}: no such file")
+        try:
+            texts[f] = read_text_file(f)
+        except UserError as e:
+            raise UserError(f"--text {e}") from None
+    return texts
+
+
+def text_batches(texts: dict[str, str], model_dir: Path, batch_size: int, seq_len: int, max_tokens: int):
     """Text files tokenized with the model's tokenizer, documents separated by end-of-text, in windows."""
     tok = load_tokenizer(str(model_dir))
     eos = eos_token_id(tok, model_dir)
     ids: list[int] = []
-    for f in files:
-        path = Path(f)
-        if not path.is_file():
-            raise UserError(f"--text {f}: no such file")
-        ids += tok.encode(path.read_text(errors="replace")).ids + [eos]
+    for text in texts.values():
+        ids += tok.encode(text).ids + [eos]
+    if len(ids) < seq_len + 1:
+        raise UserError(f"--text {', '.join(texts)}: {len(ids)} tokens are too few for one window of {seq_len}+1 "
+                        f"tokens; give a longer text or lower --seq-len")
     return list(eval_batches(np.asarray(ids, dtype=np.int64), batch_size, seq_len, max_tokens=max_tokens))
 
 
@@ -67,10 +82,14 @@ def main() -> None:
         raise UserError("nothing to score: give --data (a prepare.py folder) and/or --text FILES")
     if not args.no_plot:
         pyplot()  # fail now, not after the measurements
+    texts = read_texts(args.text)
 
     t0 = time.perf_counter()
-    student = from_pretrained(args.model, dtype=args.dtype, device=args.device)
-    folder = Path(student.source_dir)
+    folder = resolve(args.model)
+    out = check_output(Path(args.out) if args.out else folder / "eval", "--out", "dir")
+    # A local student gets the measured profile in its skip.json, when its folder can be written.
+    record = Path(args.model).exists() and writable(folder)
+    student = from_pretrained(folder, dtype=args.dtype, device=args.device)
     profile = read_skip_profile(folder)
     teacher_src = args.teacher or profile.get("teacher")
     teacher = from_pretrained(teacher_src, dtype=args.dtype, device=args.device) if teacher_src else None
@@ -89,7 +108,7 @@ def main() -> None:
                                                      args.max_tokens, vocab_size=student.config.vocab_size)
     if args.text:
         datasets["text" if len(args.text) > 1 else Path(args.text[0]).stem] = text_batches(
-            args.text, folder, args.batch_size, args.seq_len, args.max_tokens)
+            texts, folder, args.batch_size, args.seq_len, args.max_tokens)
     prompt = load_tokenizer(str(folder)).encode(SPEED_PROMPT).ids if args.speed_tokens else None
     n_tok = {k: sum(y.numel() for _, y in v) for k, v in datasets.items()}
     print(f"scoring {len(skip_sets)} skip sets on {', '.join(f'{k} ({v} tokens)' for k, v in n_tok.items())}"
@@ -102,21 +121,22 @@ def main() -> None:
 
     results = evaluate_skip_sets(student, datasets, skip_sets, teacher, prompt, args.speed_tokens, progress)
 
-    out = Path(args.out) if args.out else folder / "eval"
-    record = {"model": str(args.model), "teacher": teacher_src, "datasets": n_tok, "seq_len": args.seq_len,
-              "device": args.device, "dtype": args.dtype, "results": [r.to_dict() for r in results]}
-    atomic_write_text(out / "results.json", json.dumps(record, indent=2) + "\n")
+    summary = {"model": str(args.model), "teacher": teacher_src, "datasets": n_tok, "seq_len": args.seq_len,
+               "device": args.device, "dtype": args.dtype, "results": [r.to_dict() for r in results]}
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
     table = markdown_table(results)
     atomic_write_text(out / "results.md", table + "\n")
     written = [out / "results.json", out / "results.md"]
     if not args.no_plot:
         written.append(plot(results, out / "ppl_vs_speed.png"))
-    if folder.is_dir() and Path(args.model).exists():  # a local student: record the measured profile with it
-        profile["evaluation"] = {k: record[k] for k in ("teacher", "datasets", "seq_len", "results")}
+    if record:
+        profile["evaluation"] = {k: summary[k] for k in ("teacher", "datasets", "seq_len", "results")}
         atomic_write_text(folder / "skip.json", json.dumps(profile, indent=2) + "\n")
         written.append(folder / "skip.json")
     print(table)
-    print(f"\nwrote {', '.join(map(str, written))}", file=sys.stderr)
+    print(f"\nwrote {', '.join(map(str, written))}"
+          + ("" if record or not Path(args.model).exists() else f" ({folder} is not writable: skip.json unchanged)"),
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from phi3skip import Phi3ForCausalLM, load_config, save_pretrained  # noqa: E402
-from phi3skip.cli import ArgumentParser, UserError, run_main  # noqa: E402
+from phi3skip.cli import ArgumentParser, run_main  # noqa: E402
 from phi3skip.io import resolve  # noqa: E402
+from phi3skip.paths import check_apart, check_output  # noqa: E402
 
 
 def main() -> None:
@@ -27,9 +28,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args()
-    if Path(args.out).exists() and not args.overwrite:
-        raise UserError(f"{args.out} exists; pass --overwrite to replace it")
+    check_output(args.out, "out", "folder", args.overwrite)
     like = resolve(args.like)
+    check_apart(args.out, "out", {"like": like})
     cfg = load_config(like).replace(num_hidden_layers=args.layers, hidden_size=args.hidden,
                                     intermediate_size=2 * args.hidden, num_attention_heads=args.heads,
                                     num_key_value_heads=args.kv_heads, head_dim=None, torch_dtype="float32")

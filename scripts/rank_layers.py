@@ -23,6 +23,7 @@ from phi3skip.cli import ArgumentParser, UserError, run_main  # noqa: E402
 from phi3skip.evaluate import val_batches  # noqa: E402
 from phi3skip.importance import format_table, greedy_order, rank_layers, recommended_order  # noqa: E402
 from phi3skip.io import atomic_write_text  # noqa: E402
+from phi3skip.paths import check_output  # noqa: E402
 from phi3skip.tokenizer import check_data_tokenizer  # noqa: E402
 
 
@@ -40,6 +41,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write the ranking here as JSON")
     args = p.parse_args()
+    if args.json:
+        check_output(args.json, "--json", "file")
 
     model = from_pretrained(args.model, dtype=args.dtype, device=args.device)
     meta = check_data_tokenizer(args.data, model.source_dir)

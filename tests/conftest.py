@@ -92,3 +92,14 @@ def tiny_run(tmp_path_factory):
                                                "tokenizer_sha256": tokenizer_hash(model_dir / "tokenizer.json")}))
     (root / "notes.txt").write_text(" ".join(f"t{i % V}" for i in range(0, 3000, 7)))
     return root, model.eval()
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """The PID of a process that has exited (as a process killed with -9 leaves its temporaries)."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid

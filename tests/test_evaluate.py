@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from phi3skip.cli import UserError
 from phi3skip.data import eval_batches
-from phi3skip.evaluate import bootstrap_interval, parse_skip_sets, perplexity, perplexity_ci, skip_prefixes
+from phi3skip.evaluate import (Perplexity, SkipSetResult, bootstrap_interval, markdown_table, parse_skip_sets,
+                               perplexity, perplexity_ci, skip_prefixes)
 
 ROOT = Path(__file__).resolve().parents[1]
 def direct_ppl(model, batches, skip=()) -> float:
@@ -60,6 +61,16 @@ def test_skip_set_parsing():
         parse_skip_sets("first:4", [5, 3, 1])
     with pytest.raises(UserError, match="no trained skip order"):
         parse_skip_sets("first:1", [])
+    assert parse_skip_sets("30,28;none", [3]) == [(), (30, 28)]  # the full model first, wherever it is given
+
+
+def test_speedups_are_against_the_full_model_wherever_it_is():
+    def result(skip, tps):
+        return SkipSetResult(skip, 4 - len(skip), {"d": Perplexity(10.0, 9.0, 11.0, 64)}, None, tps)
+
+    table = markdown_table([result((2,), 20.0), result((), 10.0)])
+    assert "| 2 | 3 | 10.00 [9.00, 11.00] | 20.0 | 2.00x |" in table
+    assert "| none | 4 | 10.00 [9.00, 11.00] | 10.0 | 1.00x |" in table
 
 
 def run_cli(*argv: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -93,10 +104,19 @@ def test_evaluate_cli_writes_results_table_plot_and_profile(tiny_run, tmp_path):
 
 def test_evaluate_cli_bad_input(tiny_run, tmp_path):
     root, _ = tiny_run
+    binary, latin1, short, blocker = (tmp_path / n for n in ("binary.txt", "latin1.txt", "short.txt", "blocker"))
+    binary.write_bytes(b"t1 t2\x00\x01\x02 t3 " * 100)  # valid UTF-8, but NUL bytes: prepare.py skips it too
+    latin1.write_bytes("t1 café t2 ".encode("latin-1") * 100)
+    short.write_text("t1 t2")
+    blocker.write_text("a file where a folder should be")
     for argv, msg in [((), "nothing to score"), (("--data", str(tmp_path)), "meta.json"),
                       (("--data", str(root / "data"), "--skip-sets", "a;b"), "--skip-sets"),
                       (("--data", str(root / "data"), "--skip-sets", "9"), "out of range"),
-                      (("--text", str(tmp_path / "absent.txt")), "no such file")]:
+                      (("--text", str(tmp_path / "absent.txt")), "no such file"),
+                      (("--text", str(binary)), "binary.txt: a binary file"),
+                      (("--text", str(latin1)), "latin1.txt: not UTF-8 text"),
+                      (("--text", str(short)), f"--text {short}: 3 tokens are too few"),
+                      (("--data", str(root / "data"), "--out", str(blocker / "eval")), "is a file, not a folder")]:
         r = run_cli("--model", str(root / "model"), "--no-plot", "--speed-tokens", "0", *argv)
         assert r.returncode == 2, (argv, r.stderr)
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr

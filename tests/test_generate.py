@@ -454,3 +454,23 @@ def test_cli_batch_and_speculative(tiny_dir, capsys, tmp_path):
               "--speculative", "--draft-skip", "3,2", "--lookahead", "2"])
     cap = capsys.readouterr()
     assert "acceptance" in cap.err and "draft runs 2/4" in cap.err
+
+
+def test_non_finite_weights_are_one_line_not_empty_text(tiny_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan"
+    broken.mkdir()
+    for f in tiny_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    sd = load_file(broken / "model.safetensors")
+    sd["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(sd, broken / "model.safetensors", metadata={"format": "pt"})
+    mod = load_script()
+    with pytest.raises(SystemExit) as e:
+        from phi3skip.cli import run_main
+        run_main(lambda: mod.main(["--model", str(broken), "--prompt", "w1 w2", "--max-new-tokens", "4"]))
+    assert e.value.code == 2
+    out = capsys.readouterr()
+    assert len(out.err.strip().splitlines()) == 1 and "non-finite logits" in out.err, out.err
+    assert out.out.strip() == ""

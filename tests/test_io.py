@@ -144,6 +144,11 @@ def test_tensor_errors(tmp_path):
     rewrite(folder, lambda sd: sd.update({name: torch.zeros(64, 95)}))
     with pytest.raises(CheckpointError, match=r"down_proj.weight has shape \(64, 95\).*\(64, 96\)"):
         phi3skip.from_pretrained(folder)
+    folder, _ = saved(tmp_path / "d")
+    emb = "model.embed_tokens.weight"
+    rewrite(folder, lambda sd: sd.update({emb: sd[emb].to(torch.int32)}))
+    with pytest.raises(CheckpointError, match=f"{emb} is int32; weights must be floating point"):
+        phi3skip.from_pretrained(folder)
 
 
 def test_corrupt_and_missing_shards(tmp_path):

@@ -284,12 +284,39 @@ def test_output_exists_and_overwrite(tmp_path, docs_dir, tok_dir):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    with pytest.raises(UserError, match=r"o already exists; pass --overwrite"):
+    with pytest.raises(UserError, match=r"o: already exists; pass --overwrite"):
         run("--dataset", docs_dir, "--model", tok_dir, "--out", out)
     assert (out / "keep.txt").exists()
     run("--dataset", docs_dir, "--model", tok_dir, "--out", out, "--overwrite")
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_killed_runs_temporaries_are_removed_by_the_next_run(tmp_path, docs_dir, tok_dir, dead_pid):
+    import socket
+
+    host = socket.gethostname()
+    stale = [tmp_path / f".o.tmp-{dead_pid}", tmp_path / f".o.tmp-{dead_pid}-{host}-0123abcd"]
+    kept = [tmp_path / f".o.tmp-{os.getpid()}-{host}-0123abcd",  # a live process: still writing
+            tmp_path / f".o.tmp-{dead_pid}-another-host-0123abcd"]  # a PID of another node means nothing here
+    for p in stale + kept:
+        p.mkdir()
+        (p / "all.bin").write_bytes(b"half")
+    run("--dataset", docs_dir, "--model", tok_dir, "--out", tmp_path / "o")
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
+def test_text_files_follow_one_rule(tmp_path, tok_dir):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "good.txt").write_text("Hello world. " * 5)
+    (src / "binary.txt").write_bytes(b"Hello\x00\x01 world. " * 5)  # valid UTF-8, but binary
+    (src / "latin1.txt").write_bytes("caf\u00e9 ".encode("latin-1") * 5)
+    meta = run("--dataset", src, "--model", tok_dir, "--out", tmp_path / "o", "--val-fraction", "0")
+    assert meta["documents"] == 1 and meta["skipped"]["undecodable_files"] == 2
+    with pytest.raises(UserError, match=r"--out .*src is --dataset"):
+        run("--dataset", src, "--model", tok_dir, "--out", src, "--overwrite")
+    assert (src / "good.txt").exists()
 
 
 @pytest.mark.parametrize("where", ["tokenizing", "splitting"])

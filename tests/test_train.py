@@ -93,7 +93,7 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "out" / "model.safetensors")
 
 
-def torchrun(*argv: str, timeout: int = 240) -> subprocess.CompletedProcess:
+def torchrun(*argv: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "STDOUT": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "train.py"), *argv]
@@ -152,7 +152,7 @@ def test_two_processes_agree_and_resume_exactly(tiny, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, tmp_path, monkeypatch, caplog):
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, tmp_path, monkeypatch, capsys):
     real = train.distill_step
     calls = []
 
@@ -169,19 +169,138 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, tmp_path, monkeyp
     assert [p.name for p in (run / "ckpt").glob("step-*")] == ["step-00000002"]
     assert (run / "ckpt" / "latest").read_text().strip() == "step-00000002"
     assert not (run / "out").exists()
+    advice = "the same command with --resume --lr 0.001"
+    assert advice in capsys.readouterr().err
+    monkeypatch.setattr(train, "distill_step", real)
+    assert train.main(args(tiny, run, *SEQ, "--save-every", "2", "--resume", "--lr", "1e-3"))  # the advice works
+    lrs = [m["lr"] for m in metrics(run) if "lr" in m]
+    assert lrs[2] == pytest.approx(1e-3 * train.lr_lambda(3, 1, 0.1)(2))  # the schedule goes on at the new rate
+    with pytest.raises(UserError, match="a lower --lr is allowed"):
+        train.main(args(tiny, run, *SEQ, "--save-every", "2", "--resume", "--lr", "1e-2", "--overwrite"))
 
 
-def test_nested_schedule_runs(tiny, tmp_path):
+def test_nested_schedule_runs(tiny, tmp_path, monkeypatch):
     run = tmp_path / "nested"
-    out = train.main(args(tiny, run, "--schedule", "nested", "--max-steps", "6", "--lr", "1e-3",
-                          "--train-scope", "1-3", "--grad-accum", "2", "--save-every", "0"))
-    skips = {tuple(s) for m in metrics(run) if "skip" in m for s in m["skip"]}
-    assert skips <= {(), (2,), (2, 0)} and len(skips) > 1
+    monkeypatch.chdir(tiny)  # the teacher given as a relative path
+    argv = args(tiny, run, "--schedule", "nested", "--max-steps", "6", "--lr", "1e-3", "--train-scope", "1-3",
+                "--grad-accum", "2", "--save-every", "0")
+    argv[argv.index("--model") + 1] = "model"
+    out = train.main(argv)
+    schedule = train.Schedule("nested", (2, 0), 6, 0)
+    rows = [m for m in metrics(run) if "skip" in m]
+    assert [m["skip"] for m in rows] == [[list(schedule.skip(m["step"] - 1, i)) for i in range(2)] for m in rows]
+    assert any(m["skip"][0] != m["skip"][1] for m in rows)  # micro-batches differ: each one is logged
     skip = json.loads((out / "skip.json").read_text())
+    assert skip["teacher"] == str((tiny / "model").resolve())  # found again from any folder
     assert [p["skip"] for p in skip["perplexity"]["prefixes"]] == [[2], [2, 0]]
     before, after = from_pretrained(tiny / "model"), from_pretrained(out)
     assert torch.equal(before.model.layers[0].mlp.down_proj.weight, after.model.layers[0].mlp.down_proj.weight)
     assert not torch.equal(before.model.layers[1].mlp.down_proj.weight, after.model.layers[1].mlp.down_proj.weight)
+
+
+# Outputs: nothing lost, checked before the work --------------------------------------------------------------
+def test_out_never_replaces_the_teacher_or_an_existing_folder(tiny, tmp_path):
+    model = tiny / "model"
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    for out in (model, model / "student", tiny):
+        argv = args(tiny, tmp_path, "--overwrite")
+        argv[argv.index("--out") + 1] = str(out)
+        with pytest.raises(UserError, match="--model"):
+            train.main(argv)
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="out: already exists; pass --overwrite"):
+        train.main(args(tiny, tmp_path))
+    assert (tmp_path / "out" / "keep.txt").exists() and not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("flag", ["--out", "--ckpt-dir", "--log-dir"])
+def test_unwritable_output_fails_before_any_work(tiny, tmp_path, monkeypatch, flag):
+    monkeypatch.setenv("STDOUT", "0")  # a log file is written: --log-dir matters
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    argv = args(tiny, tmp_path)
+    argv[argv.index(flag) + 1] = str(tmp_path / "blocker" / "x")
+    with pytest.raises(UserError, match=f"{flag} .*blocker is a file, not a folder"):
+        train.main(argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]  # nothing started: no log, no checkpoint
+
+
+# Checkpoints: damaged ones are skipped, none can run code -----------------------------------------------------
+@pytest.fixture(scope="module")
+def stopped(tiny, tmp_path_factory):
+    """A run stopped after step 5 (checkpoints 3 and 4), and the straight run's weights."""
+    root = tmp_path_factory.mktemp("stopped")
+    train.main(args(tiny, root / "whole", *SEQ, "--save-every", "2"))
+    train.main(args(tiny, root / "parts", *SEQ, "--save-every", "2", "--stop-at", "5"))
+    return root
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst / "ckpt" / "step-00000004"
+
+
+def _garble(f: Path) -> None:
+    """Same size, first bytes overwritten (a disk error): only reading the file finds out."""
+    data = f.read_bytes()
+    f.write_bytes(b"\xff" * 64 + data[64:])
+
+
+@pytest.mark.parametrize("damage", ["rng", "metadata", "shard"])
+def test_resume_skips_a_damaged_checkpoint(tiny, stopped, tmp_path, capsys, damage):
+    run = tmp_path / "run"
+    newest = _copy_run(stopped / "parts", run)
+    if damage == "rng":
+        (newest / "rng-0.json").write_text('{"python": [3, [1, 2')
+    else:
+        f = newest / ".metadata" if damage == "metadata" else next(newest.glob("*.distcp"))
+        f.write_bytes(f.read_bytes()[:100])  # truncated
+    train.main(args(tiny, run, *SEQ, "--save-every", "2", "--resume"))
+    out = capsys.readouterr().out
+    assert f"checkpoint {newest} is damaged" in out and "resuming from" in out and "step-00000003" in out
+    a, b = weights(stopped / "whole"), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # resumed from step 3: still the straight run's weights
+
+
+def test_resume_with_no_intact_checkpoint_is_one_line(tiny, stopped, tmp_path):
+    run = tmp_path / "run"
+    _copy_run(stopped / "parts", run)
+    for f in (run / "ckpt").glob("step-*/rng-0.json"):
+        f.unlink()
+    with pytest.raises(UserError, match=r"no intact checkpoint in .*rng-0\.json is missing"):
+        train.main(args(tiny, run, *SEQ, "--save-every", "2", "--resume"))
+    _copy_run(stopped / "parts", tmp_path / "run2")
+    for f in (tmp_path / "run2" / "ckpt").glob("step-*/__0_0.distcp"):
+        _garble(f)
+    with pytest.raises(UserError, match=r"checkpoint .*step-00000004 is damaged .*delete it to resume from the one"):
+        train.main(args(tiny, tmp_path / "run2", *SEQ, "--save-every", "2", "--resume"))
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):  # what a crafted pickle does when loaded: here, create a file
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_crafted_checkpoint_runs_no_code(tiny, stopped, tmp_path):
+    import pickle
+
+    run = tmp_path / "run"
+    newest = _copy_run(stopped / "parts", run)
+    marker = tmp_path / "pwned"
+    (newest / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    older = run / "ckpt" / "step-00000003"
+    (older / "trainer.json").unlink()  # an older-format checkpoint: pickled trainer.pt and rng files
+    torch.save({"trainer": _Payload(marker)}, older / "trainer.pt")
+    torch.save(_Payload(marker), older / "rng-0.pt")
+    with pytest.raises(UserError, match="no intact checkpoint"):
+        train.main(args(tiny, run, *SEQ, "--save-every", "2", "--resume"))
+    assert not marker.exists()
 
 
 def _other_data(tiny: Path, tmp_path: Path, n: int = 20000, tokenizer_sha256: str | None = None) -> Path:
@@ -201,8 +320,14 @@ def _other_data(tiny: Path, tmp_path: Path, n: int = 20000, tokenizer_sha256: st
     (("--schedule", "random"), "unknown"),
     (("--max-seq-len", "100"), "exceeds the model's 64 positions"),
     (("--train-scope", "2", "--layers", "2"), "no gradient from the skip term"),
-    (("--resume",), "no checkpoint"),
+    (("--resume",), "no intact checkpoint"),
     (("--bogus",), "unrecognized arguments"),
+    (("--stop-at", "-3"), "--stop-at must be at least 1"),
+    (("--save-every", "-1"), "--save-every must be 0 or more"),
+    (("--kd-weight", "-1"), "--kd-weight must be 0 or more"),
+    (("--ce-weight", "nan"), "--ce-weight must be 0 or more"),
+    (("--min-lr-ratio", "2"), "--min-lr-ratio must be between 0 and 1"),
+    (("--dtype", "float16"), "loss scaler"),
 ])
 def test_bad_input(tiny, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):

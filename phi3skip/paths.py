@@ -1,0 +1,132 @@
+"""Output paths: checked before a command starts work, written through temporary siblings, stale ones cleaned.
+
+Every atomic writer writes `.NAME.tmp-PID-HOST-XXXXXXXX` beside NAME and renames it into place (an existing
+folder waits as `.NAME.old-...` until the new one is in place). A process killed with -9 leaves its temporary
+behind; the next writer of the same NAME removes those left by processes of this host that are gone.
+"""
+from __future__ import annotations
+
+import errno
+import glob
+import os
+import re
+import secrets
+import shutil
+import socket
+from pathlib import Path
+from typing import Literal, Mapping
+
+from .cli import UserError
+
+# .NAME.KIND-PID[-HOST-RANDOM]; the short form (no host) is what earlier versions wrote.
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-(?P<host>.+)-[0-9a-f]{8})?$")
+
+
+def _host() -> str:
+    return socket.gethostname().replace("/", "_") or "localhost"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale(folder: str | os.PathLike, names: str = "*") -> list[Path]:
+    """Remove the temporaries in `folder` (for targets matching the glob `names`) whose process is gone.
+
+    Only this host's temporaries are judged (a PID means nothing on another node of a shared filesystem), and
+    an `.old` copy only once its target is back in place: until then it may be the only copy.
+    """
+    folder = Path(folder)
+    removed = []
+    for p in folder.glob(f".{names}.*-*") if folder.is_dir() else ():
+        m = _TEMP.match(p.name)
+        if not m or (m["host"] or _host()) != _host() or _alive(int(m["pid"])):
+            continue
+        if m["kind"] == "old" and not (folder / m["name"]).exists():
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def temp_sibling(path: str | os.PathLike, kind: Literal["tmp", "old"] = "tmp") -> Path:
+    """A fresh name beside `path` to write it atomically; stale temporaries of `path` are removed first."""
+    path = Path(path)
+    clean_stale(path.parent, glob.escape(path.name))
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{_host()}-{secrets.token_hex(4)}")
+
+
+# Checking outputs before the work ------------------------------------------------------------------------------
+def _probe(folder: Path) -> OSError | None:
+    """Can this process create a file in `folder`? (tried for real: permission bits lie to root and on
+    read-only mounts)."""
+    probe = folder / f".phi3skip-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as e:
+        return e
+    return None
+
+
+def writable(folder: str | os.PathLike) -> bool:
+    folder = Path(folder)
+    return folder.is_dir() and _probe(folder) is None
+
+
+def check_output(path: str | os.PathLike, flag: str, kind: Literal["folder", "dir", "file"],
+                 overwrite: bool | None = None) -> Path:
+    """Check before any work that `path` can be written; returns it. One-line `UserError` otherwise.
+
+    kind: "folder", an output folder replaced as a whole (an existing one needs `overwrite`, when the command
+    has that flag: pass its value); "dir", a folder written into (logs, checkpoints, results); "file", a file.
+    """
+    path = Path(path).expanduser()
+    what = f"{flag} {path}" if flag else str(path)
+    if path.exists():
+        if kind == "file" and path.is_dir():
+            raise UserError(f"{what}: is a folder; give a file name")
+        if kind != "file" and not path.is_dir():
+            raise UserError(f"{what}: exists and is not a folder; choose another {flag or 'path'}")
+        if kind == "folder" and overwrite is False:
+            raise UserError(f"{what}: already exists; pass --overwrite to replace it, or choose another "
+                            f"{flag or 'path'}")
+    # The folder that must accept new entries: the path itself for "dir", else its parent (the rename).
+    target = path if kind == "dir" else path.parent
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{what}: {existing} is a file, not a folder; choose another {flag or 'path'}")
+    err = _probe(existing)
+    if err is not None:
+        reason = os.strerror(err.errno) if err.errno else type(err).__name__
+        if err.errno in (errno.EACCES, errno.EPERM):
+            reason = "permission denied"
+        raise UserError(f"{what}: cannot write in {existing} ({reason}); choose another {flag or 'path'}")
+    return path
+
+
+def check_apart(out: str | os.PathLike, flag: str, others: Mapping[str, str | os.PathLike | None],
+                inside_too: bool = False) -> None:
+    """An output folder that will be replaced must not be, or hold, a folder the command reads or keeps
+    (`others`: flag -> path; None entries are ignored): replacing it would destroy that folder. With
+    `inside_too`, it must not sit inside one either (a teacher's folder stays as it was)."""
+    o = Path(os.path.realpath(Path(out).expanduser()))
+    for name, other in others.items():
+        if other is None:
+            continue
+        p = Path(os.path.realpath(Path(other).expanduser()))
+        if o == p or o in p.parents or (inside_too and p in o.parents):
+            how = "is" if o == p else ("holds" if o in p.parents else "is inside")
+            raise UserError(f"{flag} {out} {how} {name} {other}: writing it would replace or change that; "
+                            f"choose another {flag}")
