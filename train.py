@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
            "blocks such as 20-31, or adapters: the base stays frozen (the full model is the teacher, exactly) "
            "and only a small bypass per skippable layer trains (phi3skip/bypass.py)")
     a("--k-dist", default="uniform", help=f"nested: which skip sets a step trains, one of {', '.join(K_DISTS)} "
-                                          "(sandwich: the deepest set and one drawn below it)")
+                                          "(sandwich: the deepest set and one drawn below it; harmonic: two depths, "
+                                          "P(k) ~ 1/k)")
     a("--adapter-rank", type=int, default=None, help="rank of each bypass (adapters; default: about 2%% of a block's compute)")
     a("--lsq-tokens", type=int, default=16384,
       help="adapters: training tokens for the least-squares initialisation of the bypasses (0: start at zero)")

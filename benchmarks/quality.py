@@ -67,16 +67,24 @@ def build_untrained(args, teacher_dir: Path, out: Path, extra: list[str]) -> Non
     p.add_argument("--rank-tokens", type=int, default=1024)
     p.add_argument("--lsq-tokens", type=int, default=0)
     p.add_argument("--adapter-rank", type=int, default=None)
+    p.add_argument("--rank-fit-tokens", type=int, default=0,
+                   help="greedy order scored with least-squares bypasses fitted on this many other train tokens")
     a = p.parse_args(extra)
     model = from_pretrained(teacher_dir, dtype=torch.float32)
     train = Batches(Path(args.data) / "train.bin", 4, 256, seed=0)
     if a.layers == "auto":
         n = -(-a.rank_tokens // 1024)
         t0 = time.perf_counter()
+        fit = None
+        if a.rank_fit_tokens:
+            bypass.attach(model, range(model.num_layers), a.adapter_rank)
+            fit = [train.get(n + i, "cpu")[0] for i in range(-(-a.rank_fit_tokens // 1024))]
         layers = [lay for lay, _ in greedy_order(model, [train.get(i, "cpu") for i in range(n)], a.num_skip or 6,
                                                  progress=lambda b: print(f"+ layer {b[0]} KL {b[1]:.4f} "
                                                                           f"({time.perf_counter() - t0:.0f}s)",
-                                                                          flush=True))]
+                                                                          flush=True),
+                                                 bypass_fit=fit)]
+        model.skip_adapters = None
     else:
         layers = parse_layers(a.layers, model.num_layers, a.num_skip)
     if a.lsq_tokens:

@@ -103,23 +103,29 @@ def fit_lstsq(model: Phi3ForCausalLM, batches: Sequence[torch.Tensor], order: Se
     for k, layer in enumerate(order):
         skip = list(order[:k])
         lo = min(skip + [layer])
-        byp = adapters.bypass[str(layer)]
-        xtx = xty = None
+        inputs: list[torch.Tensor] = []
         for t in traces:
-            inputs: list[torch.Tensor] = []
             _restart(model, lo, t[lo], skip, layer, inputs)
-            x = inputs[0]
-            a = byp.norm(x).reshape(-1, x.shape[-1]).double()
-            b = (t[layer + 1] - x).reshape(-1, x.shape[-1]).double()
-            xtx = a.T @ a if xtx is None else xtx + a.T @ a
-            xty = a.T @ b if xty is None else xty + a.T @ b
-        xtx += ridge * xtx.diagonal().mean() * torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)
-        w = torch.linalg.solve(xtx, xty)  # [H, H]: norm(x) @ w approximates the block's contribution
-        down, up = reduced_rank(w, xtx, adapters.rank)
-        byp.down.weight.copy_(down.T)
-        byp.up.weight.copy_(up.T)
+        fit_one(adapters.bypass[str(layer)], inputs, [t[layer + 1] for t in traces], ridge)
         if progress is not None:
             progress(layer)
+
+
+@torch.no_grad()
+def fit_one(byp: Bypass, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], ridge: float = 1e-4) -> None:
+    """Set one bypass to the rank-r least-squares map from its normalised inputs to `targets - inputs` (what the
+    skipped block should add to land on the full model's residual stream)."""
+    xtx = xty = None
+    for x, y in zip(inputs, targets):
+        a = byp.norm(x).reshape(-1, x.shape[-1]).double()
+        b = (y - x).reshape(-1, x.shape[-1]).double()
+        xtx = a.T @ a if xtx is None else xtx + a.T @ a
+        xty = a.T @ b if xty is None else xty + a.T @ b
+    xtx += ridge * xtx.diagonal().mean() * torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)
+    w = torch.linalg.solve(xtx, xty)  # [H, H]: norm(x) @ w approximates the block's contribution
+    down, up = reduced_rank(w, xtx, byp.down.weight.shape[0])
+    byp.down.weight.copy_(down.T)
+    byp.up.weight.copy_(up.T)
 
 
 def reduced_rank(w: torch.Tensor, xtx: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,7 +38,7 @@ from .cli import UserError
 from .model import Phi3ForCausalLM, validate_skip
 
 SCHEDULES = ("sequential", "nested")
-K_DISTS = ("uniform", "sandwich")
+K_DISTS = ("uniform", "sandwich", "harmonic")
 IGNORE_INDEX = -100
 _BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -123,13 +123,20 @@ class Schedule:
         return self.layers[:k]
 
     def skip_sets(self, step: int, micro: int = 0) -> list[tuple[int, ...]]:
-        """The skip passes of a step: one set, or for nested-sandwich the deepest set and one drawn below it."""
+        """The skip passes of a step: one set (uniform), or two for nested schedules with
+        sandwich: the deepest set and one drawn uniformly below it (the deepest is the speculative draft);
+        harmonic: two depths drawn without replacement with P(k) ~ 1/k (users operate at small k)."""
         if self.kind == "sequential" or self.k_dist == "uniform":
             return [self.skip(step, micro)]
         K = len(self.layers)
         if K == 1:
             return [self.layers]
-        k = int(np.random.default_rng([self.seed, step, micro]).integers(1, K))
+        rng = np.random.default_rng([self.seed, step, micro])
+        if self.k_dist == "harmonic":
+            p = 1.0 / np.arange(1, K + 1)
+            ks = rng.choice(np.arange(1, K + 1), size=2, replace=False, p=p / p.sum())
+            return [self.layers[:int(k)] for k in sorted(ks, reverse=True)]
+        k = int(rng.integers(1, K))
         return [self.layers, self.layers[:k]]
 
 

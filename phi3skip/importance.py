@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bypass import fit_one
 from .distill import chunked_kd_loss
 from .evaluate import Batch, perplexity
 
@@ -116,13 +117,19 @@ def format_table(full: float, ranking: Sequence[LayerImportance]) -> str:
 
 @torch.no_grad()
 def greedy_order(model: nn.Module, batches: Sequence[Batch], k: int, candidates: Sequence[int] | None = None,
-                 progress=None) -> list[tuple[int, float]]:
+                 progress=None, bypass_fit: Sequence[torch.Tensor] | None = None) -> list[tuple[int, float]]:
     """The first k layers to skip, each chosen given those before it: [(layer, KL of the set so far)].
 
     Each candidate set S + {c} is scored by its mean per-token KL from the full model, whose probabilities are
     kept (tokens x vocabulary, fp32: meant for a few thousand calibration tokens). The residual stream of the
     model skipping S is recorded once per pick; candidate c restarts from it at layer c (the layers below c are
     the same with or without c), so a deep candidate costs only the layers above it.
+
+    bypass_fit: score each layer as it will be served, replaced by its skip adapter (the model must carry one
+    for every candidate, `bypass.attach`), fitted by least squares on these token batches [B, T] given the
+    layers already chosen; the chosen layers' bypasses keep their fits. Ranks which layers a linear map
+    replaces best, not which matter least. Fit and score on different tokens: scored on its own fitting
+    tokens, a bypass's overfit makes a layer look replaceable.
     """
     n = model.config.num_hidden_layers
     candidates = list(range(n)) if candidates is None else list(candidates)
@@ -138,14 +145,20 @@ def greedy_order(model: nn.Module, batches: Sequence[Batch], k: int, candidates:
         negent += float((probs[-1] * logp).sum())
         del logp
     count = sum(x.numel() for x in xs)
+    bypass = bypass_fit is not None
+    fit_xs = [x.to(w.device) for x in bypass_fit] if bypass else []
+    full = [model.residuals(x) for x in fit_xs]
     chosen: list[tuple[int, float]] = []
     skip: list[int] = []
     for _ in range(k):
         traces = [model.residuals(x, skip) for x in xs]
+        fit_traces = [model.residuals(x, skip) for x in fit_xs]
         best = None
         for c in candidates:
             if c in skip:
                 continue
+            if bypass:
+                fit_one(model.skip_adapters.bypass[str(c)], [t[c] for t in fit_traces], [f[c + 1] for f in full])
             above = [i for i in skip if i > c] + [c]
             cross = 0.0
             for t, p in zip(traces, probs):

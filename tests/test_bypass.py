@@ -147,6 +147,17 @@ def test_sandwich_schedule_trains_the_deepest_set_and_one_below():
         Schedule("nested", (5,), 10, k_dist="zipf")
 
 
+def test_harmonic_schedule_draws_two_depths_favouring_small_k():
+    layers = (5, 3, 1, 0)
+    s = Schedule("nested", layers, 4000, seed=1, k_dist="harmonic")
+    sets = [s.skip_sets(i) for i in range(4000)]
+    assert all(len(a) > len(b) >= 1 and a == layers[:len(a)] and b == layers[:len(b)] for a, b in sets)
+    # P(k in the pair) for draws without replacement, P(k) ~ 1/k over 1..4: k=1 0.79 ... k=4 0.29
+    share = {k: sum(k in (len(a), len(b)) for a, b in sets) / len(sets) for k in range(1, 5)}
+    assert share[1] > share[2] > share[3] > share[4] and 0.76 < share[1] < 0.82
+    assert s.skip_sets(7) == Schedule("nested", layers, 4000, seed=1, k_dist="harmonic").skip_sets(7)
+
+
 @torch.no_grad()
 def test_greedy_order_picks_the_identity_layer_then_conditions_on_it():
     model = tiny()
@@ -161,3 +172,26 @@ def test_greedy_order_picks_the_identity_layer_then_conditions_on_it():
         kls = {c: kl_of(model, x, prev + [c]) for c in range(6) if c not in prev}
         assert order[k - 1][0] == min(kls, key=kls.get)
         assert order[k - 1][1] == pytest.approx(kls[order[k - 1][0]], rel=1e-4)
+
+
+@torch.no_grad()
+def test_greedy_order_with_bypasses_scores_each_layer_as_served():
+    # A block that adds a linear map of its normalised input is what a full-rank bypass replaces exactly: scored
+    # with bypasses it costs nothing, while dropping it costs a lot.
+    model = tiny(std=0.2)
+    lin = 2
+    blk = model.model.layers[lin]
+    linear = bypass.Bypass(32, 32, model.config.rms_norm_eps)
+    linear.norm.weight.copy_(blk.input_layernorm.weight)
+    linear.down.weight.normal_(0, 0.3)
+    linear.up.weight.normal_(0, 0.3)
+    blk.forward = lambda h, *a, **k: linear(h)
+    batches = [(tokens(B=2, T=16, seed=s), None) for s in range(2)]
+    x = torch.cat([b for b, _ in batches])
+    dropped = kl_of(model, x, (lin,))
+    bypass.attach(model, range(model.num_layers), rank=32)
+    fit = [tokens(B=2, T=16, seed=10 + s) for s in range(2)]  # other tokens than those scored
+    order = greedy_order(model, batches, 2, bypass_fit=fit)
+    assert order[0][0] == lin and order[0][1] < 1e-3 * dropped
+    # each pick's KL is that of the model serving the chosen set with the bypasses the order fitted
+    assert order[1][1] == pytest.approx(kl_of(model, x, [layer for layer, _ in order]), rel=1e-4)
