@@ -29,12 +29,12 @@ from phi3skip.cli import ArgumentParser, UserError, run_main
 from phi3skip.config import Phi3Config
 from phi3skip.data import Batches
 from phi3skip.distill import (K_DISTS, SCHEDULES, STATS, LossConfig, Schedule, adapter_step, bind_forward_branches,
-                              default_layers, distill_step, parse_layers, set_trainable, step_flops_per_token,
-                              trainable_blocks)
+                              distill_step, set_trainable, step_flops_per_token, trainable_blocks)
 from phi3skip.evaluate import token_nll, val_batches
 from phi3skip.importance import greedy_order
 from phi3skip.io import dtype_name, from_pretrained, parse_dtype, resolve, save_checkpoint
 from phi3skip.paths import check_apart, check_output
+from phi3skip.skipsets import default_layers, parse_layers
 from phi3skip.tokenizer import check_data_tokenizer
 
 log = logging.getLogger("phi3skip.train")

@@ -31,10 +31,10 @@ import torch  # noqa: E402
 
 from phi3skip import bypass, from_pretrained  # noqa: E402
 from phi3skip.data import Batches, eval_batches  # noqa: E402
-from phi3skip.distill import parse_layers  # noqa: E402
-from phi3skip.evaluate import perplexity_ci, skip_prefixes, val_batches  # noqa: E402
+from phi3skip.evaluate import perplexity_ci, val_batches  # noqa: E402
 from phi3skip.importance import greedy_order  # noqa: E402
 from phi3skip.io import atomic_write_text, read_skip_profile, save_pretrained  # noqa: E402
+from phi3skip.skipsets import parse_layers, skip_prefixes  # noqa: E402
 from phi3skip.tokenizer import load_tokenizer  # noqa: E402
 
 DEMO = ["--schedule", "nested", "--batch-size", "4", "--max-seq-len", "256", "--eval-tokens", "4096",

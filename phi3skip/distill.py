@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from .cli import UserError
-from .model import Phi3ForCausalLM, validate_skip
+from .model import Phi3ForCausalLM
+from .skipsets import validate_skip
 
 SCHEDULES = ("sequential", "nested")
 K_DISTS = ("uniform", "sandwich")
@@ -43,39 +44,7 @@ IGNORE_INDEX = -100
 _BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-# Candidate layers and schedules ------------------------------------------------------------------------------
-def default_layers(num_layers: int) -> list[int]:
-    """Every other layer counting down from the second-to-last: L-2, L-4, ..., down to 0 or 1."""
-    return list(range(num_layers - 2, -1, -2))
-
-
-def parse_layers(text: str | Sequence[int] | None, num_layers: int, num_skip: int | None = None) -> list[int]:
-    """`--layers 30,28,26` (or None for the default), checked, optionally cut to the first `num_skip`."""
-    if text is None or text == "":
-        layers = default_layers(num_layers)
-    elif isinstance(text, str):
-        try:
-            layers = [int(s) for s in text.replace(" ", "").split(",") if s != ""]
-        except ValueError:
-            raise UserError(f"--layers {text!r}: expected comma-separated layer indices like "
-                            f"{','.join(map(str, default_layers(num_layers)[:3]))}") from None
-    else:
-        layers = list(text)
-    if not layers:
-        raise UserError(f"--layers names no layer; give indices in 0..{num_layers - 1}")
-    bad = [i for i in layers if not 0 <= i < num_layers]
-    if bad:
-        raise UserError(f"--layers: layer {bad[0]} is out of range; this model has layers 0..{num_layers - 1}")
-    seen = {i for i in layers if layers.count(i) > 1}
-    if seen:
-        raise UserError(f"--layers names layer {min(seen)} more than once")
-    if num_skip is not None:
-        if not 1 <= num_skip <= len(layers):
-            raise UserError(f"--num-skip {num_skip}: must be in 1..{len(layers)} (the number of candidate layers)")
-        layers = layers[:num_skip]
-    return layers
-
-
+# Schedules ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Schedule:
     """Which layers the small pass skips at each optimizer step.

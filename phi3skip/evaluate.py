@@ -20,7 +20,7 @@ from torch import nn
 from .cli import UserError
 from .data import eval_batches
 from .distill import default_chunk
-from .model import parse_skip, validate_skip
+from .skipsets import validate_skip
 from .paths import temp_sibling
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -141,24 +141,6 @@ class SkipSetResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def skip_prefixes(layers: Sequence[int]) -> list[tuple[int, ...]]:
-    """(), (l1,), (l1, l2), ...: every skip set a user may pick from a trained list."""
-    return [tuple(layers[:k]) for k in range(len(layers) + 1)]
-
-
-def parse_skip_sets(text: str, layers: Sequence[int], flag: str = "--skip-sets") -> list[tuple[int, ...]]:
-    """'prefixes' (every prefix of `layers`) or sets '30,28;first:2;none' (see `model.parse_skip`); the full
-    model is always scored, first. `flag` names the option in error messages."""
-    if text.strip() == "prefixes":
-        return skip_prefixes(layers)
-    sets: list[tuple[int, ...]] = []
-    for part in text.split(";"):
-        s = parse_skip(part, layers, flag)
-        if s not in sets:
-            sets.append(s)
-    return [()] + [s for s in sets if s]  # the full model first: the baseline every speedup is against
 
 
 def evaluate_skip_sets(student: nn.Module, datasets: dict[str, Sequence[Batch]], skip_sets: Sequence[Sequence[int]],

@@ -46,7 +46,8 @@ from torch import nn
 from .cli import UserError
 from .config import Phi3Config
 from .kv_cache import KVCache
-from .model import Phi3ForCausalLM, validate_skip
+from .model import Phi3ForCausalLM
+from .skipsets import check_draft_skip, validate_skip
 
 COMPILE_MODES = ("blocks", "step")
 
@@ -265,22 +266,6 @@ class _Workspace:
         if not self.padded:
             return None
         return (torch.arange(T, device=self.device)[None] - self.pad).clamp(min=0)
-
-
-def check_draft_skip(skip: Sequence[int] | None, draft_skip: Sequence[int], num_layers: int,
-                     lookahead: int = 1) -> frozenset[int]:
-    """The draft's skip set, checked: valid layers, every layer the verifier skips, and at least one more."""
-    skipped = validate_skip(skip, num_layers)
-    d = validate_skip(draft_skip, num_layers)
-    missing = skipped - d
-    if missing:
-        raise UserError(f"the draft skip set must include every layer that --skip skips; it lacks "
-                        f"{','.join(map(str, sorted(missing, reverse=True)))}")
-    if d == skipped:
-        raise UserError("the draft skip set must skip more layers than --skip (the verifier)")
-    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 1:
-        raise UserError(f"lookahead must be an integer >= 1, got {lookahead!r}")
-    return d
 
 
 def check_request(cfg: Phi3Config, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:

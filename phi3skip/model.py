@@ -6,76 +6,21 @@ with a cache, no KV memory.
 """
 from __future__ import annotations
 
-import operator
 from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cli import UserError
 from .config import Phi3Config
 from .kv_cache import KVCache, LayerKV
 from .rope import Rotary, apply_rotary
+from .skipsets import InvalidSkip, validate_skip  # noqa: F401  (InvalidSkip: the error a bad `skip` raises)
 
 try:  # optional: used on CUDA for cache-free causal attention (training, evaluation)
     from flash_attn import flash_attn_func
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = None
-
-
-class InvalidSkip(UserError, ValueError):
-    """A skip set that names no valid set of layers."""
-
-
-def validate_skip(skip: Iterable[int] | None, num_layers: int) -> frozenset[int]:
-    """Check a skip set: integers in [0, num_layers), no duplicates. Raises InvalidSkip naming the range."""
-    if skip is None:
-        return frozenset()
-    valid = f"layer indices are integers in 0..{num_layers - 1}"
-    if isinstance(skip, (str, bytes)) or not isinstance(skip, Iterable):
-        raise InvalidSkip(f"skip must be a collection of layer indices, got {skip!r}; {valid}")
-    out: list[int] = []
-    for s in skip:
-        if isinstance(s, bool):
-            raise InvalidSkip(f"skip index {s!r} is not an integer; {valid}")
-        try:
-            i = operator.index(s)
-        except TypeError:
-            raise InvalidSkip(f"skip index {s!r} is not an integer; {valid}") from None
-        if not 0 <= i < num_layers:
-            raise InvalidSkip(f"skip index {i} is out of range; {valid}")
-        out.append(i)
-    if len(set(out)) != len(out):
-        raise InvalidSkip(f"skip {sorted(out)} names a layer twice; {valid}")
-    return frozenset(out)
-
-
-def parse_skip(text: str | None, trained: Sequence[int] = (), flag: str = "--skip") -> tuple[int, ...]:
-    """A skip set from the command line: '30,28'; 'none' or '' (skip nothing); 'first:K', the first K layers of
-    the trained order `trained` (skip.json's), so nobody copies layer numbers. Ranges are checked later,
-    against the model (`validate_skip`)."""
-    text = "" if text is None else text.strip().lower()
-    if text in ("", "none"):
-        return ()
-    if text.startswith("first:"):
-        k = text.split(":", 1)[1]
-        if not trained:
-            raise UserError(f"{flag} {text}: this model has no trained skip order (skip.json); name the layers")
-        if not k.isdigit() or not 0 <= int(k) <= len(trained):
-            raise UserError(f"{flag} {text}: K must be in 0..{len(trained)}, the length of the trained order "
-                            f"{','.join(map(str, trained))}")
-        return tuple(trained[:int(k)])
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise UserError(f"{flag} {text!r}: expected layer indices like 30,28, first:K (the first K of the "
-                        f"trained order) or none") from None
-
-
-def untrained(skip: Iterable[int], trained: Sequence[int]) -> list[int]:
-    """The layers of `skip` that training did not make skippable (skipping them is the naive skip)."""
-    return sorted(set(skip) - set(trained), reverse=True)
 
 
 class RMSNorm(nn.Module):

@@ -23,13 +23,11 @@ import torch  # noqa: E402
 from phi3skip import from_pretrained  # noqa: E402
 from phi3skip.cli import ArgumentParser, UserError, run_main  # noqa: E402
 from phi3skip.data import eval_batches  # noqa: E402
-from phi3skip.distill import default_layers  # noqa: E402
-from phi3skip.evaluate import (evaluate_skip_sets, markdown_table, parse_skip_sets, plot, pyplot,  # noqa: E402
-                               val_batches)
+from phi3skip.evaluate import evaluate_skip_sets, markdown_table, plot, pyplot, val_batches  # noqa: E402
 from phi3skip.corpus import read_text_file  # noqa: E402
 from phi3skip.io import atomic_write_text, read_skip_profile, resolve  # noqa: E402
 from phi3skip.paths import check_output, writable  # noqa: E402
-from phi3skip.model import validate_skip  # noqa: E402
+from phi3skip.skipsets import default_layers, parse_skip_sets, validate_skip  # noqa: E402
 from phi3skip.tokenizer import check_data_tokenizer, eos_token_id, load_tokenizer  # noqa: E402
 
 SPEED_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"

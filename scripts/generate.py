@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:  # run as `python scripts/generate.py` without ins
 
 from phi3skip import io  # noqa: E402
 from phi3skip.cli import ArgumentParser, UserError, run_main  # noqa: E402
-from phi3skip.model import parse_skip  # noqa: E402
+from phi3skip.skipsets import default_draft_skip, parse_skip  # noqa: E402,F401  (default_draft_skip: tests)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -88,15 +88,6 @@ def trained_order(folder: Path) -> list[int]:
         return []
 
 
-def default_draft_skip(trained: list[int], skip: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
-    """The verifier's skips plus the student's trained order when there is one, else plus every other layer
-    of the upper half (the last layer always runs)."""
-    extra = [i for i in trained if 0 <= i < num_layers]
-    if not [i for i in extra if i not in skip]:
-        extra = list(range(num_layers - 2, num_layers // 2 - 1, -2))
-    return tuple(sorted(set(skip) | set(extra), reverse=True))
-
-
 def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="data/llm_cache/student_model",
@@ -145,9 +136,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from phi3skip import chat
     from phi3skip.config import Phi3Config
-    from phi3skip.generate import Generator, Sampling, check_draft_skip, check_request
+    from phi3skip.generate import Generator, Sampling, check_request
     from phi3skip.io import from_pretrained, parse_dtype
-    from phi3skip.model import untrained, validate_skip
+    from phi3skip.skipsets import check_draft_skip, untrained, validate_skip
     from phi3skip.tokenizer import load_tokenizer
 
     config = Phi3Config.from_json(folder / "config.json")

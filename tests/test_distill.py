@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from phi3skip import Phi3Config, Phi3ForCausalLM, UserError
-from phi3skip.distill import (LossConfig, Schedule, bind_forward_branches, block_index, chunked_kd_loss,
-                              default_layers, distill_step, forward_branches, parse_layers, set_trainable,
-                              step_flops_per_token, trainable_blocks)
+from phi3skip.distill import (LossConfig, Schedule, bind_forward_branches, block_index, chunked_kd_loss, distill_step,
+                              forward_branches, set_trainable, step_flops_per_token, trainable_blocks)
 from phi3skip.evaluate import perplexity, token_nll
+from phi3skip.skipsets import default_layers, parse_layers
 
 CFG = dict(model_type="phi3", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,

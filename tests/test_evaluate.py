@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from phi3skip.cli import UserError
 from phi3skip.data import eval_batches
-from phi3skip.evaluate import (Perplexity, SkipSetResult, bootstrap_interval, markdown_table, parse_skip_sets,
-                               perplexity, perplexity_ci, skip_prefixes)
+from phi3skip.evaluate import Perplexity, SkipSetResult, bootstrap_interval, markdown_table, perplexity, perplexity_ci
+from phi3skip.skipsets import parse_skip_sets, skip_prefixes
 
 ROOT = Path(__file__).resolve().parents[1]
 def direct_ppl(model, batches, skip=()) -> float:
