@@ -14,7 +14,9 @@ import torch
 
 from phi3skip import Phi3Config, Phi3ForCausalLM, UserError
 from phi3skip.chat import StreamDecoder, format_chat, render_builtin, stop_token_ids
-from phi3skip.generate import Generator, Sampling, accept_drafts, logits_to_probs, sample
+from phi3skip.generate import Generator
+from phi3skip.sampling import Sampling, logits_to_probs, sample
+from phi3skip.speculative import accept_drafts
 from phi3skip.io import save_pretrained
 
 transformers = pytest.importorskip("transformers")
