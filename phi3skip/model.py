@@ -15,7 +15,7 @@ from torch import nn
 from .config import Phi3Config
 from .kv_cache import KVCache, LayerKV
 from .rope import Rotary, apply_rotary
-from .skipsets import InvalidSkip, validate_skip  # noqa: F401  (InvalidSkip: the error a bad `skip` raises)
+from .skipsets import validate_skip
 
 try:  # optional: used on CUDA for cache-free causal attention (training, evaluation)
     from flash_attn import flash_attn_func
