@@ -13,8 +13,8 @@ CPU (default): the converted SmolLM2-135M-Instruct (/tmp/smollm2 when present, e
 is measured cleanly: the process's peak RSS during the step (VmHWM, reset before it through
 /proc/self/clear_refs), and the step's own part of it (peak minus the RSS just before).
 
-    python scripts/bench_train.py                          # CPU, SmolLM2, 2 x 256 tokens, skip L-2
-    python scripts/bench_train.py --gpu --quick            # one GPU: Phi-3-mini-shaped random bf16 model, ~2 min
+    python benchmarks/bench_train.py                          # CPU, SmolLM2, 2 x 256 tokens, skip L-2
+    python benchmarks/bench_train.py --gpu --quick            # one GPU: Phi-3-mini-shaped random bf16 model, ~2 min
 
 `--gpu`: tokens/s, peak memory and MFU of our step (model FLOPs of teacher forward + student forward and
 backward, `distill.step_flops_per_token`, over the GPU's dense bf16 peak), then the same for the original way.
