@@ -161,6 +161,7 @@ def run_cli(*args) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.integration
 def test_cli(tmp_path):
     folder, ours = student(tmp_path, "medium-gqa")
     exists = tmp_path / "exists"

@@ -312,6 +312,7 @@ def test_chat_format_and_stop_ids(tmp_path):
     assert stop_token_ids(tmp_path, cfg, tok) == [2, 4, 5]
 
 
+@pytest.mark.integration
 def test_chat_template_renders_real_smollm2_template(smollm2_dir):
     from phi3skip.tokenizer import load_tokenizer
 
@@ -335,6 +336,7 @@ def test_stream_decoder_holds_back_split_characters():
 
 
 # The real model ---------------------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_smollm2_greedy_equals_transformers(smollm2_dir):
     from phi3skip import from_pretrained
     from phi3skip.tokenizer import load_tokenizer
@@ -372,6 +374,7 @@ def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.integration
 def test_cli_generates_streams_and_summarises(tiny_dir):
     r = run_cli("--model", str(tiny_dir), "--skip", "2", "--prompt", "w1 w2 w3", "--max-new-tokens", "6",
                 "--ignore-eos", "--chat")
@@ -403,6 +406,7 @@ def test_cli_bad_input_is_one_line_exit_2(tiny_dir, capsys, monkeypatch, args, s
     assert len(err.strip().splitlines()) == 1 and message in err, err
 
 
+@pytest.mark.integration
 def test_cli_unknown_model_is_one_line_exit_2(tmp_path):
     for name in (str(tmp_path / "nope"), "no-such-org/no-such-model"):
         r = run_cli("--model", name, "--prompt", "hi")
