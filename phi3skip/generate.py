@@ -30,7 +30,6 @@ from .sampling import Sampling, logits_to_probs, sample
 from .skipsets import check_draft_skip, validate_skip
 
 COMPILE_MODES = ("blocks", "step")
-KINDS = ("decode", "draft", "verify")  # a step samples with `skip`, samples with the draft's set, or scores
 
 
 class NonFiniteLogits(UserError):
