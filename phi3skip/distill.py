@@ -6,8 +6,8 @@ The teacher is the frozen full model, the student a trainable copy. One step on 
 
 KL(T || S) = tau^2 * mean over tokens of sum_v p_T(v) (log p_T(v) - log p_S(v)), with p = softmax(logits / tau),
 S_full the student with every layer and S_skip the student with this step's skip set. Both student passes run
-the blocks before the first skipped layer once (`forward_branches`), and the loss projects hidden states onto
-the vocabulary a chunk of tokens at a time, in fp32, computing the gradient as it goes (`chunked_kd_loss`):
+the blocks before the first skipped layer once (`Phi3ForCausalLM.forward_branches`), and the loss projects hidden
+states onto the vocabulary a chunk of tokens at a time, in fp32, computing the gradient as it goes (`chunked_kd_loss`):
 neither model's B x T x V logits exist at once, and nothing vocabulary-sized is kept for backward.
 
 Schedules (`Schedule`), over candidate layers l_1, l_2, ..., l_K (default L-2, L-4, ...):
@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from types import MethodType
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from .cli import UserError
-from .model import Phi3ForCausalLM, validate_skip
+from .model import Phi3ForCausalLM
 
 SCHEDULES = ("sequential", "nested")
 K_DISTS = ("uniform", "sandwich")
@@ -183,49 +182,10 @@ def set_trainable(model: nn.Module, blocks: frozenset[int] | None) -> list[nn.Pa
     return out
 
 
-# Forward ---------------------------------------------------------------------------------------------------------
-def forward_branches(model: Phi3ForCausalLM, input_ids: torch.Tensor,
-                     skips: Sequence[Iterable[int]]) -> list[torch.Tensor]:
-    """Final normed hidden states [B, T, H] for several skip sets in one pass.
-
-    Sets that agree on every block so far share one activation: the blocks before the first layer where two
-    sets differ run once for both, and autograd sums the gradients of the branches. Equal, up to float
-    rounding, to `[model.hidden_states(input_ids, s) for s in skips]`.
-    """
-    sets = [validate_skip(s, model.num_layers) for s in skips]
-    T = input_ids.shape[1]
-    slots = torch.arange(T, device=input_ids.device)
-    x = model.model.embed_tokens(input_ids)
-    cos, sin = model.rotary(slots, x.dtype, model.rotary.use_long(T - 1))
-    groups: list[tuple[torch.Tensor, list[int]]] = [(x, list(range(len(sets))))]
-    for i, block in enumerate(model.model.layers):
-        nxt = []
-        for h, members in groups:
-            run = [j for j in members if i not in sets[j]]
-            rest = [j for j in members if i in sets[j]]
-            if run:
-                nxt.append((block(h, cos, sin, slots), run))
-            if rest:
-                nxt.append((h, rest))
-        groups = nxt
-    out: list[torch.Tensor] = [x] * len(sets)
-    for h, members in groups:
-        h = model.model.norm(h)
-        for j in members:
-            out[j] = h
-    return out
-
-
 def bind_forward_branches(model: Phi3ForCausalLM) -> Phi3ForCausalLM:
-    """Make `forward_branches` a method of `model`, so that FSDP can run it as a forward (`parallel` registers it)."""
-    model.forward_branches = MethodType(forward_branches, model)
+    """The model as it is: `forward_branches` is now a method of Phi3ForCausalLM. Kept only for
+    scripts/bench_train.py, which still calls it; drop it with that call."""
     return model
-
-
-def student_hidden(student: nn.Module, input_ids: torch.Tensor, skips: Sequence[Iterable[int]]) -> list[torch.Tensor]:
-    """`forward_branches` through the method that `parallel` registers with FSDP when there is one."""
-    method = getattr(student, "forward_branches", None)
-    return method(input_ids, skips) if method is not None else forward_branches(student, input_ids, skips)
 
 
 # The loss ------------------------------------------------------------------------------------------------------
@@ -378,7 +338,7 @@ def distill_step(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: tor
         ht = teacher.hidden_states(x)
     sets = [tuple(s) for s in skips if tuple(s)]
     w_full = 1.0 + cfg.kd_weight * (len(skips) - len(sets))
-    hs = student_hidden(student, x, [()] + sets)
+    hs = student.forward_branches(x, [()] + sets)
     loss, stats = chunked_kd_loss(ht, teacher.lm_head.weight, hs, student.lm_head.weight,
                                   [w_full] + [cfg.kd_weight] * len(sets), cfg.temperature,
                                   y if cfg.ce_weight else None, cfg.ce_weight, cfg.chunk, cfg.dtype)

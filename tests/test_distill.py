@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from phi3skip import Phi3Config, Phi3ForCausalLM, UserError
-from phi3skip.distill import (LossConfig, Schedule, bind_forward_branches, block_index, chunked_kd_loss,
-                              default_layers, distill_step, forward_branches, parse_layers, set_trainable,
-                              step_flops_per_token, trainable_blocks)
+from phi3skip.distill import (LossConfig, Schedule, block_index, chunked_kd_loss, default_layers, distill_step,
+                              parse_layers, set_trainable, step_flops_per_token, trainable_blocks)
 from phi3skip.evaluate import perplexity, token_nll
 
 CFG = dict(model_type="phi3", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
@@ -85,7 +84,7 @@ def test_forward_branches_equal_separate_passes():
     model = tiny()
     x = tokens()
     skips = [(), (4,), (4, 2), (5, 0)]
-    outs = forward_branches(model, x, skips)
+    outs = model.forward_branches(x, skips)
     for s, h in zip(skips, outs):
         torch.testing.assert_close(h, model.hidden_states(x, s), rtol=0, atol=1e-5)
 
@@ -93,7 +92,7 @@ def test_forward_branches_equal_separate_passes():
 def test_shared_prefix_gradient_equals_separate_passes():
     model = tiny()
     x = tokens()
-    a, b = forward_branches(model, x, [(), (4,)])
+    a, b = model.forward_branches(x, [(), (4,)])
     (a.square().mean() + 3 * b.square().mean()).backward()
     shared = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -113,7 +112,7 @@ def test_skip_term_gradient_reaches_trainable_parameters():
     assert stats[1].item() == pytest.approx(0.0, abs=1e-6) and stats[2].item() > 1e-4
     with torch.no_grad():
         ht = teacher.hidden_states(x)
-    full, skipped = forward_branches(student, x, [(), (4,)])
+    full, skipped = student.forward_branches(x, [(), (4,)])
     loss, _ = chunked_kd_loss(ht, teacher.lm_head.weight, [full, skipped], student.lm_head.weight, [0.0, 1.0])
     loss.backward()  # the skip term alone
     grads = {}
@@ -164,9 +163,11 @@ def test_distill_step_loss_formula():
     assert stats0[0].item() == pytest.approx(1.3 * stats0[1].item(), rel=1e-6)
 
 
-def test_bound_method_is_used():
-    model = bind_forward_branches(tiny())
-    assert model.forward_branches.__self__ is model
+def test_forward_branches_is_a_model_method_fsdp_runs():
+    from phi3skip.parallel import FORWARD_METHODS
+
+    model = tiny()
+    assert model.forward_branches.__self__ is model and "forward_branches" in FORWARD_METHODS
 
 
 def test_layers_and_schedules():
