@@ -189,83 +189,107 @@ def bind_forward_branches(model: Phi3ForCausalLM) -> Phi3ForCausalLM:
 
 
 # The loss ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LossConfig:
+    """temperature tau; kd_weight w of the skip term; ce_weight c of the optional next-token CE on S_full;
+    chunk tokens per vocabulary chunk (None: about 64 MiB of fp32 logits); dtype of the vocabulary projections
+    (None: the student head's)."""
+
+    temperature: float = 1.0
+    kd_weight: float = 0.01
+    ce_weight: float = 0.0
+    chunk: int | None = None
+    dtype: torch.dtype | None = None
+
+
 def default_chunk(vocab_size: int, budget: int = 1 << 24) -> int:
     """Tokens per chunk so that one fp32 chunk of logits holds about `budget` numbers (64 MiB)."""
     return max(16, budget // vocab_size)
+
+
+def kd_chunk(hidden: torch.Tensor, weight: torch.Tensor, teacher_logp: torch.Tensor, teacher_p: torch.Tensor,
+             cfg: LossConfig, kl_weight: float, n_tokens: int, labels: torch.Tensor | None = None, n_ce: int = 1,
+             grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One student pass over one chunk of tokens: values and a hand-derived gradient, inputs left untouched.
+
+    With logits s = hidden @ weight.T (fp32 after the product), q = softmax(s / tau) and the teacher's p at tau,
+    returns the chunk's sum over tokens of KL(p || q); of CE(s, labels) (None without labels or ce_weight;
+    IGNORE_INDEX tokens add nothing); and, when `grad`, the gradient with respect to s [n, V] (fp32) of the
+    chunk's share of the loss, kl_weight * tau^2 / n_tokens * KL + ce_weight / n_ce * CE.
+    """
+    tau = cfg.temperature
+    with_ce = labels is not None and cfg.ce_weight != 0
+    s = (hidden @ weight.T).float()
+    log1 = torch.log_softmax(s, dim=-1) if with_ce and tau != 1 else None  # CE is on the unscaled logits
+    logq = torch.log_softmax(s.div_(tau), dim=-1)  # s is this function's own buffer: scaled in place
+    del s
+    kl = torch.sum(teacher_p * (teacher_logp - logq))
+    ce = None
+    if with_ce:
+        valid = labels != IGNORE_INDEX
+        y0 = torch.where(valid, labels, 0)[:, None]
+        ce = -((logq if log1 is None else log1).gather(1, y0).squeeze(1) * valid).sum()
+    if not grad:
+        return kl, ce, None
+    # d KL / d s = tau * (q - p) per token; d CE / d s = softmax(s) - onehot(y). In place on logq: no more buffers.
+    kd = kl_weight * tau / n_tokens
+    if with_ce:
+        rows = (valid.to(logq.dtype) * (cfg.ce_weight / n_ce))[:, None]  # ignored tokens get no CE gradient
+    if with_ce and log1 is None:  # tau == 1: both terms share softmax(s) = q
+        g = logq.exp_().mul_(rows + kd).sub_(teacher_p, alpha=kd)
+    else:
+        g = logq.exp_().mul_(kd).sub_(teacher_p, alpha=kd)
+        if with_ce:
+            g.add_(log1.exp_().mul_(rows))
+    if with_ce:
+        g.scatter_add_(1, y0, -rows)
+    return kl, ce, g
 
 
 class _ChunkedKD(torch.autograd.Function):
     """Forward KL (plus optional CE) over vocabulary chunks; the gradient is computed in forward and stored.
 
     Stored for backward: d loss / d hidden for each student pass [N, H] and d loss / d W [V, H] (fp32), never
-    anything of size N x V.
+    anything of size N x V. `cfg` has its chunk and dtype resolved; `weights` are the passes' KL weights.
     """
 
     @staticmethod
-    def forward(ctx, student_weight, teacher_hidden, teacher_weight, labels, opts, *student_hiddens):
-        weights, tau, ce_weight, chunk, dtype = opts
-        need_w = ctx.needs_input_grad[0]
-        need_h = ctx.needs_input_grad[5:]
-        N = teacher_hidden.shape[0]
-        dev = teacher_hidden.device
-        ws = student_weight.to(dtype)
-        wt = teacher_weight.to(dtype)
+    def forward(ctx, cfg: LossConfig, weights: tuple[float, ...], labels, teacher_hidden, teacher_weight,
+                student_weight, *student_hiddens):
+        need_w, *need_h = ctx.needs_input_grad[-1 - len(student_hiddens):]  # the student's are the last inputs
+        N, dev, tau = teacher_hidden.shape[0], teacher_hidden.device, cfg.temperature
+        ws, wt = student_weight.to(cfg.dtype), teacher_weight.to(cfg.dtype)
+        with_ce = cfg.ce_weight != 0 and labels is not None
+        n_ce = max(1, int((labels != IGNORE_INDEX).sum())) if with_ce else 1
         kl = torch.zeros(len(student_hiddens), dtype=torch.float32, device=dev)
         ce = torch.zeros((), dtype=torch.float32, device=dev)
         grad_w = torch.zeros(student_weight.shape, dtype=torch.float32, device=dev) if need_w else None
         grad_h = [torch.empty_like(h) if need else None for h, need in zip(student_hiddens, need_h)]
-        n_ce = 1
-        if ce_weight and labels is not None:
-            n_ce = max(1, int((labels != IGNORE_INDEX).sum()))
-        for a in range(0, N, chunk):
-            b = min(N, a + chunk)
-            t = (teacher_hidden[a:b].to(dtype) @ wt.T).float()
-            logp = torch.log_softmax(t.div_(tau), dim=-1)
-            del t
+        for a in range(0, N, cfg.chunk):
+            b = min(N, a + cfg.chunk)
+            logp = torch.log_softmax((teacher_hidden[a:b].to(cfg.dtype) @ wt.T).float().div_(tau), dim=-1)
             p = logp.exp()
             for j, h in enumerate(student_hiddens):
-                hc = h[a:b].to(dtype)
-                s = (hc @ ws.T).float()
-                with_ce = j == 0 and ce_weight != 0 and labels is not None
-                if with_ce:
-                    y = labels[a:b]
-                    valid = y != IGNORE_INDEX
-                    y0 = torch.where(valid, y, 0)[:, None]
-                    log1 = torch.log_softmax(s, dim=-1) if tau != 1 else None
-                logq = torch.log_softmax(s.div_(tau), dim=-1)
-                del s
-                kl[j] += torch.sum(p * (logp - logq))
-                if with_ce:
-                    log1 = logq if log1 is None else log1
-                    ce -= (log1.gather(1, y0).squeeze(1) * valid).sum()
-                if not (need_w or need_h[j]):
+                hc = h[a:b].to(cfg.dtype)
+                y = labels[a:b] if with_ce and j == 0 else None  # CE on the full pass only
+                kl_j, ce_j, g = kd_chunk(hc, ws, logp, p, cfg, weights[j], N, y, n_ce, grad=need_w or need_h[j])
+                kl[j] += kl_j
+                if ce_j is not None:
+                    ce += ce_j
+                if g is None:
                     continue
-                # d KL / d s = tau * (q - p) / N per token; d CE / d s = (softmax(s) - onehot(y)) / n_ce.
-                kd = weights[j] * tau / N
-                cw = ce_weight / n_ce if with_ce else 0.0
-                g = logq.exp_()  # q = softmax(s / tau), in place
-                if with_ce:
-                    ce_rows = (valid.to(g.dtype) * cw)[:, None]  # ignored tokens get no CE gradient
-                if with_ce and log1 is logq:  # tau == 1: both terms share softmax(s)
-                    g.mul_(ce_rows + kd).sub_(p, alpha=kd)
-                else:
-                    g.mul_(kd).sub_(p, alpha=kd)
-                    if with_ce:
-                        g.add_(log1.exp_().mul_(ce_rows))
-                if with_ce:
-                    g.scatter_add_(1, y0, -ce_rows)
-                gd = g.to(dtype)
+                gd = g.to(cfg.dtype)
+                del g
                 if need_h[j]:
                     grad_h[j][a:b] = (gd @ ws).to(h.dtype)
                 if need_w:
                     grad_w += gd.T @ hc
-                del g, gd
+                del gd
             del logp, p
         kl.mul_(tau * tau / N)
         ce.div_(n_ce)
-        total = sum(w * kl[j] for j, w in enumerate(weights)) + ce_weight * ce
-        ctx.save_for_backward(grad_w if need_w else None, *[g for g in grad_h if g is not None])
-        ctx.need = (need_w, need_h)
+        total = sum(w * kl[j] for j, w in enumerate(weights)) + cfg.ce_weight * ce
+        ctx.save_for_backward(grad_w, *grad_h)
         ctx.weight_dtype = student_weight.dtype
         stats = torch.cat([kl, ce[None]])
         ctx.mark_non_differentiable(stats)
@@ -273,15 +297,10 @@ class _ChunkedKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, grad_stats):
-        need_w, need_h = ctx.need
-        saved = list(ctx.saved_tensors)
-        grad_w = saved.pop(0)
-        gw = (grad_w * grad_total).to(ctx.weight_dtype) if need_w else None
-        gh = []
-        for need in need_h:
-            g = saved.pop(0) if need else None
-            gh.append(g * grad_total.to(g.dtype) if need else None)
-        return (gw, None, None, None, None, *gh)
+        grad_w, *grad_h = ctx.saved_tensors
+        gw = None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype)
+        gh = [None if g is None else g * grad_total.to(g.dtype) for g in grad_h]
+        return (None, None, None, None, None, gw, *gh)
 
 
 def chunked_kd_loss(teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
@@ -302,27 +321,14 @@ def chunked_kd_loss(teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
         labels = labels.reshape(-1)
     if len(weights) != len(student_hiddens):
         raise ValueError(f"{len(weights)} weights for {len(student_hiddens)} student passes")
-    opts = (tuple(float(w) for w in weights), float(temperature), float(ce_weight),
-            int(chunk or default_chunk(student_weight.shape[0])), dtype or student_weight.dtype)
-    return _ChunkedKD.apply(student_weight, teacher_hidden.detach(), teacher_weight.detach(), labels, opts,
-                            *student_hiddens)
+    cfg = LossConfig(float(temperature), ce_weight=float(ce_weight),
+                     chunk=int(chunk or default_chunk(student_weight.shape[0])), dtype=dtype or student_weight.dtype)
+    return _ChunkedKD.apply(cfg, tuple(float(w) for w in weights), labels, teacher_hidden.detach(),
+                            teacher_weight.detach(), student_weight, *student_hiddens)
 
 
 # One step ------------------------------------------------------------------------------------------------------
 STATS = ("loss", "kl_full", "kl_skip", "ce")
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """temperature tau; kd_weight w of the skip term; ce_weight c of the optional next-token CE on S_full;
-    chunk tokens per vocabulary chunk (None: about 64 MiB of fp32 logits); dtype of the vocabulary projections
-    (None: the student head's)."""
-
-    temperature: float = 1.0
-    kd_weight: float = 0.01
-    ce_weight: float = 0.0
-    chunk: int | None = None
-    dtype: torch.dtype | None = None
 
 
 def distill_step(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor,

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from phi3skip import Phi3Config, Phi3ForCausalLM, UserError
-from phi3skip.distill import (LossConfig, Schedule, block_index, chunked_kd_loss, default_layers, distill_step,
-                              parse_layers, set_trainable, step_flops_per_token, trainable_blocks)
+from phi3skip.distill import (IGNORE_INDEX, LossConfig, Schedule, block_index, chunked_kd_loss, default_layers,
+                              distill_step, kd_chunk, parse_layers, set_trainable, step_flops_per_token,
+                              trainable_blocks)
 from phi3skip.evaluate import perplexity, token_nll
 
 CFG = dict(model_type="phi3", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
@@ -58,6 +59,37 @@ def test_chunked_kl_equals_direct_reference(tau, ce, chunk):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     kl1 = reference_loss(ht, wt, [h1], ws, [1.0], tau)
     assert stats[0].item() == pytest.approx(kl1.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("tau,ce_weight,dtype", [(1.0, 0.0, torch.float32), (2.0, 0.0, torch.float32),
+                                                  (1.0, 0.4, torch.float32), (1.7, 0.4, torch.float32),
+                                                  (1.7, 0.4, torch.bfloat16)])
+def test_kd_chunk_value_and_gradient_equal_autograd(tau, ce_weight, dtype):
+    """The pure per-chunk function: its sums and its hand-derived logits gradient against autograd on the
+    chunk's share of the loss, at each temperature, with and without CE (ignored tokens included)."""
+    g = torch.Generator().manual_seed(3)
+    n, H, V, N, n_ce, kl_weight = 9, 16, 97, 40, 5, 0.3
+    hidden, weight = torch.randn(n, H, generator=g).to(dtype), (torch.randn(V, H, generator=g) / 2).to(dtype)
+    logp = torch.log_softmax(2 * torch.randn(n, V, generator=g), dim=-1)
+    labels = torch.randint(0, V, (n,), generator=g)
+    labels[::3] = IGNORE_INDEX
+    cfg = LossConfig(temperature=tau, kd_weight=0.5, ce_weight=ce_weight, chunk=n, dtype=dtype)
+    inputs = [t.clone() for t in (hidden, weight, logp, labels)]
+    kl, ce, grad = kd_chunk(hidden, weight, logp, logp.exp(), cfg, kl_weight, N, labels, n_ce)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, (hidden, weight, logp, labels)))  # inputs untouched
+
+    s = (hidden @ weight.T).float().requires_grad_()
+    kl_ref = torch.sum(logp.exp() * (logp - torch.log_softmax(s / tau, dim=-1)))
+    ce_ref = F.cross_entropy(s, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = kl_weight * tau ** 2 / N * kl_ref + ce_weight / n_ce * ce_ref
+    (ref_grad,) = torch.autograd.grad(loss, s)
+    assert kl.item() == pytest.approx(kl_ref.item(), rel=1e-5)
+    assert ce is None if not ce_weight else ce.item() == pytest.approx(ce_ref.item(), rel=1e-5)
+    assert grad.dtype == torch.float32 and grad.shape == (n, V)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+    kl2, ce2, none = kd_chunk(hidden, weight, logp, logp.exp(), cfg, kl_weight, N, labels, n_ce, grad=False)
+    assert none is None and torch.equal(kl2, kl) and (ce2 is None) == (ce is None)
+    assert kd_chunk(hidden, weight, logp, logp.exp(), cfg, kl_weight, N)[1] is None  # no labels: no CE
 
 
 def test_chunked_kl_bf16_projection_close():
