@@ -12,11 +12,9 @@ stdout only), metrics to <ckpt-dir>/metrics.jsonl. HF_TOKEN is read for gated mo
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
-import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -24,16 +22,17 @@ from pathlib import Path
 
 import torch
 
-from phi3skip import bypass, parallel, train_state
+from phi3skip import bypass, distributed, parallel, train_state
 from phi3skip.cli import ArgumentParser, UserError, run_main
 from phi3skip.config import Phi3Config
 from phi3skip.data import Batches
-from phi3skip.distill import (K_DISTS, SCHEDULES, STATS, LossConfig, Schedule, adapter_step, bind_forward_branches,
-                              default_layers, distill_step, parse_layers, set_trainable, step_flops_per_token,
+from phi3skip.distill import (K_DISTS, SCHEDULES, STATS, LossConfig, Schedule, adapter_step, default_layers,
+                              distill_step, parse_layers, set_trainable, step_flops_per_token,
                               trainable_blocks)
 from phi3skip.evaluate import token_nll, val_batches
 from phi3skip.importance import greedy_order
 from phi3skip.io import dtype_name, from_pretrained, parse_dtype, resolve, save_checkpoint
+from phi3skip.metrics import Metrics, Progress, memory_gb, peak_flops
 from phi3skip.paths import check_apart, check_output
 from phi3skip.tokenizer import check_data_tokenizer
 
@@ -130,8 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# Logging, metrics, progress -------------------------------------------------------------------------------------
-def setup_logging(log_dir: str, env: parallel.Env) -> Path | None:
+# Logging -------------------------------------------------------------------------------------
+def setup_logging(log_dir: str, env: distributed.Env) -> Path | None:
     """Rank 0: stdout and data/logs/<timestamp>.log (STDOUT=1: stdout only). Other ranks: warnings only."""
     log.handlers.clear()
     log.propagate = False
@@ -148,68 +147,6 @@ def setup_logging(log_dir: str, env: parallel.Env) -> Path | None:
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(fh)
     return path
-
-
-class Metrics:
-    """metrics.jsonl on rank 0; a resumed run drops the lines after its checkpoint's step."""
-
-    def __init__(self, path: Path, env: parallel.Env, resume_step: int | None):
-        self.f = None
-        if not env.is_main:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and path.exists():
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in keep))
-        elif resume_step is None:
-            path.unlink(missing_ok=True)
-        self.f = open(path, "a", buffering=1)
-
-    def write(self, **row) -> None:
-        if self.f:
-            self.f.write(json.dumps(row) + "\n")
-
-    def close(self) -> None:
-        if self.f:
-            self.f.close()
-
-
-class Progress:
-    """A one-line progress bar with ETA on rank 0's terminal (stderr), redrawn at most 4 times a second."""
-
-    def __init__(self, total: int, start: int, env: parallel.Env):
-        self.total, self.start, self.t0 = total, start, time.perf_counter()
-        self.on = env.is_main and sys.stderr.isatty()
-        self.last = 0.0
-
-    def eta(self, done: int) -> str:
-        rate = (time.perf_counter() - self.t0) / max(1, done - self.start)
-        return fmt_time(rate * (self.total - done))
-
-    def update(self, done: int, text: str) -> None:
-        now = time.perf_counter()
-        if not self.on or (now - self.last < 0.25 and done < self.total):
-            return
-        self.last = now
-        width = 24
-        fill = int(width * done / max(1, self.total))
-        sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} {text} ETA {self.eta(done)}\033[K")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.on:
-            sys.stderr.write("\n")
-
-
-def fmt_time(s: float) -> str:
-    s = int(max(0, s))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
 
 
 # Checks -----------------------------------------------------------------------------------------------------------
@@ -252,7 +189,7 @@ def lr_lambda(steps: int, warmup: int, min_ratio: float):
 
 
 # Evaluation -------------------------------------------------------------------------------------------------------
-def run_perplexity(model, skip, batches, env: parallel.Env, ctx) -> float:
+def run_perplexity(model, skip, batches, env: distributed.Env, ctx) -> float:
     """Perplexity over `batches`, split across ranks (every rank makes the same number of calls)."""
     mine = batches[env.rank::env.world_size]
     rounds = math.ceil(len(batches) / env.world_size)
@@ -264,7 +201,7 @@ def run_perplexity(model, skip, batches, env: parallel.Env, ctx) -> float:
         if i < len(mine):
             tot[0] += nll.double()
             tot[1] += n
-    parallel.all_reduce(tot, env)
+    distributed.all_reduce(tot, env)
     return math.exp(tot[0].item() / tot[1].item())
 
 
@@ -301,7 +238,7 @@ def auto_layers(args, model_dir: Path, config: Phi3Config, batches: Batches, env
         log.info(f"--layers auto: greedy order on {sum(x.numel() for x, _ in sample)} training tokens "
                  f"({time.perf_counter() - t0:.0f}s) -> {','.join(map(str, order))}")
         del model
-    return ",".join(map(str, parallel.broadcast_object(order, env)))
+    return ",".join(map(str, distributed.broadcast_object(order, env)))
 
 
 # The run ------------------------------------------------------------------------------------------------------------
@@ -372,13 +309,12 @@ def load_models(model_dir: Path, config: Phi3Config, env, dtype: torch.dtype, ar
     kw = dict(param_dtype=dtype, compile=args.compile)
     if env.distributed:
         sd = from_pretrained(model_dir, dtype=torch.float32, device="cpu").state_dict() if env.is_main else None
-        student = parallel.build_sharded(config, sd, env, dtype=torch.float32, prepare=bind_forward_branches,
+        student = parallel.build_sharded(config, sd, env, dtype=torch.float32,
                                          ac=args.activation_checkpointing, **kw)
         teacher = parallel.build_sharded(config, sd, env, dtype=dtype, reshard_after_forward=True, **kw)
         del sd
     else:
         student = from_pretrained(model_dir, dtype=torch.float32, device=env.device)
-        bind_forward_branches(student)
         parallel.parallelize(student, env, ac=args.activation_checkpointing, **kw)
         teacher = from_pretrained(model_dir, dtype=dtype, device=env.device)
         parallel.parallelize(teacher, env, **kw)
@@ -386,7 +322,7 @@ def load_models(model_dir: Path, config: Phi3Config, env, dtype: torch.dtype, ar
     return student.train(), teacher.eval()
 
 
-def run(args: argparse.Namespace, env: parallel.Env) -> Path | None:
+def run(args: argparse.Namespace, env: distributed.Env) -> Path | None:
     ckpt_dir = Path(args.ckpt_dir or Path("data/checkpoints") / Path(args.out).name)
     check_outputs(args, ckpt_dir)
     log_path = setup_logging(args.log_dir, env)
@@ -395,7 +331,7 @@ def run(args: argparse.Namespace, env: parallel.Env) -> Path | None:
     data = check_data_folder(args.data)
     if env.is_main or env.local_rank == 0:
         model_dir = resolve(args.model)  # downloads once per node first
-    parallel.barrier(env)
+    distributed.barrier(env)
     model_dir = resolve(args.model)
     check_apart(args.out, "--out", {"--model": model_dir}, inside_too=True)  # a Hub model's cached folder too
     config = Phi3Config.from_json(model_dir / "config.json")
@@ -478,7 +414,7 @@ def run(args: argparse.Namespace, env: parallel.Env) -> Path | None:
     total = schedule.total_steps
     if args.resume and start >= total:  # a finished run: only the final evaluation and output remain
         train_state.load(resume_from, student, env)
-    peak = parallel.peak_flops(env.device)
+    peak = peak_flops(env.device)
     tokens_per_step = settings["global_batch"] * args.max_seq_len
     progress = Progress(total, start, env)
     phase, optimizer, scheduler, params = None, None, None, []
@@ -525,8 +461,8 @@ def run(args: argparse.Namespace, env: parallel.Env) -> Path | None:
                     stats += step_fn(x, y, skips, 1.0 / args.grad_accum)
                 flops += step_flops_per_token(config, args.max_seq_len, skips[0]) * x.numel()
             parallel.reshard(teacher)
-            norm = parallel.grad_norm_clip(params, args.grad_clip)
-            stats = parallel.all_reduce(stats / args.grad_accum, env, "mean")
+            norm = distributed.grad_norm_clip(params, args.grad_clip)
+            stats = distributed.all_reduce(stats / args.grad_accum, env, "mean")
             vals = dict(zip(STATS, stats.tolist()))
             gnorm = float(norm)
             if not (math.isfinite(vals["loss"]) and math.isfinite(gnorm)):
@@ -598,23 +534,23 @@ def run(args: argparse.Namespace, env: parallel.Env) -> Path | None:
             skip_json["train_scope"] = "adapters"
         save_checkpoint(sd, config, out, copy_from=model_dir, files=files, extra_json={"skip.json": skip_json})
         log.info(f"saved the student to {out} (skip.json: layers {layers})")
-    parallel.barrier(env)
+    distributed.barrier(env)
     return out
 
 
 def main(argv: list[str] | None = None) -> Path | None:
     args = parse_args(argv)
-    env = parallel.init(args.device)
+    env = distributed.init(args.device)
     try:
         out = run(args, env)
     except Diverged as e:  # every rank sees the same loss, so all stop here together
-        parallel.close(env)
+        distributed.close(env)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except BaseException:
-        parallel.close(env, wait=False)  # a rank that failed alone must not wait for the others
+        distributed.close(env, wait=False)  # a rank that failed alone must not wait for the others
         raise
-    parallel.close(env)
+    distributed.close(env)
     return out
 
 

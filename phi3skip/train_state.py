@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
 
 from .cli import UserError
 from .io import atomic_write_text
-from .parallel import Env, barrier, broadcast_object
+from .distributed import Env, barrier, broadcast_object
 from .paths import clean_stale, temp_sibling
 
 LATEST = "latest"

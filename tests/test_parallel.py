@@ -1,4 +1,4 @@
-"""parallel.close: after it, no communication thread is left to race the interpreter's exit."""
+"""distributed.close: after it, no communication thread is left to race the interpreter's exit."""
 from __future__ import annotations
 
 import os
@@ -12,23 +12,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r'''
 import os, torch
-from phi3skip import Phi3Config, Phi3ForCausalLM, parallel
-from phi3skip.distill import bind_forward_branches
+from phi3skip import Phi3Config, Phi3ForCausalLM, distributed, parallel
 
 def threads():
     return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
 
-env = parallel.init("cpu")
+env = distributed.init("cpu")
 cfg = Phi3Config.from_dict(dict(model_type="phi3", vocab_size=64, hidden_size=32, intermediate_size=64,
                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                 max_position_embeddings=32, original_max_position_embeddings=32))
 sd = Phi3ForCausalLM(cfg).state_dict() if env.is_main else None
-model = parallel.build_sharded(cfg, sd, env, dtype=torch.float32, prepare=bind_forward_branches,
-                               param_dtype=torch.float32)
+model = parallel.build_sharded(cfg, sd, env, dtype=torch.float32, param_dtype=torch.float32)
 model(torch.randint(0, 64, (2, 8))).float().mean().backward()
 before = threads()
 del model  # as train.py leaves it: garbage in reference cycles, not yet collected
-parallel.close(env)
+distributed.close(env)
 print(f"rank {env.rank} before {before} after {threads()}", flush=True)
 '''
 
