@@ -110,6 +110,10 @@ class Schedule:
     def phase_start(self, phase: int) -> int:
         return phase * self.steps_per_phase
 
+    def current_layers(self, phase: int) -> tuple[int, ...]:
+        """The layers being made skippable in a phase (sequential: l_j; nested: all); around:R trains around them."""
+        return self.layers[phase:phase + 1] if self.kind == "sequential" else self.layers
+
     def phase_skip(self, phase: int) -> tuple[int, ...]:
         """The largest skip set of a phase (sequential: l_1..l_j; nested: all candidates)."""
         return self.layers[:phase + 1] if self.kind == "sequential" else self.layers

@@ -36,6 +36,7 @@ class Metrics:
     def close(self) -> None:
         if self.f:
             self.f.close()
+            self.f = None
 
 
 class Progress:
@@ -63,6 +64,7 @@ class Progress:
     def close(self) -> None:
         if self.on:
             sys.stderr.write("\n")
+            self.on = False  # closing twice ends the line once
 
 
 def fmt_time(s: float) -> str:
