@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from phi3skip import Phi3Config, Phi3ForCausalLM, from_pretrained
 from phi3skip.cli import UserError, run_main
-from phi3skip.distill import LossConfig, bind_forward_branches, distill_step, step_flops_per_token
+from phi3skip.distill import LossConfig, distill_step, step_flops_per_token
 from phi3skip.rope import Rotary
 
 PHI3_MINI = dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
@@ -105,7 +105,7 @@ def worker(args) -> None:
     folder = Path(args.model)
     if args.worker == "ours":
         teacher = from_pretrained(folder, dtype=torch.float32)
-        student = bind_forward_branches(from_pretrained(folder, dtype=torch.float32)).train()
+        student = from_pretrained(folder, dtype=torch.float32).train()
         teacher.requires_grad_(False)
         cfg = LossConfig(kd_weight=args.kd_weight)
         step = lambda x: ours_step(student, teacher, x, args.skip, cfg)  # noqa: E731
@@ -184,7 +184,8 @@ def cpu_main(args) -> None:
 def gpu_main(args) -> None:
     if not torch.cuda.is_available():
         raise UserError("--gpu needs a CUDA device")
-    from phi3skip.parallel import apply_compile, peak_flops
+    from phi3skip.metrics import peak_flops
+    from phi3skip.parallel import apply_compile
 
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -199,7 +200,7 @@ def gpu_main(args) -> None:
     teacher.init_weights()
     teacher.rotary = Rotary(cfg).to(dev)
     teacher.requires_grad_(False).eval()
-    student = bind_forward_branches(copy.deepcopy(teacher).requires_grad_(True).train())
+    student = copy.deepcopy(teacher).requires_grad_(True).train()
     if args.compile:
         apply_compile(student)
         apply_compile(teacher)
