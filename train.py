@@ -5,18 +5,17 @@
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 --rdzv_id RUN \\
         train.py --data data/NAME                                      # several nodes (shared --ckpt-dir)
 
-The loss, schedules and step are in phi3skip/distill.py; sharding in parallel.py; checkpoints in
-train_state.py; perplexity in evaluate.py. Logs go to data/logs/<timestamp>.log and stdout (STDOUT=1:
-stdout only), metrics to <ckpt-dir>/metrics.jsonl. HF_TOKEN is read for gated models.
+The loss, schedules and step are in phi3skip/distill.py; sharding in parallel.py (process groups in
+distributed.py); checkpoints in train_state.py; perplexity in evaluate.py; metrics and progress in metrics.py.
+Logs go to data/logs/<timestamp>.log and stdout (STDOUT=1: stdout only), metrics to <ckpt-dir>/metrics.jsonl.
+HF_TOKEN is read for gated models.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
-import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -24,25 +23,22 @@ from pathlib import Path
 
 import torch
 
-from phi3skip import bypass, parallel, train_state
+from phi3skip import bypass, distributed, parallel
 from phi3skip.cli import ArgumentParser, UserError, run_main
 from phi3skip.config import Phi3Config
 from phi3skip.data import Batches
-from phi3skip.distill import (K_DISTS, SCHEDULES, STATS, LossConfig, Schedule, adapter_step, bind_forward_branches,
-                              default_layers, distill_step, parse_layers, set_trainable, step_flops_per_token,
-                              trainable_blocks)
-from phi3skip.evaluate import token_nll, val_batches
+from phi3skip.distill import (K_DISTS, SCHEDULES, STATS, LossConfig, Schedule, adapter_step,
+                              distill_step, set_trainable, step_flops_per_token, trainable_blocks)
+from phi3skip.evaluate import distributed_perplexity, val_batches
 from phi3skip.importance import greedy_order
 from phi3skip.io import dtype_name, from_pretrained, parse_dtype, resolve, save_checkpoint
+from phi3skip.metrics import Metrics, Progress, memory_gb, peak_flops
 from phi3skip.paths import check_apart, check_output
+from phi3skip.skipsets import default_layers, parse_layers
 from phi3skip.tokenizer import check_data_tokenizer
+from phi3skip.train_state import CheckpointManager, RunSettings, TrainState
 
 log = logging.getLogger("phi3skip.train")
-
-# Settings that must be the same to resume a run exactly.
-RUN_KEYS = ("model", "data", "layers", "schedule", "lr", "steps_per_phase", "global_batch", "max_seq_len",
-            "grad_accum", "temperature", "kd_weight", "ce_weight", "train_scope", "warmup", "min_lr_ratio",
-            "weight_decay", "grad_clip", "seed", "k_dist", "adapter_rank", "lsq_tokens")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,86 +127,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# Logging, metrics, progress -------------------------------------------------------------------------------------
-def setup_logging(log_dir: str, env: parallel.Env) -> Path | None:
-    """Rank 0: stdout and data/logs/<timestamp>.log (STDOUT=1: stdout only). Other ranks: warnings only."""
-    log.handlers.clear()
-    log.propagate = False
-    log.setLevel(logging.INFO if env.is_main else logging.WARNING)
+# Logging ----------------------------------------------------------------------------------------------------------
+def setup_logging(log_dir: str, env: distributed.Env) -> Path | None:
+    """The package's log (this script's and the checkpoint manager's). Rank 0: stdout and
+    data/logs/<timestamp>.log (STDOUT=1: stdout only). Other ranks: warnings only."""
+    root = logging.getLogger("phi3skip")
+    root.handlers.clear()
+    root.propagate = False
+    root.setLevel(logging.INFO if env.is_main else logging.WARNING)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     out = logging.StreamHandler(sys.stdout)
     out.setFormatter(fmt)
-    log.addHandler(out)
+    root.addHandler(out)
     if not env.is_main or os.environ.get("STDOUT", "") not in ("", "0"):
         return None
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     path = Path(log_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}.log"
     fh = logging.FileHandler(path, delay=True)  # created at the first record: bad input leaves no empty log
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(fh)
+    root.addHandler(fh)
     return path
-
-
-class Metrics:
-    """metrics.jsonl on rank 0; a resumed run drops the lines after its checkpoint's step."""
-
-    def __init__(self, path: Path, env: parallel.Env, resume_step: int | None):
-        self.f = None
-        if not env.is_main:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and path.exists():
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in keep))
-        elif resume_step is None:
-            path.unlink(missing_ok=True)
-        self.f = open(path, "a", buffering=1)
-
-    def write(self, **row) -> None:
-        if self.f:
-            self.f.write(json.dumps(row) + "\n")
-
-    def close(self) -> None:
-        if self.f:
-            self.f.close()
-
-
-class Progress:
-    """A one-line progress bar with ETA on rank 0's terminal (stderr), redrawn at most 4 times a second."""
-
-    def __init__(self, total: int, start: int, env: parallel.Env):
-        self.total, self.start, self.t0 = total, start, time.perf_counter()
-        self.on = env.is_main and sys.stderr.isatty()
-        self.last = 0.0
-
-    def eta(self, done: int) -> str:
-        rate = (time.perf_counter() - self.t0) / max(1, done - self.start)
-        return fmt_time(rate * (self.total - done))
-
-    def update(self, done: int, text: str) -> None:
-        now = time.perf_counter()
-        if not self.on or (now - self.last < 0.25 and done < self.total):
-            return
-        self.last = now
-        width = 24
-        fill = int(width * done / max(1, self.total))
-        sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} {text} ETA {self.eta(done)}\033[K")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.on:
-            sys.stderr.write("\n")
-
-
-def fmt_time(s: float) -> str:
-    s = int(max(0, s))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
 
 
 # Checks -----------------------------------------------------------------------------------------------------------
@@ -253,32 +189,16 @@ def lr_lambda(steps: int, warmup: int, min_ratio: float):
 
 
 # Evaluation -------------------------------------------------------------------------------------------------------
-def run_perplexity(model, skip, batches, env: parallel.Env, ctx) -> float:
-    """Perplexity over `batches`, split across ranks (every rank makes the same number of calls)."""
-    mine = batches[env.rank::env.world_size]
-    rounds = math.ceil(len(batches) / env.world_size)
-    tot = torch.zeros(2, dtype=torch.float64, device=env.device)
-    for i in range(rounds):
-        x, y = mine[i] if i < len(mine) else batches[0]  # a padding call keeps FSDP in step; its result is dropped
-        with ctx:
-            nll, n = token_nll(model, x.to(env.device), y.to(env.device), skip)
-        if i < len(mine):
-            tot[0] += nll.double()
-            tot[1] += n
-    parallel.all_reduce(tot, env)
-    return math.exp(tot[0].item() / tot[1].item())
-
-
-def evaluate(student, teacher, layers, batches, env, ctx, teacher_ppl: float | None) -> dict:
+def perplexities(student, teacher, layers, batches, env, ctx, teacher_ppl: float | None) -> dict:
     """Perplexity of the teacher (unless known), the full student and the student skipping each prefix."""
     if teacher_ppl is None:
-        teacher_ppl = run_perplexity(teacher, (), batches, env, ctx)
+        teacher_ppl = distributed_perplexity(teacher, batches, (), env, ctx)
         parallel.reshard(teacher)
-    full = teacher_ppl if student is teacher else run_perplexity(student, (), batches, env, ctx)
+    full = teacher_ppl if student is teacher else distributed_perplexity(student, batches, (), env, ctx)
     res = {"teacher": teacher_ppl, "student": full, "prefixes": []}
     for k in range(1, len(layers) + 1):
         res["prefixes"].append({"skip": list(layers[:k]),
-                                "perplexity": run_perplexity(student, layers[:k], batches, env, ctx)})
+                                "perplexity": distributed_perplexity(student, batches, layers[:k], env, ctx)})
     parallel.reshard(student)  # a forward without backward leaves the root gathered: put the shards back
     return res
 
@@ -288,6 +208,7 @@ def eval_line(res: dict) -> str:
     return f"perplexity teacher {res['teacher']:.3f} student {res['student']:.3f} skipping {pre}"
 
 
+# Setup ------------------------------------------------------------------------------------------------------------
 def auto_layers(args, model_dir: Path, config: Phi3Config, batches: Batches, env, dtype: torch.dtype) -> str:
     """--layers auto: the greedy conditional order (each layer the one that adds the least KL given those already
     skipped), chosen on rank 0 from `--rank-tokens` of training text."""
@@ -302,12 +223,22 @@ def auto_layers(args, model_dir: Path, config: Phi3Config, batches: Batches, env
         log.info(f"--layers auto: greedy order on {sum(x.numel() for x, _ in sample)} training tokens "
                  f"({time.perf_counter() - t0:.0f}s) -> {','.join(map(str, order))}")
         del model
-    return ",".join(map(str, parallel.broadcast_object(order, env)))
+    return ",".join(map(str, distributed.broadcast_object(order, env)))
 
 
-# The run ------------------------------------------------------------------------------------------------------------
-class Diverged(Exception):
-    pass
+def teacher_config(args, data: Path, env: distributed.Env) -> tuple[Path, Phi3Config]:
+    """The teacher's folder (downloaded once per node) and config, checked against the data and --max-seq-len."""
+    if env.is_main or env.local_rank == 0:
+        resolve(args.model)  # downloads once per node first
+    distributed.barrier(env)
+    model_dir = resolve(args.model)
+    check_apart(args.out, "--out", {"--model": model_dir}, inside_too=True)  # a Hub model's cached folder too
+    config = Phi3Config.from_json(model_dir / "config.json")
+    check_data_tokenizer(data, model_dir)
+    if args.max_seq_len > config.max_position_embeddings:
+        raise UserError(f"--max-seq-len {args.max_seq_len} exceeds the model's {config.max_position_embeddings} "
+                        f"positions")
+    return model_dir, config
 
 
 def plan(args, config: Phi3Config, batches: Batches, env) -> tuple[list[int], Schedule, int]:
@@ -328,18 +259,29 @@ def plan(args, config: Phi3Config, batches: Batches, env) -> tuple[list[int], Sc
             per_phase = min(per_phase, args.max_steps)
     schedule = Schedule(args.schedule, tuple(layers), per_phase, args.seed, args.k_dist)
     for phase in range(schedule.num_phases if not adapters_scope(args) else 0):  # a bad scope fails now
-        trainable_blocks(args.train_scope, config.num_hidden_layers, schedule.phase_skip(phase), current_layers(schedule, phase))
+        scope_blocks(args, config, schedule, phase)
     warmup = args.warmup if args.warmup is not None else min(100, max(1, per_phase // 10))
     return layers, schedule, warmup
 
 
-def current_layers(schedule: Schedule, phase: int) -> tuple[int, ...]:
-    """The layers being made skippable in a phase (around:R trains the blocks around them)."""
-    return schedule.layers[phase:phase + 1] if schedule.kind == "sequential" else schedule.layers
+def scope_blocks(args, config: Phi3Config, schedule: Schedule, phase: int) -> frozenset[int] | None:
+    """The blocks --train-scope trains in `phase` (None: all parameters)."""
+    return trainable_blocks(args.train_scope, config.num_hidden_layers, schedule.phase_skip(phase),
+                            schedule.current_layers(phase))
 
 
 def adapters_scope(args) -> bool:
     return args.train_scope.strip().lower() == "adapters"
+
+
+def run_settings(args, env: distributed.Env, schedule: Schedule, warmup: int, kd_weight: float) -> RunSettings:
+    return RunSettings(model=str(args.model), data=str(Path(args.data).resolve()), layers=schedule.layers,
+                       schedule=schedule.kind, lr=args.lr, steps_per_phase=schedule.steps_per_phase,
+                       global_batch=args.batch_size * env.world_size * args.grad_accum, max_seq_len=args.max_seq_len,
+                       grad_accum=args.grad_accum, temperature=args.temperature, kd_weight=kd_weight,
+                       ce_weight=args.ce_weight, train_scope=args.train_scope, warmup=warmup,
+                       min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                       seed=args.seed, k_dist=args.k_dist, adapter_rank=args.adapter_rank, lsq_tokens=args.lsq_tokens)
 
 
 def load_adapter_student(model_dir: Path, config: Phi3Config, env, dtype: torch.dtype, args, layers, batches,
@@ -373,13 +315,12 @@ def load_models(model_dir: Path, config: Phi3Config, env, dtype: torch.dtype, ar
     kw = dict(param_dtype=dtype, compile=args.compile)
     if env.distributed:
         sd = from_pretrained(model_dir, dtype=torch.float32, device="cpu").state_dict() if env.is_main else None
-        student = parallel.build_sharded(config, sd, env, dtype=torch.float32, prepare=bind_forward_branches,
+        student = parallel.build_sharded(config, sd, env, dtype=torch.float32,
                                          ac=args.activation_checkpointing, **kw)
         teacher = parallel.build_sharded(config, sd, env, dtype=dtype, reshard_after_forward=True, **kw)
         del sd
     else:
         student = from_pretrained(model_dir, dtype=torch.float32, device=env.device)
-        bind_forward_branches(student)
         parallel.parallelize(student, env, ac=args.activation_checkpointing, **kw)
         teacher = from_pretrained(model_dir, dtype=dtype, device=env.device)
         parallel.parallelize(teacher, env, **kw)
@@ -387,235 +328,248 @@ def load_models(model_dir: Path, config: Phi3Config, env, dtype: torch.dtype, ar
     return student.train(), teacher.eval()
 
 
-def run(args: argparse.Namespace, env: parallel.Env) -> Path | None:
-    ckpt_dir = Path(args.ckpt_dir or Path("data/checkpoints") / Path(args.out).name)
-    check_outputs(args, ckpt_dir)
-    log_path = setup_logging(args.log_dir, env)
-    torch.manual_seed(args.seed)
-    dtype = parse_dtype(args.dtype, default=torch.bfloat16 if env.device.type == "cuda" else torch.float32)
-    data = check_data_folder(args.data)
-    if env.is_main or env.local_rank == 0:
-        model_dir = resolve(args.model)  # downloads once per node first
-    parallel.barrier(env)
-    model_dir = resolve(args.model)
-    check_apart(args.out, "--out", {"--model": model_dir}, inside_too=True)  # a Hub model's cached folder too
-    config = Phi3Config.from_json(model_dir / "config.json")
-    check_data_tokenizer(data, model_dir)
-    if args.max_seq_len > config.max_position_embeddings:
-        raise UserError(f"--max-seq-len {args.max_seq_len} exceeds the model's {config.max_position_embeddings} positions")
-    batches = Batches(data / "train.bin", args.batch_size, args.max_seq_len, args.seed, env.rank, env.world_size,
-                      vocab_size=config.vocab_size)
-    val = val_batches(data / "val.bin", args.batch_size, args.max_seq_len, args.eval_tokens, config.vocab_size)
-    if args.layers == "auto":
-        args.layers = auto_layers(args, model_dir, config, batches, env, dtype)
-    layers, schedule, warmup = plan(args, config, batches, env)
-    kd_weight = args.kd_weight if args.kd_weight is not None else (0.01 if schedule.kind == "sequential" else 1.0)
-    loss_cfg = LossConfig(args.temperature, kd_weight, args.ce_weight, args.kl_chunk, dtype)
-    settings = dict(model=str(args.model), data=str(Path(args.data).resolve()), layers=layers, schedule=schedule.kind,
-                    lr=args.lr, steps_per_phase=schedule.steps_per_phase,
-                    global_batch=args.batch_size * env.world_size * args.grad_accum, max_seq_len=args.max_seq_len,
-                    grad_accum=args.grad_accum, temperature=args.temperature, kd_weight=kd_weight,
-                    ce_weight=args.ce_weight, train_scope=args.train_scope, warmup=warmup,
-                    min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                    seed=args.seed, k_dist=args.k_dist, adapter_rank=args.adapter_rank, lsq_tokens=args.lsq_tokens)
-    resume_from, trainer, lr_scale = None, {}, 1.0
-    if args.resume:
-        resume_from, damaged = train_state.resumable(ckpt_dir, env)
-        for path, why in damaged:
-            log.warning(f"checkpoint {path} is damaged ({why}); "
-                        + (f"resuming from {resume_from} instead" if resume_from else "no older one is intact"))
-        if resume_from is None:
-            raise UserError(f"--resume: no intact checkpoint in {ckpt_dir}"
-                            + (f" ({damaged[0][0].name}: {damaged[0][1]})" if damaged else "")
-                            + "; start without --resume")
-        trainer = train_state.read_trainer(resume_from)
-        saved = trainer["settings"]
-        # A lower --lr is allowed: it is how a run that diverged continues from its last good checkpoint.
-        diff = [k for k in RUN_KEYS if saved.get(k) != settings[k] and not (k == "lr" and settings[k] < saved[k])]
-        if diff:
-            k = diff[0]
-            raise UserError(f"--resume: {resume_from} was made with {k}={saved.get(k)!r}, this run has "
-                            f"{settings[k]!r}; use the same settings (a lower --lr is allowed) or another --ckpt-dir")
-        lr_scale = settings["lr"] / saved["lr"]
-    elif train_state.latest(ckpt_dir) is not None:
-        raise UserError(f"{ckpt_dir} holds checkpoints of an earlier run: pass --resume to continue it, or choose "
-                        f"another --ckpt-dir (or delete that folder)")
+# The run ------------------------------------------------------------------------------------------------------------
+class Diverged(Exception):
+    pass
 
-    log.info(f"{env.world_size} process(es) on {env.device}, compute {dtype_name(dtype)}; teacher {args.model} "
-             f"({config.num_hidden_layers} layers, {config.num_params() / 1e6:.1f}M params); log {log_path}")
-    log.info(f"{schedule.kind} schedule over layers {layers}: {schedule.num_phases} phase(s) x "
-             f"{schedule.steps_per_phase} steps of {settings['global_batch']} x {args.max_seq_len} tokens; "
-             + (f"loss {kd_weight} KL(T||S_skip) per skip pass (frozen base: S_full is T)" if adapters_scope(args)
-                else f"loss KL(T||S_full) + {kd_weight} KL(T||S_skip)")
-             + (f" + {args.ce_weight} CE" if args.ce_weight else "")
-             + f" at temperature {args.temperature}; k {schedule.k_dist}; train scope {args.train_scope}")
-    if adapters_scope(args):
-        student = load_adapter_student(model_dir, config, env, dtype, args, layers, batches, fit=not args.resume)
-        teacher = student  # the frozen full path is the teacher
 
-        def step_fn(x, y, skips, scale):
-            return adapter_step(student, x, y, skips, loss_cfg, scale)
-    else:
-        student, teacher = load_models(model_dir, config, env, dtype, args)
+class Trainer:
+    """One run, in torchtitan's split: `__init__` sets everything up (the resumed position is read before any
+    weights load), `restore` restores the checkpoint once before the loop, `train` is the loop, `train_step` one
+    optimizer step, `export` the student. Checkpoints go through a CheckpointManager (phi3skip/train_state.py)."""
 
-        def step_fn(x, y, skips, scale):
-            return distill_step(student, teacher, x, y, skips, loss_cfg, scale)
-    ctx = (torch.autocast(env.device.type, dtype=dtype) if not env.distributed and dtype != torch.float32
-           else nullcontext())
+    def __init__(self, args: argparse.Namespace, env: distributed.Env):
+        self.args, self.env = args, env
+        ckpt_dir = Path(args.ckpt_dir or Path("data/checkpoints") / Path(args.out).name)
+        check_outputs(args, ckpt_dir)
+        log_path = setup_logging(args.log_dir, env)
+        torch.manual_seed(args.seed)
+        self.dtype = parse_dtype(args.dtype, default=torch.bfloat16 if env.device.type == "cuda" else torch.float32)
+        data = check_data_folder(args.data)
+        self.model_dir, self.config = teacher_config(args, data, env)
+        self.batches = Batches(data / "train.bin", args.batch_size, args.max_seq_len, args.seed, env.rank,
+                               env.world_size, vocab_size=self.config.vocab_size)
+        self.val = val_batches(data / "val.bin", args.batch_size, args.max_seq_len, args.eval_tokens,
+                               self.config.vocab_size)
+        if args.layers == "auto":
+            args.layers = auto_layers(args, self.model_dir, self.config, self.batches, env, self.dtype)
+        self.layers, self.schedule, warmup = plan(args, self.config, self.batches, env)
+        kd_weight = args.kd_weight
+        if kd_weight is None:  # the original recipe's 0.01 for sequential; nested trains every depth equally
+            kd_weight = 0.01 if self.schedule.kind == "sequential" else 1.0
+        self.loss = LossConfig(args.temperature, kd_weight, args.ce_weight, args.kl_chunk, self.dtype)
+        self.state = TrainState(run_settings(args, env, self.schedule, warmup, kd_weight), self.schedule.total_steps,
+                                self.batches.steps_per_epoch)
+        self.ckpt = CheckpointManager(ckpt_dir, env, args.save_every, args.keep_checkpoints)
+        if args.resume:
+            self.ckpt.resume(self.state)  # settings checked before any weights load
+        else:
+            self.ckpt.refuse_earlier_run()
+        self.start = self.state.step
+        self.adapters = adapters_scope(args)
+        self.describe(log_path)
+        if self.adapters:  # the frozen full path is the teacher
+            self.student = self.teacher = load_adapter_student(self.model_dir, self.config, env, self.dtype, args,
+                                                               self.layers, self.batches, fit=not args.resume)
+        else:
+            self.student, self.teacher = load_models(self.model_dir, self.config, env, self.dtype, args)
+        self.ctx = (torch.autocast(env.device.type, dtype=self.dtype)
+                    if not env.distributed and self.dtype != torch.float32 else nullcontext())
+        self.metrics = Metrics(ckpt_dir / "metrics.jsonl", env, self.start if args.resume else None)
+        self.peak = peak_flops(env.device)
+        self.progress: Progress | None = None
+        self.params: list[torch.nn.Parameter] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
-    start, opt_phase = 0, None
-    if args.resume:
-        start, opt_phase = trainer["step"], trainer["phase"]
-        log.info(f"resuming from {resume_from} at step {start}"
-                 + (f" with --lr {args.lr:g} (was {trainer['settings']['lr']:g})" if lr_scale != 1 else ""))
-    metrics = Metrics(ckpt_dir / "metrics.jsonl", env, start if args.resume else None)
-    teacher_ppl = trainer.get("teacher_ppl")
-    if not args.resume:
-        res = evaluate(student, teacher, layers, val, env, ctx, None)
-        teacher_ppl = res["teacher"]
-        log.info(f"step 0: {eval_line(res)} (untrained student = teacher)")
-        metrics.write(step=0, eval=res)
+    def describe(self, log_path: Path | None) -> None:
+        """The run in two log lines: where it runs, and what it trains."""
+        a, s, c = self.args, self.schedule, self.config
+        log.info(f"{self.env.world_size} process(es) on {self.env.device}, compute {dtype_name(self.dtype)}; teacher "
+                 f"{a.model} ({c.num_hidden_layers} layers, {c.num_params() / 1e6:.1f}M params); log {log_path}")
+        log.info(f"{s.kind} schedule over layers {self.layers}: {s.num_phases} phase(s) x {s.steps_per_phase} steps "
+                 f"of {self.state.settings.global_batch} x {a.max_seq_len} tokens; "
+                 + (f"loss {self.loss.kd_weight} KL(T||S_skip) per skip pass (frozen base: S_full is T)"
+                    if self.adapters else f"loss KL(T||S_full) + {self.loss.kd_weight} KL(T||S_skip)")
+                 + (f" + {a.ce_weight} CE" if a.ce_weight else "")
+                 + f" at temperature {a.temperature}; k {s.k_dist}; train scope {a.train_scope}")
 
-    total = schedule.total_steps
-    if args.resume and start >= total:  # a finished run: only the final evaluation and output remain
-        train_state.load(resume_from, student, env)
-    peak = parallel.peak_flops(env.device)
-    tokens_per_step = settings["global_batch"] * args.max_seq_len
-    progress = Progress(total, start, env)
-    phase, optimizer, scheduler, params = None, None, None, []
-    last_ckpt = resume_from if args.resume else None
-    t_last = time.perf_counter()
+    def evaluate(self, label: str, note: str = "") -> dict:
+        """`perplexities` now, logged; the teacher's is measured once and kept in the TrainState."""
+        res = perplexities(self.student, self.teacher, self.layers, self.val, self.env, self.ctx,
+                           self.state.teacher_ppl)
+        self.state.teacher_ppl = res["teacher"]
+        log.info(f"{label}: {eval_line(res)}{note}")
+        return res
 
-    def save(step_done: int) -> Path:
-        trainer_state = dict(step=step_done, phase=phase, settings=settings, teacher_ppl=teacher_ppl,
-                             data_position=step_done * args.grad_accum, epoch=batches.epoch(step_done * args.grad_accum),
-                             total_steps=total)
-        path = train_state.save(ckpt_dir, step_done, student, optimizer, scheduler, trainer_state, env,
-                                keep=args.keep_checkpoints)
-        log.info(f"checkpoint {path}")
-        return path
+    def begin_phase(self, phase: int) -> None:
+        """What trains in `phase`, and a fresh optimizer and learning-rate schedule for it."""
+        a, s = self.args, self.schedule
+        self.state.phase = phase
+        if self.adapters:
+            self.params = bypass.set_trainable(self.student)
+        else:
+            self.params = set_trainable(self.student, scope_blocks(a, self.config, s, phase))
+        self.optimizer = torch.optim.AdamW(self.params, lr=a.lr, weight_decay=a.weight_decay,
+                                           fused=self.env.device.type == "cuda")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(s.steps_per_phase, self.state.settings.warmup, a.min_lr_ratio))
+        if s.kind == "sequential":
+            n_train = sum(p.numel() for p in self.params)  # DTensor.numel() is the global count
+            log.info(f"phase {phase + 1}/{s.num_phases}: making layer {self.layers[phase]} skippable "
+                     f"(small pass skips {list(s.phase_skip(phase))}); training ~{n_train / 1e6:.1f}M params")
 
-    try:
-        for step in range(start, total):
-            if schedule.phase(step) != phase:  # a new phase: what trains, a fresh optimizer and schedule
-                phase = schedule.phase(step)
-                if adapters_scope(args):
-                    params = bypass.set_trainable(student)
-                else:
-                    blocks = trainable_blocks(args.train_scope, config.num_hidden_layers, schedule.phase_skip(phase),
-                                              current_layers(schedule, phase))
-                    params = set_trainable(student, blocks)
-                optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
-                                              fused=env.device.type == "cuda")
-                scheduler = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer, lr_lambda(schedule.steps_per_phase, warmup, args.min_lr_ratio))
-                if args.resume and step == start and opt_phase == phase:
-                    train_state.load(resume_from, student, env, optimizer, scheduler, lr_scale=lr_scale)
-                elif args.resume and step == start:
-                    train_state.load(resume_from, student, env)  # the checkpoint ended the previous phase
-                n_train = sum(p.numel() for p in params)  # DTensor.numel() is the global count
-                if schedule.kind == "sequential":
-                    log.info(f"phase {phase + 1}/{schedule.num_phases}: making layer {layers[phase]} skippable "
-                             f"(small pass skips {list(schedule.phase_skip(phase))}); training ~{n_train / 1e6:.1f}M params")
-            stats = torch.zeros(len(STATS), device=env.device)
-            flops = 0.0
-            for micro in range(args.grad_accum):
-                x, y = batches.get(step * args.grad_accum + micro, env.device)
-                skips = schedule.skip_sets(step, micro)
-                with ctx:
-                    stats += step_fn(x, y, skips, 1.0 / args.grad_accum)
-                flops += step_flops_per_token(config, args.max_seq_len, skips[0]) * x.numel()
-            parallel.reshard(teacher)
-            norm = parallel.grad_norm_clip(params, args.grad_clip)
-            stats = parallel.all_reduce(stats / args.grad_accum, env, "mean")
-            vals = dict(zip(STATS, stats.tolist()))
-            gnorm = float(norm)
-            if not (math.isfinite(vals["loss"]) and math.isfinite(gnorm)):
-                raise Diverged(f"non-finite {'loss' if not math.isfinite(vals['loss']) else 'gradient norm'} at step "
-                               f"{step + 1}; stopped without updating. Last good checkpoint: {last_ckpt or 'none'}; "
-                               + (f"continue from it with a lower learning rate: the same command with --resume "
-                                  f"--lr {args.lr / 2:g}" if last_ckpt else "start again with a lower --lr"))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            dt = time.perf_counter() - t_last
-            row = dict(step=done, phase=phase,
-                       skip=[list(k) for m in range(args.grad_accum) for k in schedule.skip_sets(step, m)],
-                       **vals, lr=lr, grad_norm=gnorm,
-                       tokens_per_s=tokens_per_step / dt, memory_gb=memory_gb(env.device))
-            if peak:  # this rank's model FLOPs over its GPU's peak
-                row["mfu"] = flops / dt / peak
-            metrics.write(**row)
-            text = f"loss {vals['loss']:.4f} kl_full {vals['kl_full']:.4f} kl_skip {vals['kl_skip']:.4f}"
-            progress.update(done, text)
-            if done % args.log_every == 0 or done == total or done == start + 1:
-                log.info(f"step {done}/{total} {text} lr {lr:.2e} |g| {gnorm:.3f} "
-                         f"{row['tokens_per_s']:.0f} tok/s {row['memory_gb']:.2f} GB"
-                         + (f" MFU {row['mfu']:.1%}" if peak else "") + f" ETA {progress.eta(done)}")
-            if args.eval_every and done % args.eval_every == 0 and done < total:
-                res = evaluate(student, teacher, layers, val, env, ctx, teacher_ppl)
-                log.info(f"step {done}: {eval_line(res)}")
-                metrics.write(step=done, eval=res)
-            phase_end = done % schedule.steps_per_phase == 0
-            if (args.save_every and done % args.save_every == 0) or phase_end or done == total:
-                last_ckpt = save(done)
-            if args.stop_at is not None and done >= args.stop_at and done < total:
-                progress.close()
+    def restore(self) -> None:
+        """Once, before the loop: the first phase to run, and the resumed checkpoint's weights and RNG, with its
+        optimizer and scheduler when it was made in that phase (one that ended the previous phase has none)."""
+        saved_phase = self.state.phase
+        if self.start < self.schedule.total_steps:
+            self.begin_phase(self.schedule.phase(self.start))
+        same = self.optimizer is not None and self.state.phase == saved_phase
+        self.ckpt.restore(self.student, *((self.optimizer, self.scheduler) if same else ()))
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, skips, scale: float) -> torch.Tensor:
+        """One micro-batch's loss and backward; its stats (distill.STATS)."""
+        if self.adapters:
+            return adapter_step(self.student, x, y, skips, self.loss, scale)
+        return distill_step(self.student, self.teacher, x, y, skips, self.loss, scale)
+
+    def train_step(self, step: int, t0: float) -> dict:
+        """One optimizer step over --grad-accum micro-batches; returns its metrics row. A non-finite loss or
+        gradient norm raises Diverged before the update (every rank sees the same reduced values)."""
+        a, env, s = self.args, self.env, self.schedule
+        stats = torch.zeros(len(STATS), device=env.device)
+        flops = 0.0
+        for micro in range(a.grad_accum):
+            x, y = self.batches.get(step * a.grad_accum + micro, env.device)
+            skips = s.skip_sets(step, micro)
+            with self.ctx:
+                stats += self.forward_backward(x, y, skips, 1.0 / a.grad_accum)
+            flops += step_flops_per_token(self.config, a.max_seq_len, skips[0]) * x.numel()
+        parallel.reshard(self.teacher)
+        norm = distributed.grad_norm_clip(self.params, a.grad_clip)
+        vals = dict(zip(STATS, distributed.all_reduce(stats / a.grad_accum, env, "mean").tolist()))
+        gnorm = float(norm)
+        if not (math.isfinite(vals["loss"]) and math.isfinite(gnorm)):
+            raise Diverged(diverged_message("loss" if not math.isfinite(vals["loss"]) else "gradient norm", step + 1,
+                                            self.ckpt.last, a.lr))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        row = dict(step=step + 1, phase=self.state.phase,
+                   skip=[list(k) for m in range(a.grad_accum) for k in s.skip_sets(step, m)], **vals, lr=lr,
+                   grad_norm=gnorm, tokens_per_s=self.state.settings.global_batch * a.max_seq_len / dt,
+                   memory_gb=memory_gb(env.device))
+        if self.peak:  # this rank's model FLOPs over its GPU's peak
+            row["mfu"] = flops / dt / self.peak
+        return row
+
+    def report(self, row: dict) -> None:
+        """A step's row to metrics.jsonl and the progress bar, and every --log-every steps to the log."""
+        done, total = row["step"], self.schedule.total_steps
+        self.metrics.write(**row)
+        text = f"loss {row['loss']:.4f} kl_full {row['kl_full']:.4f} kl_skip {row['kl_skip']:.4f}"
+        self.progress.update(done, text)
+        if done % self.args.log_every == 0 or done == total or done == self.start + 1:
+            log.info(f"step {done}/{total} {text} lr {row['lr']:.2e} |g| {row['grad_norm']:.3f} "
+                     f"{row['tokens_per_s']:.0f} tok/s {row['memory_gb']:.2f} GB"
+                     + (f" MFU {row['mfu']:.1%}" if "mfu" in row else "") + f" ETA {self.progress.eta(done)}")
+
+    def train(self) -> bool:
+        """The loop, from the resumed step to the last: True when done, False when stopped early (--stop-at)."""
+        a, s, state = self.args, self.schedule, self.state
+        if not a.resume:
+            self.metrics.write(step=0, eval=self.evaluate("step 0", " (untrained student = teacher)"))
+        self.restore()
+        self.progress = Progress(s.total_steps, self.start, self.env)
+        t0 = time.perf_counter()
+        for step in range(self.start, s.total_steps):
+            if s.phase(step) != state.phase:
+                self.begin_phase(s.phase(step))
+            self.report(self.train_step(step, t0))
+            done = state.step = step + 1
+            if a.eval_every and done % a.eval_every == 0 and done < s.total_steps:
+                self.metrics.write(step=done, eval=self.evaluate(f"step {done}"))
+            if self.ckpt.due(done, force=done % s.steps_per_phase == 0 or done == s.total_steps):
+                self.ckpt.save(self.student, self.optimizer, self.scheduler, state)
+            if a.stop_at is not None and a.stop_at <= done < s.total_steps:
+                self.progress.close()
                 log.info(f"stopping after step {done} as asked (--stop-at); continue with --resume")
-                return None
-            t_last = time.perf_counter()  # evaluation and checkpoints do not count against the next step's speed
+                return False
+            t0 = time.perf_counter()  # evaluation and checkpoints do not count against the next step's speed
+        return True
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        self.metrics.close()
+
+    def export(self) -> Path:
+        """The student to --out with skip.json, whose perplexities are measured on the weights as saved."""
+        a, env, student, config = self.args, self.env, self.student, self.config
+        # skip.json must describe the files on disk: round the fp32 master weights to the dtype they are saved in
+        # (the teacher's torch_dtype) before measuring. The checkpoints in --ckpt-dir keep the fp32 weights.
+        out_dtype = parse_dtype(config.torch_dtype, default=torch.float32) if config.torch_dtype else torch.float32
+        if out_dtype != torch.float32:
+            with torch.no_grad():
+                for name, p in student.named_parameters():  # elementwise, so the same on FSDP shards
+                    if "skip_adapters." not in name:  # the adapters are saved in fp32
+                        p.copy_(p.to(out_dtype))
+        res = self.evaluate("final")
+        skip_json = {"layers": self.layers, "schedule": self.schedule.kind, "teacher": teacher_ref(a.model),
+                     "steps": self.schedule.total_steps, "val_tokens": sum(y.numel() for _, y in self.val),
+                     "weights_dtype": dtype_name(out_dtype), "perplexity": res}
+        sd = parallel.full_state_dict(student, env)
+        out = Path(a.out)
+        if env.is_main:
+            sd, adapter_sd = bypass.split_state_dict(sd)
+            sd = {k: v.to(out_dtype) if v.is_floating_point() else v for k, v in sd.items()}  # exact: already rounded
+            files = {}
+            if adapter_sd:  # skip adapters stay fp32, in their own file
+                files[bypass.FILE] = bypass.file_bytes(adapter_sd)
+                skip_json["adapters"] = student.skip_adapters.describe()
+                skip_json["train_scope"] = "adapters"
+            save_checkpoint(sd, config, out, copy_from=self.model_dir, files=files, extra_json={"skip.json": skip_json})
+            log.info(f"saved the student to {out} (skip.json: layers {self.layers})")
+        distributed.barrier(env)
+        return out
+
+
+def diverged_message(what: str, step: int, last_ckpt: Path | None, lr: float) -> str:
+    return (f"non-finite {what} at step {step}; stopped without updating. Last good checkpoint: {last_ckpt or 'none'}; "
+            + (f"continue from it with a lower learning rate: the same command with --resume --lr {lr / 2:g}"
+               if last_ckpt else "start again with a lower --lr"))
+
+
+def run(args: argparse.Namespace, env: distributed.Env) -> Path | None:
+    """Set up, train, save the student (None when stopped early by --stop-at)."""
+    trainer = Trainer(args, env)
+    try:
+        finished = trainer.train()
     except Diverged as e:
-        progress.close()
+        trainer.close()
         log.error(str(e))
         raise
     finally:
-        metrics.close()
-    progress.close()
-
-    # skip.json must describe the files on disk: round the fp32 master weights to the dtype they are saved in (the
-    # teacher's torch_dtype) before measuring. The checkpoints in --ckpt-dir keep the fp32 weights.
-    out_dtype = parse_dtype(config.torch_dtype, default=torch.float32) if config.torch_dtype else torch.float32
-    if out_dtype != torch.float32:
-        with torch.no_grad():
-            for name, p in student.named_parameters():  # elementwise, so the same on FSDP shards
-                if "skip_adapters." not in name:  # the adapters are saved in fp32
-                    p.copy_(p.to(out_dtype))
-    res = evaluate(student, teacher, layers, val, env, ctx, teacher_ppl)
-    log.info(f"final: {eval_line(res)}")
-    skip_json = {"layers": layers, "schedule": schedule.kind, "teacher": teacher_ref(args.model), "steps": total,
-                 "val_tokens": sum(y.numel() for _, y in val), "weights_dtype": dtype_name(out_dtype),
-                 "perplexity": res}
-    sd = parallel.full_state_dict(student, env)
-    out = Path(args.out)
-    if env.is_main:
-        sd, adapter_sd = bypass.split_state_dict(sd)
-        sd = {k: v.to(out_dtype) if v.is_floating_point() else v for k, v in sd.items()}  # exact: already rounded
-        files = {}
-        if adapter_sd:  # skip adapters stay fp32, in their own file
-            files[bypass.FILE] = bypass.file_bytes(adapter_sd)
-            skip_json["adapters"] = student.skip_adapters.describe()
-            skip_json["train_scope"] = "adapters"
-        save_checkpoint(sd, config, out, copy_from=model_dir, files=files, extra_json={"skip.json": skip_json})
-        log.info(f"saved the student to {out} (skip.json: layers {layers})")
-    parallel.barrier(env)
-    return out
+        trainer.close()
+    return trainer.export() if finished else None
 
 
 def main(argv: list[str] | None = None) -> Path | None:
     args = parse_args(argv)
-    env = parallel.init(args.device)
+    env = distributed.init(args.device)
     try:
         out = run(args, env)
     except Diverged as e:  # every rank sees the same loss, so all stop here together
-        parallel.close(env)
+        distributed.close(env)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except BaseException:
-        parallel.close(env, wait=False)  # a rank that failed alone must not wait for the others
+        distributed.close(env, wait=False)  # a rank that failed alone must not wait for the others
         raise
-    parallel.close(env)
+    distributed.close(env)
     return out
 
 

@@ -24,18 +24,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from phi3skip import bypass, from_pretrained  # noqa: E402
-from phi3skip.data import Batches, eval_batches  # noqa: E402
-from phi3skip.distill import parse_layers  # noqa: E402
-from phi3skip.evaluate import perplexity_ci, skip_prefixes, val_batches  # noqa: E402
-from phi3skip.importance import greedy_order  # noqa: E402
-from phi3skip.io import atomic_write_text, read_skip_profile, save_pretrained  # noqa: E402
-from phi3skip.tokenizer import load_tokenizer  # noqa: E402
+from phi3skip import bypass, from_pretrained
+from phi3skip.data import Batches, eval_batches
+from phi3skip.evaluate import perplexity_ci, val_batches
+from phi3skip.importance import greedy_order
+from phi3skip.io import atomic_write_text, read_skip_profile, save_pretrained
+from phi3skip.skipsets import parse_layers, skip_prefixes
+from phi3skip.tokenizer import load_tokenizer
 
 DEMO = ["--schedule", "nested", "--batch-size", "4", "--max-seq-len", "256", "--eval-tokens", "4096",
         "--eval-every", "0", "--log-every", "10"]

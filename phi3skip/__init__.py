@@ -6,7 +6,7 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 _EXPORTS = {
-    "Phi3Config": "config", "Phi3ForCausalLM": "model", "InvalidSkip": "model", "validate_skip": "model",
+    "Phi3Config": "config", "Phi3ForCausalLM": "model", "InvalidSkip": "skipsets", "validate_skip": "skipsets",
     "KVCache": "kv_cache", "from_pretrained": "io", "save_pretrained": "io", "save_checkpoint": "io",
     "load_config": "io", "UserError": "cli",
 }

@@ -141,12 +141,9 @@ def _restart(model: Phi3ForCausalLM, lo: int, x: torch.Tensor, skip: Sequence[in
              out: list[torch.Tensor]) -> None:
     """Run from layer `lo` (residual x) skipping `skip` up to layer `stop`; append the residual entering it."""
     trace: list[torch.Tensor] = []
-    T = x.shape[1]
-    slots = torch.arange(T, device=x.device)
-    cos, sin = model.rotary(slots, x.dtype, model.rotary.use_long(T - 1))
-    layers = model.model.layers
-    blocks = list(layers[:stop])  # run_layers stops where the list ends: at `stop`
-    model.run_layers(x, cos, sin, slots, frozenset(skip), start=lo, blocks=blocks, trace=trace)
+    slots = torch.arange(x.shape[1], device=x.device)
+    cos, sin = model.rotary_tables(slots, x.dtype)
+    model.run_layers(x, cos, sin, slots, frozenset(skip), start=lo, stop=stop, trace=trace)
     out.append(trace[-1])
 
 

@@ -6,8 +6,8 @@ The teacher is the frozen full model, the student a trainable copy. One step on 
 
 KL(T || S) = tau^2 * mean over tokens of sum_v p_T(v) (log p_T(v) - log p_S(v)), with p = softmax(logits / tau),
 S_full the student with every layer and S_skip the student with this step's skip set. Both student passes run
-the blocks before the first skipped layer once (`forward_branches`), and the loss projects hidden states onto
-the vocabulary a chunk of tokens at a time, in fp32, computing the gradient as it goes (`chunked_kd_loss`):
+the blocks before the first skipped layer once (`Phi3ForCausalLM.forward_branches`), and the loss projects hidden
+states onto the vocabulary a chunk of tokens at a time, in fp32, computing the gradient as it goes (`chunked_kd_loss`):
 neither model's B x T x V logits exist at once, and nothing vocabulary-sized is kept for backward.
 
 Schedules (`Schedule`), over candidate layers l_1, l_2, ..., l_K (default L-2, L-4, ...):
@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from types import MethodType
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from .cli import UserError
-from .model import Phi3ForCausalLM, validate_skip
 
 SCHEDULES = ("sequential", "nested")
 K_DISTS = ("uniform", "sandwich", "harmonic")
@@ -43,39 +41,7 @@ IGNORE_INDEX = -100
 _BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-# Candidate layers and schedules ------------------------------------------------------------------------------
-def default_layers(num_layers: int) -> list[int]:
-    """Every other layer counting down from the second-to-last: L-2, L-4, ..., down to 0 or 1."""
-    return list(range(num_layers - 2, -1, -2))
-
-
-def parse_layers(text: str | Sequence[int] | None, num_layers: int, num_skip: int | None = None) -> list[int]:
-    """`--layers 30,28,26` (or None for the default), checked, optionally cut to the first `num_skip`."""
-    if text is None or text == "":
-        layers = default_layers(num_layers)
-    elif isinstance(text, str):
-        try:
-            layers = [int(s) for s in text.replace(" ", "").split(",") if s != ""]
-        except ValueError:
-            raise UserError(f"--layers {text!r}: expected comma-separated layer indices like "
-                            f"{','.join(map(str, default_layers(num_layers)[:3]))}") from None
-    else:
-        layers = list(text)
-    if not layers:
-        raise UserError(f"--layers names no layer; give indices in 0..{num_layers - 1}")
-    bad = [i for i in layers if not 0 <= i < num_layers]
-    if bad:
-        raise UserError(f"--layers: layer {bad[0]} is out of range; this model has layers 0..{num_layers - 1}")
-    seen = {i for i in layers if layers.count(i) > 1}
-    if seen:
-        raise UserError(f"--layers names layer {min(seen)} more than once")
-    if num_skip is not None:
-        if not 1 <= num_skip <= len(layers):
-            raise UserError(f"--num-skip {num_skip}: must be in 1..{len(layers)} (the number of candidate layers)")
-        layers = layers[:num_skip]
-    return layers
-
-
+# Schedules ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Schedule:
     """Which layers the small pass skips at each optimizer step.
@@ -110,6 +76,10 @@ class Schedule:
 
     def phase_start(self, phase: int) -> int:
         return phase * self.steps_per_phase
+
+    def current_layers(self, phase: int) -> tuple[int, ...]:
+        """The layers being made skippable in a phase (sequential: l_j; nested: all); around:R trains around them."""
+        return self.layers[phase:phase + 1] if self.kind == "sequential" else self.layers
 
     def phase_skip(self, phase: int) -> tuple[int, ...]:
         """The largest skip set of a phase (sequential: l_1..l_j; nested: all candidates)."""
@@ -190,129 +160,108 @@ def set_trainable(model: nn.Module, blocks: frozenset[int] | None) -> list[nn.Pa
     return out
 
 
-# Forward ---------------------------------------------------------------------------------------------------------
-def forward_branches(model: Phi3ForCausalLM, input_ids: torch.Tensor,
-                     skips: Sequence[Iterable[int]]) -> list[torch.Tensor]:
-    """Final normed hidden states [B, T, H] for several skip sets in one pass.
-
-    Sets that agree on every block so far share one activation: the blocks before the first layer where two
-    sets differ run once for both, and autograd sums the gradients of the branches. Equal, up to float
-    rounding, to `[model.hidden_states(input_ids, s) for s in skips]`.
-    """
-    sets = [validate_skip(s, model.num_layers) for s in skips]
-    T = input_ids.shape[1]
-    slots = torch.arange(T, device=input_ids.device)
-    x = model.model.embed_tokens(input_ids)
-    cos, sin = model.rotary(slots, x.dtype, model.rotary.use_long(T - 1))
-    groups: list[tuple[torch.Tensor, list[int]]] = [(x, list(range(len(sets))))]
-    for i, block in enumerate(model.model.layers):
-        nxt = []
-        for h, members in groups:
-            run = [j for j in members if i not in sets[j]]
-            rest = [j for j in members if i in sets[j]]
-            if run:
-                nxt.append((block(h, cos, sin, slots), run))
-            if rest:
-                nxt.append((h, rest))
-        groups = nxt
-    out: list[torch.Tensor] = [x] * len(sets)
-    for h, members in groups:
-        h = model.model.norm(h)
-        for j in members:
-            out[j] = h
-    return out
-
-
-def bind_forward_branches(model: Phi3ForCausalLM) -> Phi3ForCausalLM:
-    """Make `forward_branches` a method of `model`, so that FSDP can run it as a forward (`parallel` registers it)."""
-    model.forward_branches = MethodType(forward_branches, model)
-    return model
-
-
-def student_hidden(student: nn.Module, input_ids: torch.Tensor, skips: Sequence[Iterable[int]]) -> list[torch.Tensor]:
-    """`forward_branches` through the method that `parallel` registers with FSDP when there is one."""
-    method = getattr(student, "forward_branches", None)
-    return method(input_ids, skips) if method is not None else forward_branches(student, input_ids, skips)
-
-
 # The loss ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LossConfig:
+    """temperature tau; kd_weight w of the skip term; ce_weight c of the optional next-token CE on S_full;
+    chunk tokens per vocabulary chunk (None: about 64 MiB of fp32 logits); dtype of the vocabulary projections
+    (None: the student head's)."""
+
+    temperature: float = 1.0
+    kd_weight: float = 0.01
+    ce_weight: float = 0.0
+    chunk: int | None = None
+    dtype: torch.dtype | None = None
+
+
 def default_chunk(vocab_size: int, budget: int = 1 << 24) -> int:
     """Tokens per chunk so that one fp32 chunk of logits holds about `budget` numbers (64 MiB)."""
     return max(16, budget // vocab_size)
+
+
+def kd_chunk(hidden: torch.Tensor, weight: torch.Tensor, teacher_logp: torch.Tensor, teacher_p: torch.Tensor,
+             cfg: LossConfig, kl_weight: float, n_tokens: int, labels: torch.Tensor | None = None, n_ce: int = 1,
+             grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One student pass over one chunk of tokens: values and a hand-derived gradient, inputs left untouched.
+
+    With logits s = hidden @ weight.T (fp32 after the product), q = softmax(s / tau) and the teacher's p at tau,
+    returns the chunk's sum over tokens of KL(p || q); of CE(s, labels) (None without labels or ce_weight;
+    IGNORE_INDEX tokens add nothing); and, when `grad`, the gradient with respect to s [n, V] (fp32) of the
+    chunk's share of the loss, kl_weight * tau^2 / n_tokens * KL + ce_weight / n_ce * CE.
+    """
+    tau = cfg.temperature
+    with_ce = labels is not None and cfg.ce_weight != 0
+    s = (hidden @ weight.T).float()
+    log1 = torch.log_softmax(s, dim=-1) if with_ce and tau != 1 else None  # CE is on the unscaled logits
+    logq = torch.log_softmax(s.div_(tau), dim=-1)  # s is this function's own buffer: scaled in place
+    del s
+    kl = torch.sum(teacher_p * (teacher_logp - logq))
+    ce = None
+    if with_ce:
+        valid = labels != IGNORE_INDEX
+        y0 = torch.where(valid, labels, 0)[:, None]
+        ce = -((logq if log1 is None else log1).gather(1, y0).squeeze(1) * valid).sum()
+    if not grad:
+        return kl, ce, None
+    # d KL / d s = tau * (q - p) per token; d CE / d s = softmax(s) - onehot(y). In place on logq: no more buffers.
+    kd = kl_weight * tau / n_tokens
+    if with_ce:
+        rows = (valid.to(logq.dtype) * (cfg.ce_weight / n_ce))[:, None]  # ignored tokens get no CE gradient
+    if with_ce and log1 is None:  # tau == 1: both terms share softmax(s) = q
+        g = logq.exp_().mul_(rows + kd).sub_(teacher_p, alpha=kd)
+    else:
+        g = logq.exp_().mul_(kd).sub_(teacher_p, alpha=kd)
+        if with_ce:
+            g.add_(log1.exp_().mul_(rows))
+    if with_ce:
+        g.scatter_add_(1, y0, -rows)
+    return kl, ce, g
 
 
 class _ChunkedKD(torch.autograd.Function):
     """Forward KL (plus optional CE) over vocabulary chunks; the gradient is computed in forward and stored.
 
     Stored for backward: d loss / d hidden for each student pass [N, H] and d loss / d W [V, H] (fp32), never
-    anything of size N x V.
+    anything of size N x V. `cfg` has its chunk and dtype resolved; `weights` are the passes' KL weights.
     """
 
     @staticmethod
-    def forward(ctx, student_weight, teacher_hidden, teacher_weight, labels, opts, *student_hiddens):
-        weights, tau, ce_weight, chunk, dtype = opts
-        need_w = ctx.needs_input_grad[0]
-        need_h = ctx.needs_input_grad[5:]
-        N = teacher_hidden.shape[0]
-        dev = teacher_hidden.device
-        ws = student_weight.to(dtype)
-        wt = teacher_weight.to(dtype)
+    def forward(ctx, cfg: LossConfig, weights: tuple[float, ...], labels, teacher_hidden, teacher_weight,
+                student_weight, *student_hiddens):
+        need_w, *need_h = ctx.needs_input_grad[-1 - len(student_hiddens):]  # the student's are the last inputs
+        N, dev, tau = teacher_hidden.shape[0], teacher_hidden.device, cfg.temperature
+        ws, wt = student_weight.to(cfg.dtype), teacher_weight.to(cfg.dtype)
+        with_ce = cfg.ce_weight != 0 and labels is not None
+        n_ce = max(1, int((labels != IGNORE_INDEX).sum())) if with_ce else 1
         kl = torch.zeros(len(student_hiddens), dtype=torch.float32, device=dev)
         ce = torch.zeros((), dtype=torch.float32, device=dev)
         grad_w = torch.zeros(student_weight.shape, dtype=torch.float32, device=dev) if need_w else None
         grad_h = [torch.empty_like(h) if need else None for h, need in zip(student_hiddens, need_h)]
-        n_ce = 1
-        if ce_weight and labels is not None:
-            n_ce = max(1, int((labels != IGNORE_INDEX).sum()))
-        for a in range(0, N, chunk):
-            b = min(N, a + chunk)
-            t = (teacher_hidden[a:b].to(dtype) @ wt.T).float()
-            logp = torch.log_softmax(t.div_(tau), dim=-1)
-            del t
+        for a in range(0, N, cfg.chunk):
+            b = min(N, a + cfg.chunk)
+            logp = torch.log_softmax((teacher_hidden[a:b].to(cfg.dtype) @ wt.T).float().div_(tau), dim=-1)
             p = logp.exp()
             for j, h in enumerate(student_hiddens):
-                hc = h[a:b].to(dtype)
-                s = (hc @ ws.T).float()
-                with_ce = j == 0 and ce_weight != 0 and labels is not None
-                if with_ce:
-                    y = labels[a:b]
-                    valid = y != IGNORE_INDEX
-                    y0 = torch.where(valid, y, 0)[:, None]
-                    log1 = torch.log_softmax(s, dim=-1) if tau != 1 else None
-                logq = torch.log_softmax(s.div_(tau), dim=-1)
-                del s
-                kl[j] += torch.sum(p * (logp - logq))
-                if with_ce:
-                    log1 = logq if log1 is None else log1
-                    ce -= (log1.gather(1, y0).squeeze(1) * valid).sum()
-                if not (need_w or need_h[j]):
+                hc = h[a:b].to(cfg.dtype)
+                y = labels[a:b] if with_ce and j == 0 else None  # CE on the full pass only
+                kl_j, ce_j, g = kd_chunk(hc, ws, logp, p, cfg, weights[j], N, y, n_ce, grad=need_w or need_h[j])
+                kl[j] += kl_j
+                if ce_j is not None:
+                    ce += ce_j
+                if g is None:
                     continue
-                # d KL / d s = tau * (q - p) / N per token; d CE / d s = (softmax(s) - onehot(y)) / n_ce.
-                kd = weights[j] * tau / N
-                cw = ce_weight / n_ce if with_ce else 0.0
-                g = logq.exp_()  # q = softmax(s / tau), in place
-                if with_ce:
-                    ce_rows = (valid.to(g.dtype) * cw)[:, None]  # ignored tokens get no CE gradient
-                if with_ce and log1 is logq:  # tau == 1: both terms share softmax(s)
-                    g.mul_(ce_rows + kd).sub_(p, alpha=kd)
-                else:
-                    g.mul_(kd).sub_(p, alpha=kd)
-                    if with_ce:
-                        g.add_(log1.exp_().mul_(ce_rows))
-                if with_ce:
-                    g.scatter_add_(1, y0, -ce_rows)
-                gd = g.to(dtype)
+                gd = g.to(cfg.dtype)
+                del g
                 if need_h[j]:
                     grad_h[j][a:b] = (gd @ ws).to(h.dtype)
                 if need_w:
                     grad_w += gd.T @ hc
-                del g, gd
+                del gd
             del logp, p
         kl.mul_(tau * tau / N)
         ce.div_(n_ce)
-        total = sum(w * kl[j] for j, w in enumerate(weights)) + ce_weight * ce
-        ctx.save_for_backward(grad_w if need_w else None, *[g for g in grad_h if g is not None])
-        ctx.need = (need_w, need_h)
+        total = sum(w * kl[j] for j, w in enumerate(weights)) + cfg.ce_weight * ce
+        ctx.save_for_backward(grad_w, *grad_h)
         ctx.weight_dtype = student_weight.dtype
         stats = torch.cat([kl, ce[None]])
         ctx.mark_non_differentiable(stats)
@@ -320,15 +269,10 @@ class _ChunkedKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, grad_stats):
-        need_w, need_h = ctx.need
-        saved = list(ctx.saved_tensors)
-        grad_w = saved.pop(0)
-        gw = (grad_w * grad_total).to(ctx.weight_dtype) if need_w else None
-        gh = []
-        for need in need_h:
-            g = saved.pop(0) if need else None
-            gh.append(g * grad_total.to(g.dtype) if need else None)
-        return (gw, None, None, None, None, *gh)
+        grad_w, *grad_h = ctx.saved_tensors
+        gw = None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype)
+        gh = [None if g is None else g * grad_total.to(g.dtype) for g in grad_h]
+        return (None, None, None, None, None, gw, *gh)
 
 
 def chunked_kd_loss(teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
@@ -349,27 +293,14 @@ def chunked_kd_loss(teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
         labels = labels.reshape(-1)
     if len(weights) != len(student_hiddens):
         raise ValueError(f"{len(weights)} weights for {len(student_hiddens)} student passes")
-    opts = (tuple(float(w) for w in weights), float(temperature), float(ce_weight),
-            int(chunk or default_chunk(student_weight.shape[0])), dtype or student_weight.dtype)
-    return _ChunkedKD.apply(student_weight, teacher_hidden.detach(), teacher_weight.detach(), labels, opts,
-                            *student_hiddens)
+    cfg = LossConfig(float(temperature), ce_weight=float(ce_weight),
+                     chunk=int(chunk or default_chunk(student_weight.shape[0])), dtype=dtype or student_weight.dtype)
+    return _ChunkedKD.apply(cfg, tuple(float(w) for w in weights), labels, teacher_hidden.detach(),
+                            teacher_weight.detach(), student_weight, *student_hiddens)
 
 
 # One step ------------------------------------------------------------------------------------------------------
 STATS = ("loss", "kl_full", "kl_skip", "ce")
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """temperature tau; kd_weight w of the skip term; ce_weight c of the optional next-token CE on S_full;
-    chunk tokens per vocabulary chunk (None: about 64 MiB of fp32 logits); dtype of the vocabulary projections
-    (None: the student head's)."""
-
-    temperature: float = 1.0
-    kd_weight: float = 0.01
-    ce_weight: float = 0.0
-    chunk: int | None = None
-    dtype: torch.dtype | None = None
 
 
 def distill_step(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -385,7 +316,7 @@ def distill_step(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: tor
         ht = teacher.hidden_states(x)
     sets = [tuple(s) for s in skips if tuple(s)]
     w_full = 1.0 + cfg.kd_weight * (len(skips) - len(sets))
-    hs = student_hidden(student, x, [()] + sets)
+    hs = student.forward_branches(x, [()] + sets)
     loss, stats = chunked_kd_loss(ht, teacher.lm_head.weight, hs, student.lm_head.weight,
                                   [w_full] + [cfg.kd_weight] * len(sets), cfg.temperature,
                                   y if cfg.ce_weight else None, cfg.ce_weight, cfg.chunk, cfg.dtype)

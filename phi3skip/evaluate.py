@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 import os
 import statistics
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, ContextManager, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,8 @@ from torch import nn
 from .cli import UserError
 from .data import eval_batches
 from .distill import default_chunk
-from .model import parse_skip, validate_skip
+from .distributed import Env, all_reduce
+from .skipsets import validate_skip
 from .paths import temp_sibling
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -73,6 +75,23 @@ def perplexity(model: nn.Module, data: torch.Tensor | Iterable[Batch], skip: Seq
     if count == 0:
         raise ValueError("no tokens to evaluate")
     return math.exp(total / count)
+
+
+def distributed_perplexity(model: nn.Module, batches: Sequence[Batch], skip: Sequence[int], env: Env,
+                           ctx: ContextManager = nullcontext()) -> float:
+    """`perplexity` with the batches split across ranks, each forward under `ctx` (e.g. autocast). Every rank
+    makes the same number of calls (sharded blocks run in step) and gets the same result."""
+    mine = batches[env.rank::env.world_size]
+    tot = torch.zeros(2, dtype=torch.float64, device=env.device)  # summed NLL, tokens
+    for i in range(math.ceil(len(batches) / env.world_size)):
+        x, y = mine[i] if i < len(mine) else batches[0]  # a padding call keeps FSDP in step; its result is dropped
+        with ctx:
+            nll, n = token_nll(model, x.to(env.device), y.to(env.device), skip)
+        if i < len(mine):
+            tot[0] += nll.double()
+            tot[1] += n
+    all_reduce(tot, env)
+    return math.exp(tot[0].item() / tot[1].item())
 
 
 def val_batches(path, batch_size: int, seq_len: int, max_tokens: int | None = None,
@@ -141,24 +160,6 @@ class SkipSetResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def skip_prefixes(layers: Sequence[int]) -> list[tuple[int, ...]]:
-    """(), (l1,), (l1, l2), ...: every skip set a user may pick from a trained list."""
-    return [tuple(layers[:k]) for k in range(len(layers) + 1)]
-
-
-def parse_skip_sets(text: str, layers: Sequence[int], flag: str = "--skip-sets") -> list[tuple[int, ...]]:
-    """'prefixes' (every prefix of `layers`) or sets '30,28;first:2;none' (see `model.parse_skip`); the full
-    model is always scored, first. `flag` names the option in error messages."""
-    if text.strip() == "prefixes":
-        return skip_prefixes(layers)
-    sets: list[tuple[int, ...]] = []
-    for part in text.split(";"):
-        s = parse_skip(part, layers, flag)
-        if s not in sets:
-            sets.append(s)
-    return [()] + [s for s in sets if s]  # the full model first: the baseline every speedup is against
 
 
 def evaluate_skip_sets(student: nn.Module, datasets: dict[str, Sequence[Batch]], skip_sets: Sequence[Sequence[int]],

@@ -25,9 +25,9 @@ import torch
 from .cli import UserError
 from .config import Phi3Config
 from .bypass import fold
-from .evaluate import parse_skip_sets
 from .io import check_state_dict, dtype_name, from_pretrained, parse_dtype, read_skip_profile, save_checkpoint
-from .model import Phi3ForCausalLM, validate_skip
+from .model import Phi3ForCausalLM
+from .skipsets import parse_skip_sets, validate_skip
 
 
 class ExportError(UserError):

@@ -6,76 +6,21 @@ with a cache, no KV memory.
 """
 from __future__ import annotations
 
-import operator
 from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cli import UserError
 from .config import Phi3Config
 from .kv_cache import KVCache, LayerKV
 from .rope import Rotary, apply_rotary
+from .skipsets import validate_skip
 
 try:  # optional: used on CUDA for cache-free causal attention (training, evaluation)
     from flash_attn import flash_attn_func
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = None
-
-
-class InvalidSkip(UserError, ValueError):
-    """A skip set that names no valid set of layers."""
-
-
-def validate_skip(skip: Iterable[int] | None, num_layers: int) -> frozenset[int]:
-    """Check a skip set: integers in [0, num_layers), no duplicates. Raises InvalidSkip naming the range."""
-    if skip is None:
-        return frozenset()
-    valid = f"layer indices are integers in 0..{num_layers - 1}"
-    if isinstance(skip, (str, bytes)) or not isinstance(skip, Iterable):
-        raise InvalidSkip(f"skip must be a collection of layer indices, got {skip!r}; {valid}")
-    out: list[int] = []
-    for s in skip:
-        if isinstance(s, bool):
-            raise InvalidSkip(f"skip index {s!r} is not an integer; {valid}")
-        try:
-            i = operator.index(s)
-        except TypeError:
-            raise InvalidSkip(f"skip index {s!r} is not an integer; {valid}") from None
-        if not 0 <= i < num_layers:
-            raise InvalidSkip(f"skip index {i} is out of range; {valid}")
-        out.append(i)
-    if len(set(out)) != len(out):
-        raise InvalidSkip(f"skip {sorted(out)} names a layer twice; {valid}")
-    return frozenset(out)
-
-
-def parse_skip(text: str | None, trained: Sequence[int] = (), flag: str = "--skip") -> tuple[int, ...]:
-    """A skip set from the command line: '30,28'; 'none' or '' (skip nothing); 'first:K', the first K layers of
-    the trained order `trained` (skip.json's), so nobody copies layer numbers. Ranges are checked later,
-    against the model (`validate_skip`)."""
-    text = "" if text is None else text.strip().lower()
-    if text in ("", "none"):
-        return ()
-    if text.startswith("first:"):
-        k = text.split(":", 1)[1]
-        if not trained:
-            raise UserError(f"{flag} {text}: this model has no trained skip order (skip.json); name the layers")
-        if not k.isdigit() or not 0 <= int(k) <= len(trained):
-            raise UserError(f"{flag} {text}: K must be in 0..{len(trained)}, the length of the trained order "
-                            f"{','.join(map(str, trained))}")
-        return tuple(trained[:int(k)])
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise UserError(f"{flag} {text!r}: expected layer indices like 30,28, first:K (the first K of the "
-                        f"trained order) or none") from None
-
-
-def untrained(skip: Iterable[int], trained: Sequence[int]) -> list[int]:
-    """The layers of `skip` that training did not make skippable (skipping them is the naive skip)."""
-    return sorted(set(skip) - set(trained), reverse=True)
 
 
 class RMSNorm(nn.Module):
@@ -219,25 +164,47 @@ class Phi3ForCausalLM(nn.Module):
                    wrapped by torch.compile for decoding; None runs the layers themselves.
         """
         skipped = validate_skip(skip, self.num_layers)
-        B, T = input_ids.shape
         if input_pos is None:
-            input_pos = torch.arange(T, device=input_ids.device)
-        if positions is None:
-            positions = input_pos
-        if long_rope is None:
-            # Without a cache and explicit positions the largest position is T - 1: no device sync.
-            max_pos = T - 1 if cache is None and positions is input_pos else int(positions.max())
-            long_rope = self.rotary.use_long(max_pos)
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, x.dtype, long_rope)
+            input_pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        pos = input_pos if positions is None else positions
+        if long_rope is None and (cache is not None or positions is not None):
+            long_rope = self.rotary.use_long(int(pos.max()))  # else the prologue's T - 1: no device sync
+        x, cos, sin = self._prologue(input_ids, pos, long_rope)
         x = self.run_layers(x, cos, sin, input_pos, skipped, cache=cache, key_mask=key_mask, blocks=blocks)
         return self.model.norm(x)
 
+    def forward_branches(self, input_ids: torch.Tensor, skips: Sequence[Iterable[int]]) -> list[torch.Tensor]:
+        """Final normed hidden states [B, T, H] for several skip sets in one pass (consecutive positions).
+
+        Sets that agree on every block so far share one activation: the blocks before the first layer where two
+        sets differ run once for both, and autograd sums the gradients of the branches. Equal, up to float
+        rounding, to `[self.hidden_states(input_ids, s) for s in skips]`.
+        """
+        sets = [validate_skip(s, self.num_layers) for s in skips]
+        slots = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x, cos, sin = self._prologue(input_ids, slots)
+        groups: list[tuple[torch.Tensor, list[int]]] = [(x, list(range(len(sets))))]  # (residual, its sets)
+        for i in range(self.num_layers):  # breadth first: each block runs for every group before the next
+            split = []
+            for h, members in groups:
+                for side in ([j for j in members if i not in sets[j]], [j for j in members if i in sets[j]]):
+                    if side:  # the sets on one side agree on layer i: any of them gates it
+                        split.append((self.run_layers(h, cos, sin, slots, sets[side[0]], start=i, stop=i + 1), side))
+            groups = split
+        out: list[torch.Tensor] = [x] * len(sets)
+        for h, members in groups:
+            h = self.model.norm(h)
+            for j in members:
+                out[j] = h
+        return out
+
     def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                   skipped: frozenset[int], *, start: int = 0, cache: KVCache | None = None,
+                   skipped: frozenset[int], *, start: int = 0, stop: int | None = None,
+                   cache: KVCache | None = None,
                    key_mask: torch.Tensor | None = None, blocks: Sequence[Callable[..., torch.Tensor]] | None = None,
                    trace: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """The block loop from layer `start` on, `x` being the residual stream entering it: the skip gates.
+        """The block loop over layers `start` to `stop` (default: the last), `x` being the residual stream entering
+        layer `start`: the skip gates.
 
         A skipped layer costs no compute and no cache; when the model carries skip adapters trained for this
         skip set, the skipped slot runs their small bypass instead. `trace` collects the residual entering
@@ -245,7 +212,7 @@ class Phi3ForCausalLM(nn.Module):
         """
         bypass = self.skip_adapters.for_skip(skipped) if self.skip_adapters is not None and skipped else None
         layers = self.model.layers if blocks is None else blocks
-        for i in range(start, len(layers)):
+        for i in range(start, len(layers) if stop is None else stop):
             if trace is not None:
                 trace.append(x)
             if i in skipped:  # the skip gate: no attention, no MLP, no cache
@@ -267,7 +234,8 @@ class Phi3ForCausalLM(nn.Module):
         of the model skipping `skip`, over consecutive positions: what `hidden_from` restarts from. Entry i
         depends only on the layers below i, so it serves any skip set that agrees with `skip` below i."""
         trace: list[torch.Tensor] = []
-        x, cos, sin, slots = self._prologue(input_ids)
+        slots = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x, cos, sin = self._prologue(input_ids, slots)
         self.run_layers(x, cos, sin, slots, validate_skip(skip, self.num_layers), trace=trace)
         return trace
 
@@ -277,17 +245,23 @@ class Phi3ForCausalLM(nn.Module):
         skipped = validate_skip(skip, self.num_layers)
         if any(i < start for i in skipped):
             raise ValueError(f"skip {sorted(skipped)} names layers below the restart layer {start}")
-        T = x.shape[1]
-        slots = torch.arange(T, device=x.device)
-        cos, sin = self.rotary(slots, x.dtype, self.rotary.use_long(T - 1))
+        slots = torch.arange(x.shape[1], device=x.device)
+        cos, sin = self.rotary_tables(slots, x.dtype)
         return self.model.norm(self.run_layers(x, cos, sin, slots, skipped, start=start))
 
-    def _prologue(self, input_ids: torch.Tensor):
-        T = input_ids.shape[1]
-        slots = torch.arange(T, device=input_ids.device)
+    def rotary_tables(self, positions: torch.Tensor, dtype: torch.dtype, long_rope: bool | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin at `positions`; LongRoPE's factor, unless given, chosen from position T - 1 (right for
+        consecutive positions from 0, and no device sync)."""
+        if long_rope is None:
+            long_rope = self.rotary.use_long(positions.shape[-1] - 1)
+        return self.rotary(positions, dtype, long_rope)
+
+    def _prologue(self, input_ids: torch.Tensor, positions: torch.Tensor, long_rope: bool | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What every forward starts with: the token embeddings and the rotary tables at `positions`."""
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(slots, x.dtype, self.rotary.use_long(T - 1))
-        return x, cos, sin, slots
+        return (x, *self.rotary_tables(positions, x.dtype, long_rope))
 
     def forward(self, input_ids: torch.Tensor, skip: Iterable[int] | None = (), **kw) -> torch.Tensor:
         """Logits [B, T, V]; keyword arguments as for `hidden_states`."""

@@ -15,17 +15,24 @@ and DCP's pickled `.metadata` through an unpickler that builds nothing but DCP's
 It is written as a temporary sibling, renamed when complete, and then `latest` is pointed at it (replaced
 atomically), so an interrupted save leaves the previous checkpoint as it was. With several nodes the folder
 must be on a filesystem that every node sees. `resumable` skips damaged checkpoints, newest first.
+
+On top of these functions, as torchtitan's checkpoint manager over its `Stateful` objects: `RunSettings` (what a
+checkpoint is only valid for, compared field by field on resume), `TrainState` (the run's position, with
+`state_dict`/`load_state_dict`) and `CheckpointManager` (when to save, which checkpoint to resume from, and the
+one restore before the loop).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import random
 import shutil
 import warnings
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -37,8 +44,10 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
 
 from .cli import UserError
 from .io import atomic_write_text
-from .parallel import Env, barrier, broadcast_object
+from .distributed import Env, barrier, broadcast_object
 from .paths import clean_stale, temp_sibling
+
+log = logging.getLogger("phi3skip.train_state")
 
 LATEST = "latest"
 PREFIX = "step-"
@@ -316,3 +325,127 @@ def load(path: str | os.PathLike, model: nn.Module, env: Env, optimizer: torch.o
     if rng is not None:
         set_rng_state(rng)
     return saved["trainer"]
+
+
+# The run's state and the checkpoint manager --------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunSettings:
+    """The settings a run's checkpoints hold it to: resuming with any other value would not continue the same
+    run, except a lower `lr` (how a run that diverged continues from its last good checkpoint)."""
+
+    model: str
+    data: str
+    layers: tuple[int, ...]
+    schedule: str
+    lr: float
+    steps_per_phase: int
+    global_batch: int
+    max_seq_len: int
+    grad_accum: int
+    temperature: float
+    kd_weight: float
+    ce_weight: float
+    train_scope: str
+    warmup: int
+    min_lr_ratio: float
+    weight_decay: float
+    grad_clip: float
+    seed: int
+    k_dist: str
+    adapter_rank: int | None
+    lsq_tokens: int
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "layers": list(self.layers)}  # as JSON holds it
+
+    def mismatch(self, saved: Mapping[str, Any]) -> str | None:
+        """The first field whose value in `saved` (a checkpoint's settings) is not this run's, or None."""
+        mine = self.state_dict()
+        for k in (f.name for f in fields(self)):
+            if saved.get(k) != mine[k] and not (k == "lr" and mine[k] < saved[k]):
+                return k
+        return None
+
+
+class SettingsMismatch(UserError):
+    pass
+
+
+@dataclass
+class TrainState:
+    """The run's position and what it measured so far: the part of a checkpoint that is not tensors."""
+
+    settings: RunSettings
+    total_steps: int
+    batches_per_epoch: int  # micro-batches of train.bin per epoch, for the readable data position
+    step: int = 0  # optimizer steps done
+    phase: int | None = None  # the phase whose optimizer is live (None: none yet)
+    teacher_ppl: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        position = self.step * self.settings.grad_accum  # micro-batches read
+        return dict(step=self.step, phase=self.phase, settings=self.settings.state_dict(),
+                    teacher_ppl=self.teacher_ppl, data_position=position,
+                    epoch=position // self.batches_per_epoch, total_steps=self.total_steps)
+
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
+        """Take a checkpoint's position; refuse one made with other settings (SettingsMismatch names the field)."""
+        k = self.settings.mismatch(saved["settings"])
+        if k is not None:
+            raise SettingsMismatch(f"was made with {k}={saved['settings'].get(k)!r}, this run has "
+                                   f"{self.settings.state_dict()[k]!r}; use the same settings (a lower --lr is "
+                                   f"allowed) or another --ckpt-dir")
+        self.step, self.phase, self.teacher_ppl = saved["step"], saved["phase"], saved.get("teacher_ppl")
+
+
+class CheckpointManager:
+    """Saves a run every `every` steps (and when asked), and resumes it: the newest intact checkpoint is chosen
+    (newer damaged ones are reported and skipped), its TrainState read before any weights load, and the tensors
+    and RNG restored once, before the loop. Every rank makes the same calls."""
+
+    def __init__(self, folder: str | os.PathLike, env: Env, every: int = 0, keep: int = 2):
+        self.folder, self.env, self.every, self.keep = Path(folder), env, every, keep
+        self.resume_from: Path | None = None  # the checkpoint this run continues
+        self.last: Path | None = None  # the newest checkpoint of this run: written, or resumed from
+        self.lr_scale = 1.0  # this run's lr over the checkpoint's
+
+    def resume(self, state: TrainState) -> None:
+        """Choose the checkpoint to continue and load its position into `state` (no tensors yet)."""
+        path, damaged = resumable(self.folder, self.env)
+        for bad, why in damaged:
+            log.warning(f"checkpoint {bad} is damaged ({why}); "
+                        + (f"resuming from {path} instead" if path else "no older one is intact"))
+        if path is None:
+            raise UserError(f"--resume: no intact checkpoint in {self.folder}"
+                            + (f" ({damaged[0][0].name}: {damaged[0][1]})" if damaged else "")
+                            + "; start without --resume")
+        saved = read_trainer(path)
+        try:
+            state.load_state_dict(saved)
+        except SettingsMismatch as e:
+            raise UserError(f"--resume: {path} {e}") from None
+        self.resume_from = self.last = path
+        self.lr_scale = state.settings.lr / saved["settings"]["lr"]
+        log.info(f"resuming from {path} at step {state.step}" + (
+            f" with --lr {state.settings.lr:g} (was {saved['settings']['lr']:g})" if self.lr_scale != 1 else ""))
+
+    def refuse_earlier_run(self) -> None:
+        """A fresh run must not mix its checkpoints with an earlier run's."""
+        if latest(self.folder) is not None:
+            raise UserError(f"{self.folder} holds checkpoints of an earlier run: pass --resume to continue it, or "
+                            f"choose another --ckpt-dir (or delete that folder)")
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> None:
+        """The weights and RNG of the checkpoint resumed from, with the optimizer and scheduler when given (the
+        checkpoint was made in the phase that continues; else they start afresh). A no-op for a fresh run."""
+        if self.resume_from is not None:
+            load(self.resume_from, model, self.env, optimizer, scheduler, lr_scale=self.lr_scale)
+
+    def due(self, step: int, force: bool = False) -> bool:
+        return force or bool(self.every and step % self.every == 0)
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState) -> Path:
+        self.last = save(self.folder, state.step, model, optimizer, scheduler, state.state_dict(), self.env,
+                         keep=self.keep)
+        log.info(f"checkpoint {self.last}")
+        return self.last

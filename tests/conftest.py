@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Subprocesses (scripts/*.py, torchrun) import this checkout's package, whatever else is installed.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 CONVERTER_SOURCES = ("phi3skip/gguf.py", "phi3skip/io.py", "phi3skip/config.py")
 
 

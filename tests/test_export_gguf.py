@@ -189,6 +189,7 @@ def test_refusals(tmp_path, tokenizers):
     assert (tmp_path / "d.gguf").read_text() == "keep"
 
 
+@pytest.mark.integration
 @torch.no_grad()
 def test_smollm2_student_export(tmp_path, smollm2_dir):
     """The real model (SmolLM2-135M-Instruct, 30 layers) without layers 28 and 26: the folder in transformers equals

@@ -2,7 +2,6 @@
 transformers, lossless self-speculative decoding, batches, sampling, the chat format and the command line."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,8 +13,12 @@ import torch
 
 from phi3skip import Phi3Config, Phi3ForCausalLM, UserError
 from phi3skip.chat import StreamDecoder, format_chat, render_builtin, stop_token_ids
-from phi3skip.generate import Generator, Sampling, accept_drafts, logits_to_probs, sample
+from phi3skip.commands import generate as cli
+from phi3skip.generate import Generator
 from phi3skip.io import save_pretrained
+from phi3skip.sampling import Sampling, logits_to_probs, sample
+from phi3skip.skipsets import default_draft_skip
+from phi3skip.speculative import accept_drafts
 
 transformers = pytest.importorskip("transformers")
 
@@ -309,6 +312,7 @@ def test_chat_format_and_stop_ids(tmp_path):
     assert stop_token_ids(tmp_path, cfg, tok) == [2, 4, 5]
 
 
+@pytest.mark.integration
 def test_chat_template_renders_real_smollm2_template(smollm2_dir):
     from phi3skip.tokenizer import load_tokenizer
 
@@ -332,6 +336,7 @@ def test_stream_decoder_holds_back_split_characters():
 
 
 # The real model ---------------------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_smollm2_greedy_equals_transformers(smollm2_dir):
     from phi3skip import from_pretrained
     from phi3skip.tokenizer import load_tokenizer
@@ -369,13 +374,7 @@ def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("generate_script", ROOT / "scripts" / "generate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
+@pytest.mark.integration
 def test_cli_generates_streams_and_summarises(tiny_dir):
     r = run_cli("--model", str(tiny_dir), "--skip", "2", "--prompt", "w1 w2 w3", "--max-new-tokens", "6",
                 "--ignore-eos", "--chat")
@@ -398,17 +397,16 @@ def test_cli_generates_streams_and_summarises(tiny_dir):
 def test_cli_bad_input_is_one_line_exit_2(tiny_dir, capsys, monkeypatch, args, stdin, message):
     import io
 
-    mod = load_script()
     if stdin is not None:
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     with pytest.raises(SystemExit) as e:
-        from phi3skip.cli import run_main
-        run_main(lambda: mod.main(["--model", str(tiny_dir), *args]))
+        cli.main(["--model", str(tiny_dir), *args])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err, err
 
 
+@pytest.mark.integration
 def test_cli_unknown_model_is_one_line_exit_2(tmp_path):
     for name in (str(tmp_path / "nope"), "no-such-org/no-such-model"):
         r = run_cli("--model", name, "--prompt", "hi")
@@ -417,40 +415,37 @@ def test_cli_unknown_model_is_one_line_exit_2(tmp_path):
 
 
 def test_cli_show_skips_and_default_draft(tiny_dir, capsys):
-    mod = load_script()
-    mod.main(["--model", str(tiny_dir), "--show-skips"])
+    cli.run(["--model", str(tiny_dir), "--show-skips"])
     out = capsys.readouterr().out
     assert "2, 1" in out and '"ppl"' in out
-    trained = mod.trained_order(tiny_dir)
-    assert trained == [2, 1] and mod.trained_order(tiny_dir.parent) == []
-    assert mod.default_draft_skip(trained, (), 4) == (2, 1)
-    assert mod.default_draft_skip(trained, (2, 1), 4) == (2, 1)  # nothing to add from skip.json: heuristic
-    assert mod.default_draft_skip([], (), 30) == (28, 26, 24, 22, 20, 18, 16)
+    trained = cli.trained_order(tiny_dir)
+    assert trained == [2, 1] and cli.trained_order(tiny_dir.parent) == []
+    assert default_draft_skip(trained, (), 4) == (2, 1)
+    assert default_draft_skip(trained, (2, 1), 4) == (2, 1)  # nothing to add from skip.json: heuristic
+    assert default_draft_skip([], (), 30) == (28, 26, 24, 22, 20, 18, 16)
 
 
 def test_cli_first_k_and_untrained_layer_note(tiny_dir, capsys):
-    mod = load_script()
-    mod.main(["--model", str(tiny_dir), "--skip", "first:1", "--prompt", "w1 w2", "--max-new-tokens", "2",
+    cli.run(["--model", str(tiny_dir), "--skip", "first:1", "--prompt", "w1 w2", "--max-new-tokens", "2",
               "--ignore-eos"])
     err = capsys.readouterr().err
     assert "layers run 3/4" in err, err
     assert "not trained to skip" not in err
-    mod.main(["--model", str(tiny_dir), "--skip", "3", "--prompt", "w1", "--max-new-tokens", "2", "--ignore-eos"])
+    cli.run(["--model", str(tiny_dir), "--skip", "3", "--prompt", "w1", "--max-new-tokens", "2", "--ignore-eos"])
     err = capsys.readouterr().err
     assert "note: --skip names layer(s) 3 that the student was not trained to skip (its order: 2,1)" in err
     for bad, msg in (("first:3", "K must be in 0..2"), ("first:x", "K must be"), ("2;1", "expected layer indices")):
         with pytest.raises(UserError, match=msg):
-            mod.main(["--model", str(tiny_dir), "--skip", bad, "--prompt", "w1"])
+            cli.run(["--model", str(tiny_dir), "--skip", bad, "--prompt", "w1"])
 
 
 def test_cli_batch_and_speculative(tiny_dir, capsys, tmp_path):
-    mod = load_script()
     f = tmp_path / "p.jsonl"
     f.write_text('"w1 w2"\n{"prompt": "w5 w6 w7 w8"}\n')
-    mod.main(["--model", str(tiny_dir), "--prompt-file", str(f), "--max-new-tokens", "5", "--ignore-eos"])
+    cli.run(["--model", str(tiny_dir), "--prompt-file", str(f), "--max-new-tokens", "5", "--ignore-eos"])
     cap = capsys.readouterr()
     assert cap.out.count("==> prompt") == 2 and "new tokens 10" in cap.err
-    mod.main(["--model", str(tiny_dir), "--prompt", "w1 w2", "--max-new-tokens", "5", "--ignore-eos",
+    cli.run(["--model", str(tiny_dir), "--prompt", "w1 w2", "--max-new-tokens", "5", "--ignore-eos",
               "--speculative", "--draft-skip", "3,2", "--lookahead", "2"])
     cap = capsys.readouterr()
     assert "acceptance" in cap.err and "draft runs 2/4" in cap.err
@@ -466,10 +461,8 @@ def test_non_finite_weights_are_one_line_not_empty_text(tiny_dir, tmp_path, caps
     sd = load_file(broken / "model.safetensors")
     sd["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
     save_file(sd, broken / "model.safetensors", metadata={"format": "pt"})
-    mod = load_script()
     with pytest.raises(SystemExit) as e:
-        from phi3skip.cli import run_main
-        run_main(lambda: mod.main(["--model", str(broken), "--prompt", "w1 w2", "--max-new-tokens", "4"]))
+        cli.main(["--model", str(broken), "--prompt", "w1 w2", "--max-new-tokens", "4"])
     assert e.value.code == 2
     out = capsys.readouterr()
     assert len(out.err.strip().splitlines()) == 1 and "non-finite logits" in out.err, out.err

@@ -294,6 +294,7 @@ def smollm2_tokenizer(smollm2_dir) -> Tokenizer:
     return Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
 
 
+@pytest.mark.integration
 @torch.no_grad()
 def test_smollm2_transformers_phi3_matches_llama_gguf(smollm2_dir, smollm2_tokenizer, llama_reference):
     assert type(llama_reference).__name__ == "LlamaForCausalLM"
@@ -302,6 +303,7 @@ def test_smollm2_transformers_phi3_matches_llama_gguf(smollm2_dir, smollm2_token
     assert (phi3(x).logits - llama_reference(x).logits).abs().max().item() <= 1e-3
 
 
+@pytest.mark.integration
 @torch.no_grad()
 def test_smollm2_ours_matches_llama_gguf(smollm2_dir, smollm2_tokenizer, llama_reference):
     import phi3skip
@@ -311,6 +313,7 @@ def test_smollm2_ours_matches_llama_gguf(smollm2_dir, smollm2_tokenizer, llama_r
     assert (ours(x) - llama_reference(x).logits).abs().max().item() <= 1e-3
 
 
+@pytest.mark.integration
 @torch.no_grad()
 def test_smollm2_greedy_paris(smollm2_dir, smollm2_tokenizer):
     import phi3skip
@@ -323,6 +326,7 @@ def test_smollm2_greedy_paris(smollm2_dir, smollm2_tokenizer):
     assert smollm2_tokenizer.decode(x[0, n:].tolist()).startswith(" Paris")
 
 
+@pytest.mark.integration
 def test_smollm2_tokenizer_matches_transformers(smollm2_gguf, smollm2_dir, smollm2_tokenizer):
     ref = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
     for s in ["The capital of France is", PROMPT, "<|endoftext|><repo_name>x<file_sep>y", "Hello,  world!\n\n\tTab\r\n",
@@ -350,6 +354,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, timeout=300)
 
 
+@pytest.mark.integration
 def test_cli_errors(tmp_path, tiny_llama):
     _, good = tiny_llama
     not_gguf = tmp_path / "notes.gguf"

@@ -1,4 +1,5 @@
 """Layer importance: an exact identity block ranks least important, by both measures."""
+import pytest
 import torch
 
 from phi3skip.importance import block_influence, format_table, rank_layers, recommended_order
@@ -36,6 +37,7 @@ def test_block_influence_matches_direct_computation():
         h = out
 
 
+@pytest.mark.integration
 def test_rank_layers_cli(tiny_run, tmp_path):
     import json
     import subprocess

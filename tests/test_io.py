@@ -84,6 +84,7 @@ def make_hub_cache(cache: Path, repo: str, src: Path) -> None:
     (base / "refs" / "main").write_text(commit)
 
 
+@pytest.mark.integration
 def test_hub_path_offline(tmp_path):
     folder, ours = saved(tmp_path)
     make_hub_cache(tmp_path / "hub", "tiny-org/tiny-phi3", folder)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from phi3skip import KVCache, Phi3Config, Phi3ForCausalLM, validate_skip
-from phi3skip.model import InvalidSkip
+from phi3skip.skipsets import InvalidSkip
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,4 +1,6 @@
-"""parallel.close: after it, no communication thread is left to race the interpreter's exit."""
+"""distributed and parallel: close leaves no communication thread to race the interpreter's exit; in one process
+the collectives are no-ops, init refuses a missing CUDA device, the full state dict and clipping work as in one
+model."""
 from __future__ import annotations
 
 import os
@@ -12,23 +14,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r'''
 import os, torch
-from phi3skip import Phi3Config, Phi3ForCausalLM, parallel
-from phi3skip.distill import bind_forward_branches
+from phi3skip import Phi3Config, Phi3ForCausalLM, distributed, parallel
 
 def threads():
     return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
 
-env = parallel.init("cpu")
+env = distributed.init("cpu")
 cfg = Phi3Config.from_dict(dict(model_type="phi3", vocab_size=64, hidden_size=32, intermediate_size=64,
                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                 max_position_embeddings=32, original_max_position_embeddings=32))
 sd = Phi3ForCausalLM(cfg).state_dict() if env.is_main else None
-model = parallel.build_sharded(cfg, sd, env, dtype=torch.float32, prepare=bind_forward_branches,
-                               param_dtype=torch.float32)
+model = parallel.build_sharded(cfg, sd, env, dtype=torch.float32, param_dtype=torch.float32)
 model(torch.randint(0, 64, (2, 8))).float().mean().backward()
 before = threads()
 del model  # as train.py leaves it: garbage in reference cycles, not yet collected
-parallel.close(env)
+distributed.close(env)
 print(f"rank {env.rank} before {before} after {threads()}", flush=True)
 '''
 
@@ -47,3 +47,57 @@ def test_close_leaves_no_communication_thread(tmp_path):
         before, after = line.split(" after ")
         assert "gloo" in before  # the threads existed while the group was up ...
         assert "gloo" not in after, line  # ... and none outlives close()
+
+
+# In one process, without torchrun -----------------------------------------------------------------------------
+def test_one_process_env_and_collectives_are_no_ops(monkeypatch):
+    import torch
+
+    from phi3skip import distributed, metrics
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(k, raising=False)
+    env = distributed.init("cpu")
+    assert env == distributed.Env() and not env.distributed and env.is_main and env.device.type == "cpu"
+    t = torch.tensor([1.0, 3.0])
+    for op in ("sum", "mean", "max"):
+        assert distributed.all_reduce(t, env, op) is t and t.tolist() == [1.0, 3.0]
+    obj = {"a": [1, 2]}
+    assert distributed.broadcast_object(obj, env) is obj
+    distributed.barrier(env)
+    distributed.close(env)  # nothing to tear down
+    assert metrics.peak_flops(torch.device("cpu")) is None
+
+
+def test_init_refuses_cuda_without_a_device(monkeypatch):
+    import torch
+
+    from phi3skip import UserError, distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="no CUDA device"):
+        distributed.init("cuda")
+
+
+def test_state_dict_and_clipping_in_one_process():
+    import torch
+
+    from phi3skip import Phi3Config, Phi3ForCausalLM, distributed, parallel
+
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config.from_dict(dict(
+        model_type="phi3", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        original_max_position_embeddings=32)))
+    sd = parallel.full_state_dict(model, distributed.Env())
+    assert sd.keys() == model.state_dict().keys()
+    assert all(torch.equal(sd[k], v) and sd[k].device.type == "cpu" for k, v in model.state_dict().items())
+    model(torch.randint(0, 64, (2, 8))).float().pow(2).mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    norm = distributed.grad_norm_clip(list(model.parameters()), 1e-3)
+    assert torch.allclose(norm, total)
+    clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()]))
+    assert clipped.item() == pytest.approx(1e-3, rel=1e-4)
+    distributed.grad_norm_clip(list(model.parameters()), 0)  # 0: no clipping, the norm is still returned
+    assert torch.allclose(clipped, torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))

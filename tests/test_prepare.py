@@ -354,6 +354,7 @@ def _cli(*args, env=None) -> subprocess.CompletedProcess:
                           text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=60)
 
 
+@pytest.mark.integration
 def test_cli_one_line_exit_2(tmp_path, docs_dir, tok_dir):
     (tmp_path / "o").mkdir()
     r = _cli("--dataset", docs_dir, "--model", tok_dir, "--out", tmp_path / "o")
@@ -361,6 +362,7 @@ def test_cli_one_line_exit_2(tmp_path, docs_dir, tok_dir):
     assert r.stderr.startswith("error: ") and "--overwrite" in r.stderr
 
 
+@pytest.mark.integration
 def test_cli_hub_offline_fails_fast(tmp_path, tok_dir):
     start = time.perf_counter()
     r = _cli("--model", tok_dir, "--out", tmp_path / "o",  # the default dataset is on the Hub
@@ -371,6 +373,7 @@ def test_cli_hub_offline_fails_fast(tmp_path, tok_dir):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_cli_signal_leaves_no_partial_file(tmp_path, tok_dir, sig):
     import signal

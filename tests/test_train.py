@@ -139,6 +139,7 @@ def test_resume_is_exact_in_one_process(tiny, tmp_path):
     assert losses(whole) == losses(parts)  # the resumed run replaced the lines after its checkpoint
 
 
+@pytest.mark.integration
 def test_two_processes_agree_and_resume_exactly(tiny, tmp_path):
     one, two, two_parts = tmp_path / "one", tmp_path / "two", tmp_path / "two_parts"
     train.main(args(tiny, one, *SEQ, "--batch-size", "4", "--save-every", "2"))
@@ -343,6 +344,7 @@ def test_bad_data(tiny, tmp_path):
         train.main(args(tiny, short, "--data", str(_other_data(tiny, short, n=100))))
 
 
+@pytest.mark.integration
 def test_command_line_error_is_one_line(tiny, tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "train.py"), *args(tiny, tmp_path, "--layers", "9")],
                          capture_output=True, text=True, timeout=120)

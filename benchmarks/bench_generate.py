@@ -4,13 +4,13 @@ L/(L-k), and with self-speculative decoding. Prints ratios.
 
 CPU (default): the converted SmolLM2-135M-Instruct (or --model DIR), fp32, batch 1, greedy, the same prompt and
 length for every engine; runs are alternated and medians reported.
-    python scripts/bench_generate.py --threads 1
-    python scripts/bench_generate.py --quick
+    python benchmarks/bench_generate.py --threads 1
+    python benchmarks/bench_generate.py --quick
 
 GPU (--gpu): a Phi-3-mini-shaped random bf16 model built on the meta device, decode tokens/s as a fraction of
 the memory-bandwidth limit (weight bytes read per token / bandwidth measured by a large device copy).
 Self-contained (no download); --quick finishes in about two minutes on an H100.
-    python scripts/bench_generate.py --gpu --quick
+    python benchmarks/bench_generate.py --gpu --quick
 """
 from __future__ import annotations
 
@@ -22,15 +22,11 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python scripts/bench_generate.py` without installing
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from phi3skip import Phi3Config, Phi3ForCausalLM  # noqa: E402
-from phi3skip.cli import ArgumentParser, UserError, run_main  # noqa: E402
-from phi3skip.generate import GenerationResult, Generator  # noqa: E402
+from phi3skip import Phi3Config, Phi3ForCausalLM
+from phi3skip.cli import ArgumentParser, UserError, run_main
+from phi3skip.generate import GenerationResult, Generator
 
 PHI3_MINI = dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,

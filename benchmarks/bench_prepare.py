@@ -1,7 +1,7 @@
 """Tokens/s of prepare.py's batched, parallel tokenizing against a plain one-document-at-a-time loop with the
 same tokenizer, and peak resident memory for two corpus sizes.
 
-    python scripts/bench_prepare.py --model /tmp/smollm2 --runs 3 --mb 1 --copies 4 16
+    python benchmarks/bench_prepare.py --model /tmp/smollm2 --runs 3 --mb 1 --copies 4 16
 
 The corpus is the first `--mb` MB of the standard library's .py files, copied `--copies` times (so the larger
 corpus has the same documents, only more of them: a memory that grows with it would show). Every measurement
@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 DEFAULT_MODEL = Path("/tmp/smollm2")  # the converted SmolLM2 checkpoint, when scripts/convert_gguf.py made it
 
 

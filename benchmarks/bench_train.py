@@ -13,8 +13,8 @@ CPU (default): the converted SmolLM2-135M-Instruct (/tmp/smollm2 when present, e
 is measured cleanly: the process's peak RSS during the step (VmHWM, reset before it through
 /proc/self/clear_refs), and the step's own part of it (peak minus the RSS just before).
 
-    python scripts/bench_train.py                          # CPU, SmolLM2, 2 x 256 tokens, skip L-2
-    python scripts/bench_train.py --gpu --quick            # one GPU: Phi-3-mini-shaped random bf16 model, ~2 min
+    python benchmarks/bench_train.py                          # CPU, SmolLM2, 2 x 256 tokens, skip L-2
+    python benchmarks/bench_train.py --gpu --quick            # one GPU: Phi-3-mini-shaped random bf16 model, ~2 min
 
 `--gpu`: tokens/s, peak memory and MFU of our step (model FLOPs of teacher forward + student forward and
 backward, `distill.step_flops_per_token`, over the GPU's dense bf16 peak), then the same for the original way.
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from phi3skip import Phi3Config, Phi3ForCausalLM, from_pretrained
 from phi3skip.cli import UserError, run_main
-from phi3skip.distill import LossConfig, bind_forward_branches, distill_step, step_flops_per_token
+from phi3skip.distill import LossConfig, distill_step, step_flops_per_token
 from phi3skip.rope import Rotary
 
 PHI3_MINI = dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
@@ -105,7 +105,7 @@ def worker(args) -> None:
     folder = Path(args.model)
     if args.worker == "ours":
         teacher = from_pretrained(folder, dtype=torch.float32)
-        student = bind_forward_branches(from_pretrained(folder, dtype=torch.float32)).train()
+        student = from_pretrained(folder, dtype=torch.float32).train()
         teacher.requires_grad_(False)
         cfg = LossConfig(kd_weight=args.kd_weight)
         step = lambda x: ours_step(student, teacher, x, args.skip, cfg)  # noqa: E731
@@ -184,7 +184,8 @@ def cpu_main(args) -> None:
 def gpu_main(args) -> None:
     if not torch.cuda.is_available():
         raise UserError("--gpu needs a CUDA device")
-    from phi3skip.parallel import apply_compile, peak_flops
+    from phi3skip.metrics import peak_flops
+    from phi3skip.parallel import apply_compile
 
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -199,7 +200,7 @@ def gpu_main(args) -> None:
     teacher.init_weights()
     teacher.rotary = Rotary(cfg).to(dev)
     teacher.requires_grad_(False).eval()
-    student = bind_forward_branches(copy.deepcopy(teacher).requires_grad_(True).train())
+    student = copy.deepcopy(teacher).requires_grad_(True).train()
     if args.compile:
         apply_compile(student)
         apply_compile(teacher)

@@ -3,8 +3,8 @@
 CPU (default): the converted SmolLM2-135M-Instruct. `--gpu`: a Phi-3-mini-shaped random model in bf16.
 Runs are alternated (ours, theirs, ours compiled, ...) and the median ratio is printed.
 
-    python scripts/bench_forward.py                      # CPU, fp32
-    python scripts/bench_forward.py --gpu --dtype bfloat16
+    python benchmarks/bench_forward.py                      # CPU, fp32
+    python benchmarks/bench_forward.py --gpu --dtype bfloat16
 """
 from __future__ import annotations
 

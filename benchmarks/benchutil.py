@@ -8,11 +8,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python scripts/bench_x.py` without installing
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
+import torch
 
 CACHE = Path(os.environ.get("PHI3SKIP_CACHE", Path.home() / ".cache" / "phi3skip"))
 

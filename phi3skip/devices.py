@@ -1,0 +1,41 @@
+"""Where and in what precision a command runs: the one place for the defaults of --device and --dtype.
+
+    device   --device as given, else CUDA when available, else the CPU
+    dtype    --dtype as given, else float32 on the CPU; on CUDA the command's own default (`CUDA_DTYPE`):
+             generation runs in the checkpoint's torch_dtype (bfloat16 when it names none), measurements
+             (evaluate, rank_layers) in float32, so that perplexities compare across machines
+
+train.py chooses its compute dtype the same way (bfloat16 on CUDA, float32 on the CPU) in its own run.
+"""
+from __future__ import annotations
+
+import torch
+
+from .cli import UserError
+from .io import parse_dtype
+
+CHECKPOINT = "checkpoint"  # on CUDA: the checkpoint's own torch_dtype
+CUDA_DTYPE = {"generate": CHECKPOINT, "evaluate": "float32", "rank_layers": "float32"}
+
+
+def pick_device(name: str | None, flag: str = "--device") -> torch.device:
+    """The device named, else CUDA when available, else the CPU; a name this machine cannot use is one line."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise UserError(f"{flag} {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{flag} {name}: CUDA is not available on this machine")
+    return device
+
+
+def pick_dtype(name: str | None, device: torch.device, command: str,
+               checkpoint_dtype: str | None = None) -> torch.dtype:
+    """The dtype named, else float32 on the CPU, else `command`'s CUDA default (see the module docstring)."""
+    if device.type == "cpu":
+        default = torch.float32
+    elif CUDA_DTYPE[command] == CHECKPOINT:
+        default = parse_dtype(checkpoint_dtype or "bfloat16")
+    else:
+        default = parse_dtype(CUDA_DTYPE[command])
+    return parse_dtype(name, default=default)

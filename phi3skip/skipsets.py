@@ -1,0 +1,156 @@
+"""Layer lists and skip sets: the one command-line syntax for them, and the rules a set must follow.
+
+Every command reads layer lists through `parse_layer_list`:
+
+    30,28        layer indices, in the given order (spaces and empty items are ignored)
+    none, ''     no layer (where a skip set is asked for)
+    first:K      the first K layers of the student's trained order (skip.json's "layers"), so nobody copies
+                 layer numbers
+    a;b;c        several skip sets (`parse_skip_sets`: scripts/evaluate.py --skip-sets, export's --skip)
+
+`--layers auto` (train.py) is decided by train.py before it reaches `parse_layers`. Ranges are checked against
+the model by `validate_skip`, which the model runs on every forward too.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Iterable, Sequence
+
+from .cli import UserError
+
+
+class InvalidSkip(UserError, ValueError):
+    """A skip set that names no valid set of layers."""
+
+
+def validate_skip(skip: Iterable[int] | None, num_layers: int) -> frozenset[int]:
+    """Check a skip set: integers in [0, num_layers), no duplicates. Raises InvalidSkip naming the range."""
+    if skip is None:
+        return frozenset()
+    valid = f"layer indices are integers in 0..{num_layers - 1}"
+    if isinstance(skip, (str, bytes)) or not isinstance(skip, Iterable):
+        raise InvalidSkip(f"skip must be a collection of layer indices, got {skip!r}; {valid}")
+    out: list[int] = []
+    for s in skip:
+        if isinstance(s, bool):
+            raise InvalidSkip(f"skip index {s!r} is not an integer; {valid}")
+        try:
+            i = operator.index(s)
+        except TypeError:
+            raise InvalidSkip(f"skip index {s!r} is not an integer; {valid}") from None
+        if not 0 <= i < num_layers:
+            raise InvalidSkip(f"skip index {i} is out of range; {valid}")
+        out.append(i)
+    if len(set(out)) != len(out):
+        raise InvalidSkip(f"skip {sorted(out)} names a layer twice; {valid}")
+    return frozenset(out)
+
+
+def default_layers(num_layers: int) -> list[int]:
+    """Every other layer counting down from the second-to-last: L-2, L-4, ..., down to 0 or 1."""
+    return list(range(num_layers - 2, -1, -2))
+
+
+def parse_layer_list(text: str, flag: str, trained: Sequence[int] | None = None,
+                     example: str = "30,28,26") -> tuple[int, ...]:
+    """The one parser: comma-separated layer indices; with `trained` (a skip set: the trained order, possibly
+    empty) also 'none' or '' (no layer) and 'first:K'. `flag` and `example` are for error messages."""
+    raw = text
+    if trained is not None:
+        text = text.strip().lower()
+        if text in ("", "none"):
+            return ()
+        if text.startswith("first:"):
+            k = text.split(":", 1)[1]
+            if not trained:
+                raise UserError(f"{flag} {text}: this model has no trained skip order (skip.json); name the layers")
+            if not k.isdigit() or not 0 <= int(k) <= len(trained):
+                raise UserError(f"{flag} {text}: K must be in 0..{len(trained)}, the length of the trained order "
+                                f"{','.join(map(str, trained))}")
+            return tuple(trained[:int(k)])
+    try:
+        return tuple(int(s) for s in text.replace(" ", "").split(",") if s != "")
+    except ValueError:
+        if trained is None:
+            raise UserError(f"{flag} {raw!r}: expected comma-separated layer indices like {example}") from None
+        raise UserError(f"{flag} {text!r}: expected layer indices like 30,28, first:K (the first K of the "
+                        f"trained order) or none") from None
+
+
+def parse_skip(text: str | None, trained: Sequence[int] = (), flag: str = "--skip") -> tuple[int, ...]:
+    """A skip set from the command line: '30,28'; 'none' or '' (skip nothing); 'first:K', the first K layers of
+    the trained order `trained` (skip.json's). Ranges are checked later, against the model (`validate_skip`)."""
+    return parse_layer_list("" if text is None else text, flag, tuple(trained))
+
+
+def skip_prefixes(layers: Sequence[int]) -> list[tuple[int, ...]]:
+    """(), (l1,), (l1, l2), ...: every skip set a user may pick from a trained list."""
+    return [tuple(layers[:k]) for k in range(len(layers) + 1)]
+
+
+def parse_skip_sets(text: str, layers: Sequence[int], flag: str = "--skip-sets") -> list[tuple[int, ...]]:
+    """'prefixes' (every prefix of `layers`) or sets '30,28;first:2;none' (see `parse_skip`); the full model is
+    always first. `flag` names the option in error messages."""
+    if text.strip() == "prefixes":
+        return skip_prefixes(layers)
+    sets: list[tuple[int, ...]] = []
+    for part in text.split(";"):
+        s = parse_skip(part, layers, flag)
+        if s not in sets:
+            sets.append(s)
+    return [()] + [s for s in sets if s]  # the full model first: the baseline every speedup is against
+
+
+def parse_layers(text: str | Sequence[int] | None, num_layers: int, num_skip: int | None = None) -> list[int]:
+    """`--layers 30,28,26` (or None for the default), checked, optionally cut to the first `num_skip`."""
+    if text is None or text == "":
+        layers = default_layers(num_layers)
+    elif isinstance(text, str):
+        example = ",".join(map(str, default_layers(num_layers)[:3]))
+        layers = list(parse_layer_list(text, "--layers", example=example))
+    else:
+        layers = list(text)
+    if not layers:
+        raise UserError(f"--layers names no layer; give indices in 0..{num_layers - 1}")
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise UserError(f"--layers: layer {bad[0]} is out of range; this model has layers 0..{num_layers - 1}")
+    seen = {i for i in layers if layers.count(i) > 1}
+    if seen:
+        raise UserError(f"--layers names layer {min(seen)} more than once")
+    if num_skip is not None:
+        if not 1 <= num_skip <= len(layers):
+            raise UserError(f"--num-skip {num_skip}: must be in 1..{len(layers)} (the number of candidate layers)")
+        layers = layers[:num_skip]
+    return layers
+
+
+def untrained(skip: Iterable[int], trained: Sequence[int]) -> list[int]:
+    """The layers of `skip` that training did not make skippable (skipping them is the naive skip)."""
+    return sorted(set(skip) - set(trained), reverse=True)
+
+
+def check_draft_skip(skip: Sequence[int] | None, draft_skip: Sequence[int], num_layers: int,
+                     lookahead: int = 1) -> frozenset[int]:
+    """Self-speculative decoding's draft skip set, checked: valid layers, every layer the verifier skips, and at
+    least one more; and the lookahead (drafts per round) an integer >= 1."""
+    skipped = validate_skip(skip, num_layers)
+    d = validate_skip(draft_skip, num_layers)
+    missing = skipped - d
+    if missing:
+        raise UserError(f"the draft skip set must include every layer that --skip skips; it lacks "
+                        f"{','.join(map(str, sorted(missing, reverse=True)))}")
+    if d == skipped:
+        raise UserError("the draft skip set must skip more layers than --skip (the verifier)")
+    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 1:
+        raise UserError(f"lookahead must be an integer >= 1, got {lookahead!r}")
+    return d
+
+
+def default_draft_skip(trained: Sequence[int], skip: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """The verifier's skips plus the student's trained order when there is one, else plus every other layer
+    of the upper half (the last layer always runs)."""
+    extra = [i for i in trained if 0 <= i < num_layers]
+    if not [i for i in extra if i not in skip]:
+        extra = list(range(num_layers - 2, num_layers // 2 - 1, -2))
+    return tuple(sorted(set(skip) | set(extra), reverse=True))

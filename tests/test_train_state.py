@@ -1,0 +1,244 @@
+"""train_state on its own: atomic saves, `latest`, `keep`, damaged checkpoints, a resume on another number of ranks
+(a checkpoint written by two sharded ranks read back by one process); the run's settings compared field by field
+(a lower lr allowed), TrainState's state_dict round trip through JSON, and the checkpoint manager's save / resume /
+restore cycle in one process."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from phi3skip import Phi3Config, Phi3ForCausalLM, UserError, train_state
+from phi3skip.distributed import Env
+from phi3skip.train_state import CheckpointManager, RunSettings, SettingsMismatch, TrainState
+
+CFG = dict(model_type="phi3", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+           original_max_position_embeddings=32)
+
+
+def setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = Phi3ForCausalLM(Phi3Config.from_dict(CFG))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model(torch.randint(0, 64, (1, 8))).float().mean().backward()
+    opt.step()
+    return model, opt, sched
+
+
+def save(folder: Path, step: int, model, opt, sched, keep: int = 2) -> Path:
+    return train_state.save(folder, step, model, opt, sched, {"step": step, "note": "x"}, Env(), keep=keep)
+
+
+def test_save_writes_a_complete_checkpoint_and_points_latest_at_it(tmp_path):
+    model, opt, sched = setup()
+    path = save(tmp_path, 3, model, opt, sched)
+    assert path == tmp_path / "step-00000003"
+    assert {"trainer.json", "rng-0.json", "meta.json", ".metadata"} <= {p.name for p in path.iterdir()}
+    assert (tmp_path / "latest").read_text().strip() == "step-00000003"
+    assert train_state.latest(tmp_path) == path and train_state.verify(path) is None
+    assert json.loads((path / "meta.json").read_text())["step"] == 3
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_as_it_was(tmp_path, monkeypatch):
+    model, opt, sched = setup()
+    first = save(tmp_path, 1, model, opt, sched)
+    before = sorted((p.name, p.stat().st_size) for p in first.iterdir())
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # the process dies while the shards are written
+
+    monkeypatch.setattr(train_state.dcp, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, 2, model, opt, sched)
+    assert not (tmp_path / "step-00000002").exists()
+    assert train_state.latest(tmp_path) == first and train_state.list_checkpoints(tmp_path) == [first]
+    assert sorted((p.name, p.stat().st_size) for p in first.iterdir()) == before
+
+
+def test_latest_falls_back_to_the_highest_complete_step(tmp_path):
+    model, opt, sched = setup()
+    save(tmp_path, 1, model, opt, sched, keep=0)
+    second = save(tmp_path, 2, model, opt, sched, keep=0)
+    (tmp_path / "latest").write_text("step-00000009\n")  # names a checkpoint that is not there
+    assert train_state.latest(tmp_path) == second
+    (tmp_path / "latest").unlink()
+    (tmp_path / "step-00000005").mkdir()  # no meta.json: incomplete, never chosen
+    assert train_state.latest(tmp_path) == second
+    assert train_state.latest(tmp_path / "none") is None
+
+
+def test_keep_removes_all_but_the_newest(tmp_path):
+    model, opt, sched = setup()
+    for step in (1, 2, 3, 4):
+        save(tmp_path, step, model, opt, sched, keep=2)
+    assert [p.name for p in train_state.list_checkpoints(tmp_path)] == ["step-00000003", "step-00000004"]
+    save(tmp_path, 5, model, opt, sched, keep=0)  # keep 0: nothing removed
+    assert len(train_state.list_checkpoints(tmp_path)) == 3
+
+
+def test_load_restores_weights_optimizer_and_trainer(tmp_path):
+    model, opt, sched = setup(0)
+    path = save(tmp_path, 7, model, opt, sched)
+    other, opt2, sched2 = setup(1)
+    assert not torch.equal(other.lm_head.weight, model.lm_head.weight)
+    trainer = train_state.load(path, other, Env(), opt2, sched2, lr_scale=0.5)
+    assert trainer == {"step": 7, "note": "x"} == train_state.read_trainer(path)
+    for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.5e-3)
+    p = next(model.parameters())
+    assert torch.equal(opt.state[p]["exp_avg"], opt2.state[next(other.parameters())]["exp_avg"])
+
+
+def test_resumable_skips_a_damaged_checkpoint(tmp_path):
+    model, opt, sched = setup()
+    good = save(tmp_path, 1, model, opt, sched)
+    bad = save(tmp_path, 2, model, opt, sched)
+    shard = next(p for p in bad.iterdir() if p.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[:10])
+    path, damaged = train_state.resumable(tmp_path, Env())
+    assert path == good and damaged == [(bad, f"{shard.name} is truncated")]
+
+
+TWO_RANKS = r'''
+import sys, torch
+from safetensors.torch import save_file
+from phi3skip import Phi3Config, Phi3ForCausalLM, distributed, parallel, train_state
+
+cfg = Phi3Config.from_dict(CFG)
+env = distributed.init("cpu")
+torch.manual_seed(0)
+sd = Phi3ForCausalLM(cfg).state_dict() if env.is_main else None
+model = parallel.build_sharded(cfg, sd, env, dtype=torch.float32, param_dtype=torch.float32)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+model(torch.randint(0, 64, (2, 8))).float().mean().backward()
+opt.step()
+train_state.save(sys.argv[1], 1, model, opt, sched, {"step": 1}, env)
+full = parallel.full_state_dict(model, env)
+if env.is_main:
+    save_file({k: v.contiguous() for k, v in full.items() if k != "lm_head.weight" or not cfg.tie_word_embeddings},
+              sys.argv[2])
+distributed.close(env)
+'''
+
+
+@pytest.mark.integration
+def test_a_checkpoint_of_two_ranks_resumes_in_one_process(tmp_path):
+    from safetensors.torch import load_file
+
+    (tmp_path / "two.py").write_text(f"CFG = {CFG!r}\n" + TWO_RANKS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(tmp_path / "two.py"), str(tmp_path / "ckpt"), str(tmp_path / "full.safetensors")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    path = train_state.latest(tmp_path / "ckpt")
+    assert json.loads((path / "meta.json").read_text())["world_size"] == 2
+    model, opt, sched = setup(1)
+    assert train_state.load(path, model, Env(), opt, sched) == {"step": 1}
+    full = load_file(tmp_path / "full.safetensors")
+    for k, v in full.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+# The run's settings, its state and the checkpoint manager ----------------------------------------------------
+SETTINGS = RunSettings(model="m", data="/d", layers=(2, 0), schedule="sequential", lr=1e-3, steps_per_phase=3,
+                       global_batch=4, max_seq_len=32, grad_accum=2, temperature=1.0, kd_weight=0.01, ce_weight=0.0,
+                       train_scope="all", warmup=1, min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0, seed=0,
+                       k_dist="uniform", adapter_rank=None, lsq_tokens=16384)
+
+
+def other_value(v):
+    if isinstance(v, tuple):
+        return v + (1,)
+    if isinstance(v, str):
+        return v + "x"
+    if v is None:
+        return 8
+    return v * 2 + 1  # larger: a larger lr is refused too
+
+
+def test_settings_mismatch_is_found_field_by_field():
+    saved = json.loads(json.dumps(SETTINGS.state_dict()))  # as a checkpoint holds them
+    assert SETTINGS.mismatch(saved) is None and saved["layers"] == [2, 0]
+    for f in dataclasses.fields(RunSettings):
+        changed = dataclasses.replace(SETTINGS, **{f.name: other_value(getattr(SETTINGS, f.name))})
+        assert changed.mismatch(saved) == f.name
+    assert dataclasses.replace(SETTINGS, lr=5e-4).mismatch(saved) is None  # a lower lr continues the run
+    assert SETTINGS.mismatch({k: v for k, v in saved.items() if k != "lsq_tokens"}) == "lsq_tokens"  # older run
+
+
+def test_train_state_round_trip_and_refusal():
+    state = TrainState(SETTINGS, total_steps=6, batches_per_epoch=5, step=4, phase=1, teacher_ppl=12.5)
+    saved = json.loads(json.dumps(state.state_dict()))
+    assert saved["data_position"] == 8 and saved["epoch"] == 1 and saved["total_steps"] == 6
+    again = TrainState(SETTINGS, total_steps=6, batches_per_epoch=5)
+    again.load_state_dict(saved)
+    assert (again.step, again.phase, again.teacher_ppl) == (4, 1, 12.5)
+    assert again.state_dict() == saved
+    other = TrainState(dataclasses.replace(SETTINGS, seed=1), total_steps=6, batches_per_epoch=5)
+    with pytest.raises(SettingsMismatch, match="made with seed=0, this run has 1"):
+        other.load_state_dict(saved)
+    assert other.step == 0  # nothing taken from a refused checkpoint
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return Phi3ForCausalLM(Phi3Config.from_dict(CFG))
+
+
+def trained(model):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    model(torch.randint(0, 64, (2, 8))).float().mean().backward()
+    opt.step()
+    sched.step()
+    return opt, sched
+
+
+def test_manager_saves_resumes_and_restores(tmp_path):
+    env = Env()
+    model = tiny_model()
+    opt, sched = trained(model)
+    ckpt = CheckpointManager(tmp_path, env, every=2, keep=2)
+    assert ckpt.due(4) and not ckpt.due(3) and ckpt.due(3, force=True)
+    assert not CheckpointManager(tmp_path, env).due(2)  # every=0: only when forced
+    ckpt.refuse_earlier_run()  # an empty folder: a fresh run may start
+    state = TrainState(SETTINGS, total_steps=6, batches_per_epoch=5, step=3, phase=0, teacher_ppl=9.0)
+    path = ckpt.save(model, opt, sched, state)
+    assert ckpt.last == path and path.name == "step-00000003"
+    with pytest.raises(UserError, match="holds checkpoints of an earlier run"):
+        CheckpointManager(tmp_path, env).refuse_earlier_run()
+
+    lower = TrainState(dataclasses.replace(SETTINGS, lr=5e-4), total_steps=6, batches_per_epoch=5)
+    resumed = CheckpointManager(tmp_path, env)
+    resumed.resume(lower)
+    assert (lower.step, lower.phase, lower.teacher_ppl) == (3, 0, 9.0)
+    assert resumed.resume_from == resumed.last == path and resumed.lr_scale == 0.5
+    fresh = tiny_model()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    opt2 = torch.optim.AdamW(fresh.parameters(), lr=5e-4)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0 / (s + 1))
+    resumed.restore(fresh, opt2, sched2)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    assert sched2.last_epoch == sched.last_epoch and sched2.base_lrs == [lr * 0.5 for lr in sched.base_lrs]
+    assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"] * 0.5)
+    state_a, state_b = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert all(torch.equal(state_a[i]["exp_avg"], state_b[i]["exp_avg"]) for i in state_a)
+
+    with pytest.raises(UserError, match=r"--resume: .*step-00000003 was made with grad_accum=2, this run has 3"):
+        CheckpointManager(tmp_path, env).resume(TrainState(dataclasses.replace(SETTINGS, grad_accum=3), 6, 5))
+    with pytest.raises(UserError, match="no intact checkpoint"):
+        CheckpointManager(tmp_path / "none", env).resume(TrainState(SETTINGS, 6, 5))
