@@ -53,19 +53,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      "before it (scripts/rank_layers.py --greedy)")
     a("--num-skip", "--num_skip", type=int, default=None, help="keep only the first K candidate layers")
     a("--rank-tokens", type=int, default=1024, help="--layers auto: training tokens the greedy order is chosen on")
-    a("--schedule", default="sequential", help=f"one of {', '.join(SCHEDULES)} (default: sequential, the seed's "
-                                                "recipe; nested: the measured best, docs/quality.md)")
-    a("--train-scope", "--train_scope", default=None,
-      help="what trains: all (sequential's default), around:R (blocks within R of the layer being made skippable), "
-           "blocks such as 20-31, or adapters (nested's default): the base stays frozen (the full model is the "
-           "teacher, exactly) and only a small bypass per skippable layer trains (phi3skip/bypass.py)")
-    a("--k-dist", default=None, help=f"nested: which skip sets a step trains, one of {', '.join(K_DISTS)} "
-                                     "(uniform: one k in 0..K; sandwich, the default with adapters: the deepest set "
-                                     "and one drawn below it; harmonic: two depths, P(k) ~ 1/k)")
+    a("--schedule", default="sequential", help=f"one of {', '.join(SCHEDULES)} (default: sequential)")
+    a("--train-scope", "--train_scope", default="all",
+      help="what trains: all (default), around:R (blocks within R of the layer being made skippable), "
+           "blocks such as 20-31, or adapters: the base stays frozen (the full model is the teacher, exactly) "
+           "and only a small bypass per skippable layer trains (phi3skip/bypass.py)")
+    a("--k-dist", default="uniform", help=f"nested: which skip sets a step trains, one of {', '.join(K_DISTS)} "
+                                          "(sandwich: the deepest set and one drawn below it; harmonic: two depths, "
+                                          "P(k) ~ 1/k)")
     a("--adapter-rank", type=int, default=None, help="rank of each bypass (adapters; default: about 2%% of a block's compute)")
     a("--lsq-tokens", type=int, default=16384,
       help="adapters: training tokens for the least-squares initialisation of the bypasses (0: start at zero)")
-    a("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 for adapters, 1e-5 otherwise)")
+    a("--lr", type=float, default=1e-5)
     a("--num-epochs", "--num_epochs", type=float, default=1.0,
       help="epochs of train.bin per layer (sequential) or in all (nested)")
     a("--steps-per-layer", "--steps_per_layer", type=int, default=None,
@@ -102,22 +101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.schedule not in SCHEDULES:
         raise UserError(f"--schedule {args.schedule!r}: unknown; use one of {', '.join(SCHEDULES)}")
-    # The seed's recipe stays sequential's default; nested defaults to the measured best (docs/quality.md):
-    # bypasses over a frozen base, the sandwich rule, lr 1e-3.
-    nested = args.schedule == "nested"
-    if args.train_scope is None:
-        args.train_scope = "adapters" if nested else "all"
-    adapters = args.train_scope.strip().lower() == "adapters"
-    if args.k_dist is None:
-        args.k_dist = "sandwich" if adapters else "uniform"
-    if args.lr is None:
-        args.lr = 1e-3 if adapters else 1e-5
     for name in ("batch_size", "grad_accum", "max_seq_len", "eval_tokens", "log_every", "keep_checkpoints", "rank_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.k_dist not in K_DISTS:
         raise UserError(f"--k-dist {args.k_dist!r}: unknown; use one of {', '.join(K_DISTS)}")
-    if adapters and args.ce_weight:
+    if args.train_scope.strip().lower() == "adapters" and args.ce_weight:
         raise UserError("--ce-weight: with --train-scope adapters the full model is the frozen teacher; drop it")
     if args.lsq_tokens < 0:
         raise UserError(f"--lsq-tokens must be >= 0, got {args.lsq_tokens}")

@@ -406,14 +406,3 @@ def test_skip_json_describes_the_saved_weights(tiny, tmp_path):
     val = val_batches(tiny / "data" / "val.bin", 4, 32, 512, V)
     assert perplexity(saved, val) == pytest.approx(skip["perplexity"]["student"], rel=1e-6)
     assert perplexity(saved, val, [2]) == pytest.approx(skip["perplexity"]["prefixes"][0]["perplexity"], rel=1e-6)
-
-
-def test_nested_defaults_to_the_measured_recipe_and_sequential_to_the_seed():
-    base = ["--data", "d"]
-    seq = train.parse_args(base)
-    assert (seq.train_scope, seq.k_dist, seq.lr) == ("all", "uniform", 1e-5)
-    nested = train.parse_args(base + ["--schedule", "nested"])
-    assert (nested.train_scope, nested.k_dist, nested.lr) == ("adapters", "sandwich", 1e-3)
-    mine = train.parse_args(base + ["--schedule", "nested", "--train-scope", "12-29", "--lr", "3e-4"])
-    assert (mine.train_scope, mine.k_dist, mine.lr) == ("12-29", "uniform", 3e-4)
-    assert train.parse_args(base + ["--schedule", "nested", "--k-dist", "harmonic"]).k_dist == "harmonic"
