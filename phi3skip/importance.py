@@ -147,12 +147,13 @@ def greedy_order(model: nn.Module, batches: Sequence[Batch], k: int, candidates:
     count = sum(x.numel() for x in xs)
     bypass = bypass_fit is not None
     fit_xs = [x.to(w.device) for x in bypass_fit] if bypass else []
-    full = [model.residuals(x) for x in fit_xs]
+    full: list[list[torch.Tensor]] = []  # the full model's residual streams: the first pick's, nothing skipped
     chosen: list[tuple[int, float]] = []
     skip: list[int] = []
     for _ in range(k):
         traces = [model.residuals(x, skip) for x in xs]
         fit_traces = [model.residuals(x, skip) for x in fit_xs]
+        full = full or fit_traces
         best = None
         for c in candidates:
             if c in skip:
