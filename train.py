@@ -54,17 +54,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--num-skip", "--num_skip", type=int, default=None, help="keep only the first K candidate layers")
     a("--rank-tokens", type=int, default=1024, help="--layers auto: training tokens the greedy order is chosen on")
     a("--schedule", default="sequential", help=f"one of {', '.join(SCHEDULES)} (default: sequential)")
-    a("--train-scope", "--train_scope", default="all",
-      help="what trains: all (default), around:R (blocks within R of the layer being made skippable), "
-           "blocks such as 20-31, or adapters: the base stays frozen (the full model is the teacher, exactly) "
-           "and only a small bypass per skippable layer trains (phi3skip/bypass.py)")
-    a("--k-dist", default="uniform", help=f"nested: which skip sets a step trains, one of {', '.join(K_DISTS)} "
-                                          "(sandwich: the deepest set and one drawn below it; harmonic: two depths, "
-                                          "P(k) ~ 1/k)")
+    a("--train-scope", "--train_scope", default=None,
+      help="what trains: adapters (nested's default): the base stays frozen (the full model is the teacher, "
+           "exactly) and only a small bypass per skippable layer trains (phi3skip/bypass.py); all (sequential's "
+           "default); around:R (blocks within R of the layer being made skippable); or blocks such as 20-31")
+    a("--k-dist", default=None, help=f"nested: which skip sets a step trains, one of {', '.join(K_DISTS)} "
+                                     "(sandwich, the default: the deepest set and one drawn below it; uniform: one "
+                                     "k in 0..K; harmonic: two depths, P(k) ~ 1/k)")
     a("--adapter-rank", type=int, default=None, help="rank of each bypass (adapters; default: about 2%% of a block's compute)")
     a("--lsq-tokens", type=int, default=16384,
       help="adapters: training tokens for the least-squares initialisation of the bypasses (0: start at zero)")
-    a("--lr", type=float, default=1e-5)
+    a("--lsq-check-tokens", type=int, default=2048,
+      help="adapters: other training tokens on which each least-squares bypass is checked, kept only in the form "
+           "that gives the lowest KL, a plain skip included (0: keep every fit as is)")
+    a("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 for adapters, else 1e-5)")
     a("--num-epochs", "--num_epochs", type=float, default=1.0,
       help="epochs of train.bin per layer (sequential) or in all (nested)")
     a("--steps-per-layer", "--steps_per_layer", type=int, default=None,
@@ -101,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.schedule not in SCHEDULES:
         raise UserError(f"--schedule {args.schedule!r}: unknown; use one of {', '.join(SCHEDULES)}")
+    resolve_recipe(args)
     for name in ("batch_size", "grad_accum", "max_seq_len", "eval_tokens", "log_every", "keep_checkpoints", "rank_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -110,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError("--ce-weight: with --train-scope adapters the full model is the frozen teacher; drop it")
     if args.lsq_tokens < 0:
         raise UserError(f"--lsq-tokens must be >= 0, got {args.lsq_tokens}")
+    if args.lsq_check_tokens < 0:
+        raise UserError(f"--lsq-check-tokens must be >= 0, got {args.lsq_check_tokens}")
     for name in ("steps_per_layer", "max_steps", "kl_chunk", "adapter_rank", "stop_at"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -125,6 +131,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--dtype {args.dtype}: training runs in bfloat16 or float32 (float16 would need a loss "
                         f"scaler, and its gradients underflow without one)")
     return args
+
+
+def resolve_recipe(args: argparse.Namespace) -> None:
+    """Defaults that depend on the schedule. nested: the frozen base with least-squares bypasses, sandwich k,
+    lr 1e-3 (the best recipe measured, docs/quality.md); sequential: the seed's recipe, every block trains."""
+    nested = args.schedule == "nested"
+    if args.train_scope is None:
+        args.train_scope = "adapters" if nested else "all"
+    if args.k_dist is None:
+        args.k_dist = "sandwich" if nested else "uniform"
+    if args.lr is None:
+        args.lr = 1e-3 if args.train_scope.strip().lower() == "adapters" else 1e-5
 
 
 # Logging ----------------------------------------------------------------------------------------------------------
@@ -294,13 +312,17 @@ def load_adapter_student(model_dir: Path, config: Phi3Config, env, dtype: torch.
     if env.is_main or not env.distributed:
         model = from_pretrained(model_dir, dtype=torch.float32, device=env.device)
         bypass.attach(model, layers, rank)
-        n = math.ceil(args.lsq_tokens / (args.batch_size * args.max_seq_len)) if fit else 0
+        per_batch = args.batch_size * args.max_seq_len
+        n = math.ceil(args.lsq_tokens / per_batch) if fit else 0
         if n:
             t0 = time.perf_counter()
             calib = [batches.get(i, env.device)[0] for i in range(n)]
-            bypass.fit_lstsq(model, calib, layers)
+            check = [batches.get(n + i, env.device)[0] for i in range(math.ceil(args.lsq_check_tokens / per_batch))]
+            forms = bypass.fit_lstsq(model, calib, layers, check=check)
             log.info(f"bypasses of layers {layers} (rank {rank}) fitted by least squares on "
-                     f"{sum(x.numel() for x in calib)} training tokens in {time.perf_counter() - t0:.1f}s")
+                     f"{sum(x.numel() for x in calib)} training tokens in {time.perf_counter() - t0:.1f}s" +
+                     (f"; kept, by KL on {sum(x.numel() for x in check)} others: " +
+                      ", ".join(f"{i}: {f}" for i, f in forms.items()) if check else ""))
     if env.distributed:
         sd = model.state_dict() if env.is_main else None
         model = parallel.build_sharded(config, sd, env, dtype=torch.float32, ac=args.activation_checkpointing,

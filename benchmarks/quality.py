@@ -65,6 +65,7 @@ def build_untrained(args, teacher_dir: Path, out: Path, extra: list[str]) -> Non
     p.add_argument("--num-skip", type=int, default=None)
     p.add_argument("--rank-tokens", type=int, default=1024)
     p.add_argument("--lsq-tokens", type=int, default=0)
+    p.add_argument("--lsq-check-tokens", type=int, default=2048)
     p.add_argument("--adapter-rank", type=int, default=None)
     p.add_argument("--rank-fit-tokens", type=int, default=0,
                    help="greedy order scored with least-squares bypasses fitted on this many other train tokens")
@@ -88,7 +89,9 @@ def build_untrained(args, teacher_dir: Path, out: Path, extra: list[str]) -> Non
         layers = parse_layers(a.layers, model.num_layers, a.num_skip)
     if a.lsq_tokens:
         bypass.attach(model, layers, a.adapter_rank)
-        bypass.fit_lstsq(model, [train.get(i, "cpu")[0] for i in range(-(-a.lsq_tokens // 1024))], layers)
+        n = -(-a.lsq_tokens // 1024)
+        check = [train.get(n + i, "cpu")[0] for i in range(-(-a.lsq_check_tokens // 1024))]
+        print(bypass.fit_lstsq(model, [train.get(i, "cpu")[0] for i in range(n)], layers, check=check), flush=True)
     save_pretrained(model, out, extra_json={"skip.json": {"layers": layers, "teacher": str(teacher_dir.resolve()),
                                                           "steps": 0}})
 

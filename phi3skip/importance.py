@@ -22,7 +22,7 @@ from torch import nn
 
 from .bypass import fit_one
 from .distill import chunked_kd_loss
-from .evaluate import Batch, perplexity
+from .evaluate import Batch, SkipKL, perplexity
 
 
 @dataclass
@@ -120,10 +120,9 @@ def greedy_order(model: nn.Module, batches: Sequence[Batch], k: int, candidates:
                  progress=None, bypass_fit: Sequence[torch.Tensor] | None = None) -> list[tuple[int, float]]:
     """The first k layers to skip, each chosen given those before it: [(layer, KL of the set so far)].
 
-    Each candidate set S + {c} is scored by its mean per-token KL from the full model, whose probabilities are
-    kept (tokens x vocabulary, fp32: meant for a few thousand calibration tokens). The residual stream of the
-    model skipping S is recorded once per pick; candidate c restarts from it at layer c (the layers below c are
-    the same with or without c), so a deep candidate costs only the layers above it.
+    Each candidate set S + {c} is scored by its mean per-token KL from the full model (`evaluate.SkipKL`). The
+    residual stream of the model skipping S is recorded once per pick; candidate c restarts from it at layer c
+    (the layers below c are the same with or without c), so a deep candidate costs only the layers above it.
 
     bypass_fit: score each layer as it will be served, replaced by its skip adapter (the model must carry one
     for every candidate, `bypass.attach`), fitted by least squares on these token batches [B, T] given the
@@ -136,22 +135,14 @@ def greedy_order(model: nn.Module, batches: Sequence[Batch], k: int, candidates:
     if not 1 <= k <= len(candidates):
         raise ValueError(f"k must be in 1..{len(candidates)}, got {k}")
     w = model.lm_head.weight
-    xs = [x.to(w.device) for x, _ in batches]
-    # The full model's distribution, once: KL(p || q) = sum p log p - sum p log q, the first sum a constant.
-    probs, negent = [], 0.0
-    for x in xs:
-        logp = torch.log_softmax((model.hidden_states(x).flatten(0, 1) @ w.T).float(), dim=-1)
-        probs.append(logp.exp())
-        negent += float((probs[-1] * logp).sum())
-        del logp
-    count = sum(x.numel() for x in xs)
+    score = SkipKL(model, [x for x, _ in batches])
     bypass = bypass_fit is not None
     fit_xs = [x.to(w.device) for x in bypass_fit] if bypass else []
     full: list[list[torch.Tensor]] = []  # the full model's residual streams: the first pick's, nothing skipped
     chosen: list[tuple[int, float]] = []
     skip: list[int] = []
     for _ in range(k):
-        traces = [model.residuals(x, skip) for x in xs]
+        traces = [model.residuals(x, skip) for x in score.xs]
         fit_traces = [model.residuals(x, skip) for x in fit_xs]
         full = full or fit_traces
         best = None
@@ -161,11 +152,7 @@ def greedy_order(model: nn.Module, batches: Sequence[Batch], k: int, candidates:
             if bypass:
                 fit_one(model.skip_adapters.bypass[str(c)], [t[c] for t in fit_traces], [f[c + 1] for f in full])
             above = [i for i in skip if i > c] + [c]
-            cross = 0.0
-            for t, p in zip(traces, probs):
-                logq = torch.log_softmax((model.hidden_from(c, t[c], above).flatten(0, 1) @ w.T).float(), dim=-1)
-                cross += float((p * logq).sum())
-            kl = (negent - cross) / count
+            kl = score(above, c, [t[c] for t in traces])
             if best is None or kl < best[1]:
                 best = (c, kl)
         skip.append(best[0])

@@ -48,13 +48,14 @@ if [ "$TINY" = 1 ]; then
   TEACHER=$OUT/teacher
   PREP=(--max-tokens 200000 --val-tokens 20000)
   TRAIN=(--layers auto --num-skip 2 --rank-tokens 128 --max-steps 3 --batch-size 2 --max-seq-len 64
-         --eval-tokens 512 --train-scope adapters --k-dist sandwich --lsq-tokens 512 --lr 1e-3)
+         --eval-tokens 512 --lsq-tokens 512 --lsq-check-tokens 128)
   EVAL=(--max-tokens 512 --seq-len 64 --speed-tokens 4)
   SKIP=first:1
 else
   PREP=(--val-tokens 160000)
-  TRAIN=(--layers auto --num-skip 6 --max-steps "${DEMO_STEPS:-60}" --batch-size 4 --max-seq-len 256 --lr 1e-3
-         --eval-tokens 4096 --train-scope adapters --k-dist sandwich --lsq-tokens 16384)
+  # nested's defaults are the recipe: frozen base, least-squares bypasses (16k tokens), sandwich k, lr 1e-3
+  TRAIN=(--layers auto --num-skip 6 --max-steps "${DEMO_STEPS:-60}" --batch-size 4 --max-seq-len 256
+         --eval-tokens 4096)
   EVAL=(--max-tokens 8192 --seq-len 256 --speed-tokens 64)
   SKIP=first:2
 fi

@@ -195,3 +195,20 @@ def test_greedy_order_with_bypasses_scores_each_layer_as_served():
     assert order[0][0] == lin and order[0][1] < 1e-3 * dropped
     # each pick's KL is that of the model serving the chosen set with the bypasses the order fitted
     assert order[1][1] == pytest.approx(kl_of(model, x, [layer for layer, _ in order]), rel=1e-4)
+
+
+@torch.no_grad()
+def test_checked_fit_keeps_the_form_with_the_lowest_kl_a_plain_skip_included():
+    model = tiny(std=0.2)
+    fit, check = [tokens(B=1, T=24, seed=0)], [tokens(B=4, T=16, seed=s) for s in (5, 6)]
+    x = torch.cat(check)
+    plain = kl_of(model, x, (4,))
+    bypass.attach(model, [4, 1], rank=32)
+    bypass.fit_lstsq(model, fit, [4, 1], ridge=1e-6)  # unchecked: rank 32 on 24 tokens overfits
+    unchecked = kl_of(model, x, (4,))
+    assert unchecked > plain  # the case the check exists for
+    forms = bypass.fit_lstsq(model, fit, [4, 1], ridge=1e-6, check=check)
+    assert list(forms) == [4, 1]
+    assert kl_of(model, x, (4,)) <= min(plain, unchecked) + 1e-7
+    if forms[4] == "none (plain skip)":
+        assert not model.skip_adapters.bypass["4"].up.weight.any()

@@ -184,7 +184,7 @@ def test_nested_schedule_runs(tiny, tmp_path, monkeypatch):
     run = tmp_path / "nested"
     monkeypatch.chdir(tiny)  # the teacher given as a relative path
     argv = args(tiny, run, "--schedule", "nested", "--max-steps", "6", "--lr", "1e-3", "--train-scope", "1-3",
-                "--grad-accum", "2", "--save-every", "0")
+                "--k-dist", "uniform", "--grad-accum", "2", "--save-every", "0")
     argv[argv.index("--model") + 1] = "model"
     out = train.main(argv)
     schedule = train.Schedule("nested", (2, 0), 6, 0)
@@ -350,6 +350,15 @@ def test_command_line_error_is_one_line(tiny, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "out of range" in res.stderr
+
+
+def test_the_schedule_picks_the_recipe_defaults():
+    nested = train.parse_args(["--data", "d", "--schedule", "nested"])
+    assert (nested.train_scope, nested.k_dist, nested.lr) == ("adapters", "sandwich", 1e-3)
+    seed = train.parse_args(["--data", "d"])
+    assert (seed.schedule, seed.train_scope, seed.k_dist, seed.lr) == ("sequential", "all", "uniform", 1e-5)
+    blocks = train.parse_args(["--data", "d", "--schedule", "nested", "--train-scope", "12-29", "--k-dist", "uniform"])
+    assert (blocks.train_scope, blocks.k_dist, blocks.lr) == ("12-29", "uniform", 1e-5)
 
 
 def test_layers_auto_uses_the_greedy_order(tiny, tmp_path):
