@@ -5,7 +5,7 @@
 # teacher and student for each skip prefix on held-out code and on documentation prose, sample from the
 # student with layers skipped, and export its full model as a standard checkpoint and a q8_0 GGUF.
 #
-#   bash scripts/demo.sh                # the real demo (~30 minutes on 2 cores)
+#   bash scripts/demo.sh                # the real demo (~40 minutes on 2 cores)
 #   bash scripts/demo.sh --tiny         # every stage on a tiny random model (CI smoke test, ~1 minute)
 #   bash scripts/demo.sh --no-install   # skip the pip step (the project is already installed)
 # Environment: DEMO_STEPS (training steps, default 60), DEMO_OUT (default data), PYTHON (default python3).
