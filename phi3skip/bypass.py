@@ -121,23 +121,20 @@ def fit_lstsq(model: Phi3ForCausalLM, batches: Sequence[torch.Tensor], order: Se
             _restart(model, lo, t[lo], skip, layer, inputs)
         byp = adapters.bypass[str(layer)]
         w, xtx, moved = lstsq_map(byp, inputs, [t[layer + 1] for t in traces], ridge)
-        set_map(byp, w, xtx)
-        forms[layer] = "least squares"
+        candidates = [(f"least squares, sparing {n} massive dims" if n else "least squares", n)
+                      for n in (SPARE if score is not None else (0,))]
         if score is not None:
-            trials = []
-            for spare in SPARE:
-                w_s = w.clone()
+            candidates.append(("none (plain skip)", None))
+        trials = []
+        for name, spare in candidates:
+            w_s = None if spare is None else w.clone()
+            if spare:
                 w_s[:, moved.topk(spare).indices] = 0
-                set_map(byp, w_s, xtx)
-                name = "least squares" + (f", sparing {spare} massive dims" if spare else "")
-                trials.append((score(order[:k + 1]), name, w_s))
-            byp.up.weight.zero_()
-            trials.append((score(order[:k + 1]), "none (plain skip)", None))
-            _, forms[layer], best = min(trials, key=lambda t: t[0])
-            if best is None:
-                byp.up.weight.zero_()
-            else:
-                set_map(byp, best, xtx)
+            if score is not None:
+                _load(byp, w_s, xtx)
+            trials.append((score(order[:k + 1]) if score is not None else 0.0, name, w_s))
+        _, forms[layer], best = min(trials, key=lambda t: t[0])
+        _load(byp, best, xtx)
         if progress is not None:
             progress(layer)
     return forms
@@ -159,6 +156,14 @@ def lstsq_map(byp: Bypass, inputs: Sequence[torch.Tensor], targets: Sequence[tor
         sq, n = sq + b.pow(2).sum(0), n + b.shape[0]
     xtx += ridge * xtx.diagonal().mean() * torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)
     return torch.linalg.solve(xtx, xty), xtx, (sq / n).sqrt()
+
+
+def _load(byp: Bypass, w: torch.Tensor | None, xtx: torch.Tensor) -> None:
+    """Load map w into the bypass, or none (None: the bypass adds nothing, a plain skip)."""
+    if w is None:
+        byp.up.weight.zero_()
+    else:
+        set_map(byp, w, xtx)
 
 
 def set_map(byp: Bypass, w: torch.Tensor, xtx: torch.Tensor) -> None:
