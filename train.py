@@ -30,7 +30,7 @@ from phi3skip.data import Batches
 from phi3skip.distill import (K_DISTS, SCHEDULES, STATS, LossConfig, Schedule, adapter_step,
                               distill_step, set_trainable, step_flops_per_token, trainable_blocks)
 from phi3skip.evaluate import distributed_perplexity, val_batches
-from phi3skip.importance import greedy_order
+from phi3skip.importance import SHORTLIST, greedy_order
 from phi3skip.io import dtype_name, from_pretrained, parse_dtype, resolve, save_checkpoint
 from phi3skip.metrics import Metrics, Progress, memory_gb, peak_flops
 from phi3skip.paths import check_apart, check_output
@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      "before it (scripts/rank_layers.py --greedy)")
     a("--num-skip", "--num_skip", type=int, default=None, help="keep only the first K candidate layers")
     a("--rank-tokens", type=int, default=1024, help="--layers auto: training tokens the greedy order is chosen on")
+    a("--rank-shortlist", type=int, default=SHORTLIST,
+      help=f"--layers auto: after the first pick, re-score only the N candidates that added the least KL when last "
+           f"scored (lazy greedy, default {SHORTLIST}; 0: every layer at every pick)")
     a("--schedule", default="sequential", help=f"one of {', '.join(SCHEDULES)} (default: sequential)")
     a("--train-scope", "--train_scope", default=None,
       help="what trains: adapters (nested's default): the base stays frozen (the full model is the teacher, "
@@ -116,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--lsq-tokens must be >= 0, got {args.lsq_tokens}")
     if args.lsq_check_tokens < 0:
         raise UserError(f"--lsq-check-tokens must be >= 0, got {args.lsq_check_tokens}")
+    if args.rank_shortlist < 0:
+        raise UserError(f"--rank-shortlist must be 0 (every layer) or more, got {args.rank_shortlist}")
     for name in ("steps_per_layer", "max_steps", "kl_chunk", "adapter_rank", "stop_at"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -237,9 +242,9 @@ def auto_layers(args, model_dir: Path, config: Phi3Config, batches: Batches, env
         sample = [batches.get(i, env.device) for i in range(n)]
         k = args.num_skip or len(default_layers(config.num_hidden_layers))
         t0 = time.perf_counter()
-        order = [layer for layer, _ in greedy_order(model, sample, k)]
-        log.info(f"--layers auto: greedy order on {sum(x.numel() for x, _ in sample)} training tokens "
-                 f"({time.perf_counter() - t0:.0f}s) -> {','.join(map(str, order))}")
+        order = [layer for layer, _ in greedy_order(model, sample, k, shortlist=args.rank_shortlist or None)]
+        log.info(f"--layers auto: greedy order on {sum(x.numel() for x, _ in sample)} training tokens, shortlist "
+                 f"{args.rank_shortlist or 'none'} ({time.perf_counter() - t0:.0f}s) -> {','.join(map(str, order))}")
         del model
     return ",".join(map(str, distributed.broadcast_object(order, env)))
 

@@ -15,6 +15,7 @@ Self-contained (no download); --quick finishes in about two minutes on an H100.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -34,6 +35,10 @@ PHI3_MINI = dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermed
                  rope_theta=10000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
                  torch_dtype="bfloat16")
 PROMPT = "Write a short story about a robot who learns to paint, in five sentences."
+# Self-speculative decoding is reported on both kinds of text the student is scored on.
+PROMPTS = {"prose": PROMPT,
+           "code": "Write a Python function that reads a CSV file and returns its rows as a list of dicts."}
+SECTIONS = ("transformers", "skip", "speculative")
 
 
 def median(xs: list[float]) -> float:
@@ -79,8 +84,6 @@ def hf_decode_rate(hf, ids: torch.Tensor, n: int) -> tuple[float, list[int]]:
 
 
 def cpu(args: argparse.Namespace) -> None:
-    import transformers
-
     from phi3skip import from_pretrained
     from phi3skip.chat import format_chat
     from phi3skip.tokenizer import load_tokenizer
@@ -96,17 +99,17 @@ def cpu(args: argparse.Namespace) -> None:
     N = args.new_tokens or (32 if args.quick else 64)
     rounds = args.rounds or (2 if args.quick else 3)
     tok = load_tokenizer(folder)
-    ids = tok.encode(format_chat(PROMPT, tok, folder), add_special_tokens=False).ids
+    prompts = {kind: tok.encode(format_chat(text, tok, folder), add_special_tokens=False).ids
+               for kind, text in PROMPTS.items()}
+    ids = prompts["prose"]
     model = from_pretrained(folder, dtype=torch.float32)
-    hf = transformers.Phi3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None  # both run exactly N tokens
     L = model.config.num_hidden_layers
     x = torch.tensor([ids])
     bw = read_bandwidth()
     limit = bw / weight_bytes_per_token(model)
     print(f"CPU decode benchmark: {folder.name}, {L} layers, fp32, batch 1, greedy, prompt {len(ids)} tokens, "
-          f"{N} new tokens, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}; medians of {rounds} alternated runs", flush=True)
+          f"{N} new tokens, {torch.get_num_threads()} threads, torch {torch.__version__}; medians of {rounds} "
+          f"alternated runs", flush=True)
     print(f"  memory read bandwidth {bw / 1e9:.1f} GB/s; weights read per token "
           f"{weight_bytes_per_token(model) / 1e6:.0f} MB -> limit {limit:.1f} tokens/s", flush=True)
     failures: list[str] = []
@@ -120,6 +123,11 @@ def cpu(args: argparse.Namespace) -> None:
         results[name] = r
 
     def vs_transformers() -> None:
+        import transformers
+
+        hf = transformers.Phi3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        hf.generation_config.eos_token_id = None  # both run exactly N tokens
+        print(f"  transformers {transformers.__version__}", flush=True)
         with torch.no_grad():
             hf_decode_rate(hf, x, 4)  # warm-up
             plain = Generator(model)
@@ -165,35 +173,65 @@ def cpu(args: argparse.Namespace) -> None:
         print(f"  (full model {1 / full:.1f} tokens/s; the embedding/lm_head cost does not shrink with k)")
 
     def speculative() -> None:
+        # Drafts: prefixes of the trained order (the student's bypasses run in them), several lookaheads, on a
+        # code and a prose prompt; the verifier is the full model, greedy, so every output must equal plain's.
         cands = candidate_layers(L, folder)
-        configs = list(dict.fromkeys([(tuple(cands[:k]), la) for k in (2, 4, 6) for la in (2, 4) if k <= len(cands)]))
-        gens = {"plain": Generator(model)}
-        for d, k in configs:
-            gens[(d, k)] = Generator(model, draft_skip=d, lookahead=k)
-        times: dict = {}
-        res: dict = {}
-        with torch.no_grad():
-            for _ in range(rounds):
-                for key, g in gens.items():
-                    r = g.generate([ids], N)
-                    times.setdefault(key, []).append(r.decode_s)
-                    res[key] = r
-        base = median(times["plain"])
+        drafts = [tuple(cands[:k]) for k in args.draft_depths if k <= len(cands)]
+        configs = [(d, k) for d in drafts for k in args.lookaheads]
+        measured: dict[tuple, dict[str, tuple[float, float]]] = {}
         print("\nself-speculative decoding (verifier: the full model; greedy, so lossless)")
-        for d, k in configs:
-            r, t = res[(d, k)], median(times[(d, k)])
-            same = r.tokens == res["plain"].tokens
-            print(f"  draft skip {','.join(map(str, d)):22s} K={k}   acceptance {r.acceptance_rate:6.1%}   "
-                  f"{r.decode_tokens / t:8.1f} tokens/s   speedup {base / t:5.2f}x   "
-                  f"same tokens as plain greedy: {'yes' if same else 'NO'}")
+        for kind, p_ids in ((k, prompts[k]) for k in args.prompts):
+            gens = {"plain": Generator(model)} | {c: Generator(model, draft_skip=c[0], lookahead=c[1]) for c in configs}
+            times: dict = {}
+            res: dict = {}
+            with torch.no_grad():
+                for _ in range(rounds):
+                    for key, g in gens.items():
+                        r = g.generate([p_ids], N)
+                        times.setdefault(key, []).append(r.decode_s)
+                        res[key] = r
+            base = median(times["plain"])
+            print(f"  {kind} prompt: plain {res['plain'].decode_tokens / base:.1f} tokens/s")
+            for d, k in configs:
+                r, t = res[(d, k)], median(times[(d, k)])
+                same = r.tokens == res["plain"].tokens
+                if not same:
+                    failures.append(f"speculative {kind} draft {d} K={k}: output differs from plain greedy")
+                measured.setdefault((d, k), {})[kind] = (base / t, r.acceptance_rate)
+                print(f"  {kind:5s} draft skip {len(d)} ({','.join(map(str, d))}) K={k}   acceptance "
+                      f"{r.acceptance_rate:6.1%}   {r.decode_tokens / t:6.1f} tokens/s   speedup {base / t:5.2f}x   "
+                      f"same tokens as plain greedy: {'yes' if same else 'NO'}", flush=True)
         print("  (a round costs K c_draft + 1 forwards, memory-bound; with skip adapters the drafts run the bypasses)")
+        (d, k), m = max(measured.items(), key=lambda kv: statistics.geometric_mean([v for v, _ in kv[1].values()]))
+        print(f"  best (geometric mean over the prompts): draft skip {','.join(map(str, d))} K={k}: "
+              + ", ".join(f"{kind} {v:.2f}x" for kind, (v, _) in m.items()))
+        if args.record:
+            record_speculative(folder, d, k, m, N)
 
-    section("vs transformers", vs_transformers, failures)
-    section("skip sets", skip_sets, failures)
-    section("speculative", speculative, failures)
+
+    for name, fn in (("transformers", vs_transformers), ("skip", skip_sets), ("speculative", speculative)):
+        if name in args.only:
+            section(name, fn, failures)
     if failures:
         print("\nFAILURES:\n  " + "\n  ".join(failures))
         sys.exit(1)
+
+
+def record_speculative(folder: Path, draft: tuple[int, ...], lookahead: int, measured: dict, tokens: int) -> None:
+    """Write the fastest draft into the model's skip.json ("speculative"): generate.py --speculative's default."""
+    from phi3skip.io import atomic_write_text, read_skip_profile
+
+    profile = read_skip_profile(folder)
+    if not profile:
+        raise UserError(f"--record: {folder} has no skip.json to record into (a student made by train.py has one)")
+    profile["speculative"] = {
+        "draft_skip": list(draft), "lookahead": lookahead,
+        "speedup": {kind: round(v, 3) for kind, (v, _) in measured.items()},
+        "acceptance": {kind: round(a, 3) for kind, (_, a) in measured.items()},
+        "measured": f"benchmarks/bench_generate.py --record: CPU, {torch.get_num_threads()} thread(s), greedy, batch 1, "
+                    f"{tokens} new tokens, {time.strftime('%Y-%m-%d')}"}
+    atomic_write_text(folder / "skip.json", json.dumps(profile, indent=2) + "\n")
+    print(f"  recorded in {folder / 'skip.json'} (generate.py --speculative's default draft)")
 
 
 def read_bandwidth(mib: int = 512) -> float:
@@ -362,6 +400,24 @@ def gpu(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def parse_names(value: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [v for v in names if v not in allowed]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{value!r}: use a comma-separated list of {', '.join(allowed)}")
+    return names
+
+
+def positive_ints(value: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: use positive integers separated by commas, e.g. 1,2,4")
+    return out
+
+
 def main() -> None:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", action="store_true", help="Phi-3-mini-shaped random bf16 model on CUDA")
@@ -373,6 +429,17 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="CPU: skip the compiled row")
     p.add_argument("--step", action="store_true", help="GPU: also time whole-step compilation (slow to compile)")
     p.add_argument("--no-speculative", action="store_true", help="GPU: skip the speculative row")
+    p.add_argument("--only", type=lambda v: parse_names(v, SECTIONS), default=SECTIONS,
+                   help=f"CPU: the sections to run, comma-separated, of {','.join(SECTIONS)} (default: all)")
+    p.add_argument("--draft-depths", type=positive_ints, default=(1, 2, 4, 6),
+                   help="CPU speculative: draft skip depths, prefixes of the trained order (default 1,2,4,6)")
+    p.add_argument("--lookaheads", type=positive_ints, default=(1, 2, 3, 4),
+                   help="CPU speculative: tokens drafted per round (default 1,2,3,4)")
+    p.add_argument("--prompts", type=lambda v: parse_names(v, tuple(PROMPTS)), default=tuple(PROMPTS),
+                   help=f"CPU speculative: the prompts, of {','.join(PROMPTS)} (default: both)")
+    p.add_argument("--record", action="store_true",
+                   help="CPU speculative: write the fastest draft and lookahead into --model's skip.json, the default "
+                        "of generate.py --speculative")
     args = p.parse_args()
     (gpu if args.gpu else cpu)(args)
 

@@ -334,12 +334,12 @@ def adapter_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, skips: Sequ
     it at its lowest skipped layer, so the blocks below run once for all passes. Gradient reaches only the
     skip adapters. Stats as `distill_step` (kl_full is 0: the full path is the teacher).
     """
+    sets = [tuple(s) for s in skips if tuple(s)]
+    if not sets:  # only the full path: it is the teacher, nothing to learn or to run
+        return torch.zeros(len(STATS), device=x.device)
     with torch.no_grad():
         trace = model.residuals(x)
         ht = model.model.norm(trace[-1])
-    sets = [tuple(s) for s in skips if tuple(s)]
-    if not sets:
-        return torch.zeros(len(STATS), device=x.device)
     hs = [model.hidden_from(min(s), trace[min(s)], s) for s in sets]
     w = model.lm_head.weight
     loss, stats = chunked_kd_loss(ht, w, hs, w, [cfg.kd_weight] * len(sets), cfg.temperature,

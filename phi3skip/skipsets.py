@@ -147,10 +147,27 @@ def check_draft_skip(skip: Sequence[int] | None, draft_skip: Sequence[int], num_
     return d
 
 
-def default_draft_skip(trained: Sequence[int], skip: Sequence[int], num_layers: int) -> tuple[int, ...]:
-    """The verifier's skips plus the student's trained order when there is one, else plus every other layer
-    of the upper half (the last layer always runs)."""
+def default_draft_skip(trained: Sequence[int], skip: Sequence[int], num_layers: int,
+                       measured: Sequence[int] = ()) -> tuple[int, ...]:
+    """The draft skip set `--speculative` uses unless told: skip.json's measured best draft when it holds every
+    layer the verifier skips and more; else the verifier's skips plus the student's trained order when there is
+    one, else plus every other layer of the upper half (the last layer always runs)."""
+    if set(skip) < set(measured) and all(0 <= i < num_layers for i in measured):
+        return tuple(sorted(measured, reverse=True))
     extra = [i for i in trained if 0 <= i < num_layers]
     if not [i for i in extra if i not in skip]:
         extra = list(range(num_layers - 2, num_layers // 2 - 1, -2))
     return tuple(sorted(set(skip) | set(extra), reverse=True))
+
+
+def measured_speculative(profile: dict) -> tuple[tuple[int, ...], int | None, dict]:
+    """skip.json's "speculative" entry (written by `benchmarks/bench_generate.py --record`): the draft skip set
+    and lookahead that decoded fastest there, and its measured speedups; ((), None, {}) when absent or malformed."""
+    entry = profile.get("speculative")
+    try:
+        draft = tuple(int(i) for i in entry["draft_skip"])
+        lookahead = int(entry["lookahead"])
+        speedup = {str(k): float(v) for k, v in dict(entry.get("speedup", {})).items()}
+    except (KeyError, TypeError, ValueError):
+        return (), None, {}
+    return (draft, lookahead, speedup) if lookahead >= 1 else ((), None, {})

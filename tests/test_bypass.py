@@ -175,6 +175,27 @@ def test_greedy_order_picks_the_identity_layer_then_conditions_on_it():
 
 
 @torch.no_grad()
+def test_greedy_shortlist_rescores_only_the_layers_that_added_least(monkeypatch):
+    from phi3skip import evaluate
+
+    model = tiny()
+    batches = [(tokens(B=2, T=16, seed=s), None) for s in range(2)]
+    full = greedy_order(model, batches, 3)
+    assert greedy_order(model, batches, 3, shortlist=5) == full  # all 5 remaining layers: the full greedy
+    scored: list[int] = []
+    real = evaluate.SkipKL.__call__
+    monkeypatch.setattr(evaluate.SkipKL, "__call__", lambda self, skip, *a: scored.append(skip[-1]) or real(self, skip, *a))
+    lazy = greedy_order(model, batches, 3, shortlist=2)
+    assert len(scored) == 6 + 2 + 2  # every layer at the first pick, then only the shortlist
+    x = torch.cat([b for b, _ in batches])
+    alone = sorted(range(6), key=lambda c: kl_of(model, x, [c]))
+    assert lazy[0] == full[0] and alone[0] == full[0][0]
+    assert set(scored[6:8]) == set(alone[1:3])  # the second pick weighs the two that added least at the first
+    with pytest.raises(ValueError, match="shortlist"):
+        greedy_order(model, batches, 2, shortlist=0)
+
+
+@torch.no_grad()
 def test_greedy_order_with_bypasses_scores_each_layer_as_served():
     # A block that adds a linear map of its normalised input is what a full-rank bypass replaces exactly: scored
     # with bypasses it costs nothing, while dropping it costs a lot.

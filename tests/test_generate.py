@@ -451,6 +451,27 @@ def test_cli_batch_and_speculative(tiny_dir, capsys, tmp_path):
     assert "acceptance" in cap.err and "draft runs 2/4" in cap.err
 
 
+def test_speculative_defaults_to_the_measured_draft_in_skip_json(tiny_dir, tmp_path, capsys):
+    folder = tmp_path / "student"
+    folder.mkdir()
+    for f in tiny_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    profile = json.loads((folder / "skip.json").read_text())
+    profile["speculative"] = {"draft_skip": [3, 2], "lookahead": 2, "speedup": {"code": 0.9, "prose": 0.8}}
+    (folder / "skip.json").write_text(json.dumps(profile))
+    assert default_draft_skip([2, 1], (), 4, (3, 2)) == (3, 2)
+    assert default_draft_skip([2, 1], (2,), 4, (3, 2)) == (3, 2)
+    assert default_draft_skip([2, 1], (1,), 4, (3, 2)) == (2, 1)  # does not hold the verifier's skips: the usual
+    cli.run(["--model", str(folder), "--prompt", "w1 w2", "--max-new-tokens", "5", "--ignore-eos", "--speculative"])
+    err = capsys.readouterr().err
+    assert "draft runs 2/4 layers, lookahead 2" in err, err
+    assert "note: skip.json's best measured draft ran at 0.90x (code), 0.80x (prose)" in err
+    cli.run(["--model", str(folder), "--prompt", "w1 w2", "--max-new-tokens", "5", "--ignore-eos", "--speculative",
+             "--skip", "1"])  # the verifier skips 1: the measured draft cannot serve it
+    err = capsys.readouterr().err
+    assert "draft runs 2/4 layers, lookahead 4" in err and "note: skip.json" not in err, err
+
+
 def test_non_finite_weights_are_one_line_not_empty_text(tiny_dir, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 

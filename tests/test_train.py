@@ -367,10 +367,10 @@ def test_layers_auto_uses_the_greedy_order(tiny, tmp_path):
 
     run = tmp_path / "auto"
     train.main(args(tiny, run, "--layers", "auto", "--num-skip", "2", "--schedule", "nested", "--max-steps", "1",
-                    "--batch-size", "4", "--rank-tokens", "256"))
+                    "--batch-size", "4", "--rank-tokens", "256", "--rank-shortlist", "2"))
     model = from_pretrained(tiny / "model", dtype="float32")
     batches = Batches(tiny / "data" / "train.bin", 4, 32, seed=0)
-    order = greedy_order(model, [batches.get(i, "cpu") for i in range(2)], 2)
+    order = greedy_order(model, [batches.get(i, "cpu") for i in range(2)], 2, shortlist=2)
     assert json.loads((run / "out" / "skip.json").read_text())["layers"] == [layer for layer, _ in order]
 
 

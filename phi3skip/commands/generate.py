@@ -19,7 +19,7 @@ from pathlib import Path
 
 from phi3skip import io
 from phi3skip.cli import ArgumentParser, UserError, run_main
-from phi3skip.skipsets import default_draft_skip, parse_skip
+from phi3skip.skipsets import default_draft_skip, measured_speculative, parse_skip
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -75,11 +75,19 @@ def show_skips(folder: Path) -> None:
     print(json.dumps(obj, indent=2))
 
 
+def profile_of(folder: Path) -> dict:
+    """skip.json ({} when there is none, or it is unreadable: generation only takes defaults from it)."""
+    try:
+        return io.read_skip_profile(folder)
+    except UserError:
+        return {}
+
+
 def trained_order(folder: Path) -> list[int]:
     """skip.json's trained order ([] when there is none, or it is unreadable: only `first:K` needs it)."""
     try:
-        return [int(i) for i in io.read_skip_profile(folder).get("layers") or []]
-    except (UserError, TypeError, ValueError):
+        return [int(i) for i in profile_of(folder).get("layers") or []]
+    except (TypeError, ValueError):
         return []
 
 
@@ -108,7 +116,8 @@ def run(argv: list[str] | None = None) -> None:
     p.add_argument("--draft-skip", default=None,
                    help="layers the draft skips, including those of --skip (default: --skip plus skip.json's "
                         "layers, else every other layer of the upper half)")
-    p.add_argument("--lookahead", type=int, default=4, help="tokens drafted per round (default 4)")
+    p.add_argument("--lookahead", type=int, default=None,
+                   help="tokens drafted per round (default: skip.json's measured best, else 4)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU, the "
                                                  "checkpoint's dtype on CUDA)")
@@ -116,7 +125,7 @@ def run(argv: list[str] | None = None) -> None:
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.lookahead < 1:
+    if args.lookahead is not None and args.lookahead < 1:
         raise UserError(f"--lookahead must be >= 1, got {args.lookahead}")
     if args.draft_skip is not None and not args.speculative:
         raise UserError("--draft-skip needs --speculative")
@@ -142,11 +151,19 @@ def run(argv: list[str] | None = None) -> None:
         print(f"note: --skip names layer(s) {','.join(map(str, untrained(skip, trained)))} that the student was not "
               f"trained to skip (its order: {','.join(map(str, trained))}); expect the naive skip's quality",
               file=sys.stderr)
-    draft_skip = None
+    draft_skip, lookahead = None, args.lookahead or 4
     if args.speculative:
-        draft_skip = (parse_skip(args.draft_skip, trained, "--draft-skip") if args.draft_skip is not None
-                      else default_draft_skip(trained, skip, L))
-        check_draft_skip(skip, draft_skip, L, args.lookahead)
+        best, best_k, speedup = measured_speculative(profile_of(folder))
+        if args.draft_skip is not None:
+            draft_skip = parse_skip(args.draft_skip, trained, "--draft-skip")
+        else:
+            draft_skip = default_draft_skip(trained, skip, L, best)
+            if draft_skip == tuple(sorted(best, reverse=True)) and best:
+                lookahead = args.lookahead or best_k
+                if speedup and max(speedup.values()) < 1:
+                    print(f"note: skip.json's best measured draft ran at {', '.join(f'{v:.2f}x ({k})' for k, v in speedup.items())} "
+                          f"of plain decoding where it was measured: plain decoding is faster there", file=sys.stderr)
+        check_draft_skip(skip, draft_skip, L, lookahead)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device, "generate", config.torch_dtype)
@@ -160,7 +177,7 @@ def run(argv: list[str] | None = None) -> None:
     check_request(config, prompts, args.max_new_tokens)  # bad lengths fail before the weights load
 
     model = from_pretrained(folder, dtype=dtype, device=device)
-    gen = Generator(model, skip, draft_skip=draft_skip, lookahead=args.lookahead, compile=args.compile)
+    gen = Generator(model, skip, draft_skip=draft_skip, lookahead=lookahead, compile=args.compile)
 
     batch = len(prompts) > 1
     decoders = [chat.StreamDecoder(tok) for _ in prompts]
