@@ -208,7 +208,6 @@ def cpu(args: argparse.Namespace) -> None:
         if args.record:
             record_speculative(folder, d, k, m, N)
 
-
     for name, fn in (("transformers", vs_transformers), ("skip", skip_sets), ("speculative", speculative)):
         if name in args.only:
             section(name, fn, failures)

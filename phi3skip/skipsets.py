@@ -147,13 +147,9 @@ def check_draft_skip(skip: Sequence[int] | None, draft_skip: Sequence[int], num_
     return d
 
 
-def default_draft_skip(trained: Sequence[int], skip: Sequence[int], num_layers: int,
-                       measured: Sequence[int] = ()) -> tuple[int, ...]:
-    """The draft skip set `--speculative` uses unless told: skip.json's measured best draft when it holds every
-    layer the verifier skips and more; else the verifier's skips plus the student's trained order when there is
-    one, else plus every other layer of the upper half (the last layer always runs)."""
-    if set(skip) < set(measured) and all(0 <= i < num_layers for i in measured):
-        return tuple(sorted(measured, reverse=True))
+def default_draft_skip(trained: Sequence[int], skip: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """The verifier's skips plus the student's trained order when there is one, else plus every other layer
+    of the upper half (the last layer always runs)."""
     extra = [i for i in trained if 0 <= i < num_layers]
     if not [i for i in extra if i not in skip]:
         extra = list(range(num_layers - 2, num_layers // 2 - 1, -2))

@@ -459,15 +459,15 @@ def test_speculative_defaults_to_the_measured_draft_in_skip_json(tiny_dir, tmp_p
     profile = json.loads((folder / "skip.json").read_text())
     profile["speculative"] = {"draft_skip": [3, 2], "lookahead": 2, "speedup": {"code": 0.9, "prose": 0.8}}
     (folder / "skip.json").write_text(json.dumps(profile))
-    assert default_draft_skip([2, 1], (), 4, (3, 2)) == (3, 2)
-    assert default_draft_skip([2, 1], (2,), 4, (3, 2)) == (3, 2)
-    assert default_draft_skip([2, 1], (1,), 4, (3, 2)) == (2, 1)  # does not hold the verifier's skips: the usual
     cli.run(["--model", str(folder), "--prompt", "w1 w2", "--max-new-tokens", "5", "--ignore-eos", "--speculative"])
     err = capsys.readouterr().err
     assert "draft runs 2/4 layers, lookahead 2" in err, err
     assert "note: skip.json's best measured draft ran at 0.90x (code), 0.80x (prose)" in err
     cli.run(["--model", str(folder), "--prompt", "w1 w2", "--max-new-tokens", "5", "--ignore-eos", "--speculative",
-             "--skip", "1"])  # the verifier skips 1: the measured draft cannot serve it
+             "--skip", "2"])  # a verifier skipping 2 is served by the measured draft 3,2
+    assert "draft runs 2/4 layers, lookahead 2" in capsys.readouterr().err
+    cli.run(["--model", str(folder), "--prompt", "w1 w2", "--max-new-tokens", "5", "--ignore-eos", "--speculative",
+             "--skip", "1"])  # the verifier skips 1: the measured draft cannot serve it; skip + trained order
     err = capsys.readouterr().err
     assert "draft runs 2/4 layers, lookahead 4" in err and "note: skip.json" not in err, err
 

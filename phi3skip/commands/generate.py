@@ -156,13 +156,14 @@ def run(argv: list[str] | None = None) -> None:
         best, best_k, speedup = measured_speculative(profile_of(folder))
         if args.draft_skip is not None:
             draft_skip = parse_skip(args.draft_skip, trained, "--draft-skip")
+        elif set(skip) < set(best):  # the measured draft serves this verifier: it and its lookahead are the default
+            draft_skip, lookahead = best, args.lookahead or best_k
+            if speedup and max(speedup.values()) < 1:
+                print(f"note: skip.json's best measured draft ran at "
+                      f"{', '.join(f'{v:.2f}x ({k})' for k, v in speedup.items())} of plain decoding where it was "
+                      f"measured: plain decoding is faster there", file=sys.stderr)
         else:
-            draft_skip = default_draft_skip(trained, skip, L, best)
-            if draft_skip == tuple(sorted(best, reverse=True)) and best:
-                lookahead = args.lookahead or best_k
-                if speedup and max(speedup.values()) < 1:
-                    print(f"note: skip.json's best measured draft ran at {', '.join(f'{v:.2f}x ({k})' for k, v in speedup.items())} "
-                          f"of plain decoding where it was measured: plain decoding is faster there", file=sys.stderr)
+            draft_skip = default_draft_skip(trained, skip, L)
         check_draft_skip(skip, draft_skip, L, lookahead)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     device = pick_device(args.device)

@@ -18,7 +18,7 @@ from phi3skip import from_pretrained
 from phi3skip.cli import ArgumentParser, UserError, run_main
 from phi3skip.devices import pick_device, pick_dtype
 from phi3skip.evaluate import val_batches
-from phi3skip.importance import format_table, greedy_order, rank_layers, recommended_order
+from phi3skip.importance import SHORTLIST, format_table, greedy_order, rank_layers, recommended_order
 from phi3skip.io import atomic_write_text
 from phi3skip.paths import check_output
 from phi3skip.tokenizer import check_data_tokenizer
@@ -34,10 +34,15 @@ def run(argv: list[str] | None = None) -> None:
     p.add_argument("--num-skip", type=int, default=None, help="how many layers to recommend (default: all)")
     p.add_argument("--greedy", type=int, default=0, metavar="K",
                    help="also the greedy conditional order of K layers (what train.py --layers auto uses)")
+    p.add_argument("--shortlist", type=int, default=SHORTLIST,
+                   help=f"--greedy: after the first pick, re-score only the N layers that added the least KL when "
+                        f"last scored (default {SHORTLIST}, as train.py --rank-shortlist; 0: every layer every pick)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default float32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cuda when available)")
     p.add_argument("--json", help="write the ranking here as JSON")
     args = p.parse_args(argv)
+    if args.shortlist < 0:
+        raise UserError(f"--shortlist must be 0 (every layer) or more, got {args.shortlist}")
     if args.json:
         check_output(args.json, "--json", "file")
 
@@ -56,7 +61,7 @@ def run(argv: list[str] | None = None) -> None:
     if args.greedy:
         if not 1 <= args.greedy <= n:
             raise UserError(f"--greedy {args.greedy}: must be in 1..{n}")
-        greedy = greedy_order(model, batches, args.greedy,
+        greedy = greedy_order(model, batches, args.greedy, shortlist=args.shortlist or None,
                               progress=lambda b: print(f"  greedy: + layer {b[0]} (KL {b[1]:.4f})", file=sys.stderr))
         print("\n| k | layer added | KL(full || skipping the first k) |\n|---|---|---|")
         for k, (layer, kl) in enumerate(greedy, 1):
