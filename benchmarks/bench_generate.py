@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Decode speed of phi3skip's generation: against transformers' generate, per skip set against the ideal
-L/(L-k), and with self-speculative decoding. Prints ratios.
+L/(L-k), with self-speculative decoding, and the cost of each step shape that decoding runs (`--only steps`:
+the multi-token verify against one decode step, and the speculative ceiling that follows). Prints ratios.
 
 CPU (default): the converted SmolLM2-135M-Instruct (or --model DIR), fp32, batch 1, greedy, the same prompt and
 length for every engine; runs are alternated and medians reported.
@@ -27,7 +28,8 @@ import torch
 
 from phi3skip import Phi3Config, Phi3ForCausalLM
 from phi3skip.cli import ArgumentParser, UserError, run_main
-from phi3skip.generate import GenerationResult, Generator
+from phi3skip.generate import COMPILE_MODES, GenerationResult, Generator, set_weight_layout
+from phi3skip.sampling import Sampling
 
 PHI3_MINI = dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
@@ -38,7 +40,7 @@ PROMPT = "Write a short story about a robot who learns to paint, in five sentenc
 # Self-speculative decoding is reported on both kinds of text the student is scored on.
 PROMPTS = {"prose": PROMPT,
            "code": "Write a Python function that reads a CSV file and returns its rows as a list of dicts."}
-SECTIONS = ("transformers", "skip", "speculative")
+SECTIONS = ("transformers", "skip", "speculative", "steps")
 
 
 def median(xs: list[float]) -> float:
@@ -134,7 +136,7 @@ def cpu(args: argparse.Namespace) -> None:
             run("phi3skip", plain)
             gens = {"phi3skip": plain}
             if not args.no_compile and not args.quick:
-                for mode in ("blocks", "step"):
+                for mode in COMPILE_MODES:
                     name = f"phi3skip compile={mode}"
                     gens[name] = Generator(model, compile=mode)
                     run(name, gens[name])  # compiles
@@ -208,12 +210,85 @@ def cpu(args: argparse.Namespace) -> None:
         if args.record:
             record_speculative(folder, d, k, m, N)
 
-    for name, fn in (("transformers", vs_transformers), ("skip", skip_sets), ("speculative", speculative)):
+    def step_costs() -> None:
+        # One step of each shape speculative decoding runs, timed alone: on a CPU a multi-token verify is not
+        # one forward's cost, which bounds any draft. Eager in both weight layouts, and compiled modes if asked;
+        # engines alternated within each round.
+        cands = candidate_layers(L, folder)
+        drafts = [tuple(cands[:k]) for k in args.draft_depths if k <= len(cands)]
+        Ks = sorted(args.lookaheads)
+        P, reps = len(ids), 7 if args.quick else 15
+        engines = [("eager, column-major", None, True), ("eager, row-major", None, False)] + \
+            [(f"compile={mode}", mode, True) for mode in args.steps_compile]
+        s = Sampling()
+        ms: dict[tuple, list[float]] = {}
+        runs = []  # (engine, kind, T, draft, generator, workspace)
+        with torch.no_grad():
+            for name, mode, column_major in engines:
+                set_weight_layout(model, column_major)
+                gens = [Generator(model, draft_skip=d, lookahead=max(Ks), compile=mode, column_major=column_major)
+                        for d in drafts] or [Generator(model, compile=mode, column_major=column_major)]
+                for d, g in zip(drafts or [None], gens):
+                    ws = g.workspace(1, P + max(Ks) + 2, False)
+                    ws.seq[0, :P] = torch.tensor(ids)
+                    g.prefill(ws, P, False)
+                    if g.draft_skip:
+                        g.prefill(ws, P, False, kind="draft")
+                    if g is gens[0]:
+                        runs += [(name, "decode", 1, None, g, ws)] + [(name, "verify", k + 1, None, g, ws) for k in Ks]
+                    if d:
+                        runs.append((name, "draft", 1, d, g, ws))
+            for r in range(reps + 2):  # the first two rounds compile and warm up
+                for name, mode, column_major in engines:
+                    set_weight_layout(model, column_major)
+                    for e, kind, T, d, g, ws in runs:
+                        if e == name:
+                            t0 = time.perf_counter()
+                            g.step(ws, kind, P, T, False, s)
+                            if r >= 2:
+                                ms.setdefault((e, kind, T, d), []).append(time.perf_counter() - t0)
+        set_weight_layout(model, column_major=True)  # the Generator's layout on the CPU
+        print(f"\nstep costs ({P}-token context, medians of {reps}): one decode step, and each step relative to it")
+        base = median(ms[(engines[0][0], "decode", 1, None)])
+        for name, _, _ in engines:
+            one = median(ms[(name, "decode", 1, None)])
+            cells = [f"verify {k + 1}: {median(ms[(name, 'verify', k + 1, None)]) / one:.2f}" for k in Ks]
+            cells += [f"draft skip {len(d)}: {median(ms[(name, 'draft', 1, d)]) / one:.2f}" for d in drafts]
+            print(f"  {name:22s} decode {one * 1e3:6.1f} ms ({base / one:.2f}x eager column-major) | "
+                  + " | ".join(cells))
+        print("  speculative, each engine against its own plain decoding: the speedup at 100% acceptance (K + 1 "
+              "tokens for K draft steps and one verify), and the acceptance 1.0x and 1.3x need")
+        for name, _, _ in engines:
+            one = median(ms[(name, "decode", 1, None)])
+            for d in drafts:
+                c = median(ms[(name, "draft", 1, d)]) / one
+                for k in Ks:
+                    cost = k * c + median(ms[(name, "verify", k + 1, None)]) / one
+                    need = [acceptance_for(x * cost, k) for x in (1.0, 1.3)]
+                    print(f"    {name:22s} draft skip {len(d)} K={k}: round {cost:.2f} steps, ceiling "
+                          f"{(k + 1) / cost:.2f}x, " + ", ".join(f"{x}x needs " + (f"{a:.0%}" if a is not None else
+                                                                                   "more than 100%")
+                                                                 for x, a in zip((1.0, 1.3), need)))
+
+    for name, fn in (("transformers", vs_transformers), ("skip", skip_sets), ("speculative", speculative),
+                     ("steps", step_costs)):
         if name in args.only:
             section(name, fn, failures)
     if failures:
         print("\nFAILURES:\n  " + "\n  ".join(failures))
         sys.exit(1)
+
+
+def acceptance_for(tokens: float, k: int) -> float | None:
+    """The acceptance rate a whose expected tokens per round, (1 - a^(k+1)) / (1 - a), reach `tokens` (None:
+    beyond k + 1, unreachable)."""
+    if tokens > k + 1:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        a = (lo + hi) / 2
+        lo, hi = (a, hi) if sum(a ** i for i in range(k + 1)) < tokens else (lo, a)
+    return hi
 
 
 def record_speculative(folder: Path, draft: tuple[int, ...], lookahead: int, measured: dict, tokens: int) -> None:
@@ -436,6 +511,9 @@ def main() -> None:
                    help="CPU speculative: tokens drafted per round (default 1,2,3,4)")
     p.add_argument("--prompts", type=lambda v: parse_names(v, tuple(PROMPTS)), default=tuple(PROMPTS),
                    help=f"CPU speculative: the prompts, of {','.join(PROMPTS)} (default: both)")
+    p.add_argument("--steps-compile", type=lambda v: parse_names(v, COMPILE_MODES), default=(),
+                   help=f"CPU steps: also time the steps compiled in these modes, of {','.join(COMPILE_MODES)} "
+                        f"(each step shape compiles once; max-autotune ~2 min each)")
     p.add_argument("--record", action="store_true",
                    help="CPU speculative: write the fastest draft and lookahead into --model's skip.json, the default "
                         "of generate.py --speculative")

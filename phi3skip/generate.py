@@ -29,7 +29,12 @@ from .model import Phi3ForCausalLM
 from .sampling import Sampling, logits_to_probs, sample
 from .skipsets import check_draft_skip, validate_skip
 
-COMPILE_MODES = ("blocks", "step")
+COMPILE_MODES = ("blocks", "step", "max-autotune")
+# CPU "max-autotune": inductor's C++ micro-GEMM may serve the few-row products of decoding, weights frozen into
+# the graph (packed copies, one set per compiled step shape; ~2 min to compile SmolLM2's decode step). One
+# thread, SmolLM2: a decode step 1.27x the eager one (`bench_generate.py --only steps --steps-compile
+# max-autotune`, docs/benchmarks.md).
+CPU_AUTOTUNE = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
 class NonFiniteLogits(UserError):
@@ -170,7 +175,7 @@ class _Workspace:
         if gen.draft_layers is not None:
             shared = {i: cache[i] for i in gen.shared_layers}
             self.caches["draft"] = KVCache(model.config, batch, max_len, gen.draft_layers, dt, dev, shared=shared)
-        if gen.compile == "step" and dev.type == "cuda":  # cudagraph trees: cache buffers at fixed addresses
+        if gen.compile in ("step", "max-autotune") and dev.type == "cuda":  # cudagraph trees: fixed cache addresses
             for c in (self.cache, self.draft_cache):
                 for kv in (c.layers.values() if c is not None else ()):
                     torch._dynamo.mark_static_address(kv.k)
@@ -215,12 +220,32 @@ class _Graph:
         return self.out
 
 
+def set_weight_layout(model: nn.Module, column_major: bool) -> None:
+    """Store every nn.Linear weight column-major (W^T contiguous: the same shape and values) or row-major again.
+
+    On the CPU each decode step is a few-row matrix product per weight, and MKL streams x @ W^T from the
+    column-major layout faster than from nn.Linear's row-major one: on one thread here SmolLM2's decode step
+    took 86 ms instead of 100 ms (`benchmarks/bench_generate.py --only steps`). The Generator sets it on the
+    CPU (`column_major=None`). In place through .data, so tied weights stay tied and names are unchanged;
+    saving writes contiguous tensors as always.
+    """
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                w = m.weight
+                if column_major and w.is_contiguous():
+                    w.data = w.data.t().contiguous().t()
+                elif not column_major and not w.is_contiguous():
+                    w.data = w.data.contiguous()
+
+
 class Generator:
-    """Generation for one model, skip set and (optionally) draft skip set."""
+    """Generation for one model, skip set and (optionally) draft skip set. On the CPU it stores the model's
+    Linear weights column-major (`set_weight_layout`; column_major=False keeps them as they are)."""
 
     def __init__(self, model: Phi3ForCausalLM, skip: Sequence[int] | None = (), *,
                  draft_skip: Sequence[int] | None = None, lookahead: int = 4, compile: bool | str = False,
-                 cuda_graphs: bool | None = None, sync_every: int | None = None):
+                 cuda_graphs: bool | None = None, sync_every: int | None = None, column_major: bool | None = None):
         self.model = model.eval()
         cfg = model.config
         L = self.num_layers = cfg.num_hidden_layers
@@ -246,6 +271,10 @@ class Generator:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         cuda = self.device.type == "cuda"
+        if column_major is None:
+            column_major = not cuda
+        if column_major:
+            set_weight_layout(model, column_major=True)
         self.cuda_graphs = bool(self.compile == "blocks" and cuda) if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not cuda:
             raise UserError("CUDA graphs need a CUDA device")
@@ -397,11 +426,15 @@ class Generator:
 
     def _build_step(self, ws: _Workspace, kind: str, T: int, long: bool, s: Sampling) -> _Step:
         """The step as configured: eager, with compiled layers, or compiled whole."""
-        step = _Step(self, ws, kind, T, long, s, None if self.compile == "step" else self.blocks)
-        if self.compile == "step":
+        whole = self.compile in ("step", "max-autotune")
+        step = _Step(self, ws, kind, T, long, s, None if whole else self.blocks)
+        if whole:
             _raise_recompile_limit()
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            step.fn = torch.compile(step.fn, fullgraph=True, dynamic=False, mode=mode)
+            if self.device.type == "cuda":
+                kw = {"mode": "reduce-overhead" if self.compile == "step" else "max-autotune"}
+            else:
+                kw = {"options": CPU_AUTOTUNE} if self.compile == "max-autotune" else {}
+            step.fn = torch.compile(step.fn, fullgraph=True, dynamic=False, **kw)
         return step
 
     def workspace(self, batch: int, need: int, padded: bool) -> _Workspace:
@@ -478,9 +511,10 @@ def _raise_recompile_limit(n: int = 64) -> None:
 def generate(model: Phi3ForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              skip: Sequence[int] | None = (), **kw) -> GenerationResult:
     """One-shot `Generator(model, skip, ...).generate(prompts, max_new_tokens, ...)`."""
-    gen_kw = {k: kw.pop(k) for k in ("draft_skip", "lookahead", "compile", "cuda_graphs", "sync_every") if k in kw}
+    gen_kw = {k: kw.pop(k) for k in ("draft_skip", "lookahead", "compile", "cuda_graphs", "sync_every", "column_major")
+              if k in kw}
     return Generator(model, skip, **gen_kw).generate(prompts, max_new_tokens, **kw)
 
 
 __all__ = ["Generator", "GenerationResult", "NonFiniteLogits", "Sampling", "TokenStream", "generate",
-           "check_request", "check_draft_skip", "sample", "logits_to_probs"]
+           "set_weight_layout", "check_request", "check_draft_skip", "sample", "logits_to_probs"]

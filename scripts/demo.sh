@@ -5,7 +5,7 @@
 # teacher and student for each skip prefix on held-out code and on documentation prose, sample from the
 # student with layers skipped, and export its full model as a standard checkpoint and a q8_0 GGUF.
 #
-#   bash scripts/demo.sh                # the real demo (~26 minutes on 2 cores)
+#   bash scripts/demo.sh                # the real demo (~25 minutes on 2 cores)
 #   bash scripts/demo.sh --tiny         # every stage on a tiny random model (CI smoke test, ~1 minute)
 #   bash scripts/demo.sh --no-install   # skip the pip step (the project is already installed)
 # Environment: DEMO_STEPS (training steps, default 34), DEMO_OUT (default data), PYTHON (default python3).
@@ -55,7 +55,7 @@ else
   PREP=(--val-tokens 160000)
   # nested's defaults are the recipe (frozen base, least-squares bypasses, sandwich k, lr 1e-3), sized to the
   # issue's training budget of ~15 min on 2 cores: half the least-squares tokens, 34 steps, small evaluations
-  # (stages measured alone 2026-11-28: train.py 16.6 min, evaluate.py 8.3 min, the rest under 1.5 min)
+  # (the whole demo alone 2026-11-29: 24.6 min; train.py 16.4 min, evaluate.py 7.1 min, the rest ~1 min)
   TRAIN=(--layers auto --num-skip 6 --max-steps "${DEMO_STEPS:-34}" --batch-size 4 --max-seq-len 256
          --lsq-tokens 8192 --lsq-check-tokens 1024 --eval-tokens 1024)
   EVAL=(--max-tokens 2048 --seq-len 256 --speed-tokens 64)

@@ -14,8 +14,8 @@ import torch
 from phi3skip import Phi3Config, Phi3ForCausalLM, UserError
 from phi3skip.chat import StreamDecoder, format_chat, render_builtin, stop_token_ids
 from phi3skip.commands import generate as cli
-from phi3skip.generate import Generator
-from phi3skip.io import save_pretrained
+from phi3skip.generate import Generator, set_weight_layout
+from phi3skip.io import from_pretrained, save_pretrained
 from phi3skip.sampling import Sampling, logits_to_probs, sample
 from phi3skip.skipsets import default_draft_skip
 from phi3skip.speculative import accept_drafts
@@ -112,6 +112,27 @@ def test_greedy_equals_transformers_generate(variant, P, N):
     ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=N, do_sample=False,
                       pad_token_id=0)[0, P:].tolist()
     assert Generator(m).generate([ids], N).tokens[0] == ref
+
+
+def test_cpu_weight_layout_changes_no_value_token_or_saved_byte(tmp_path):
+    """The Generator stores Linear weights column-major on the CPU: same values, tied weights still tied, the
+    tokens of row-major weights, and a checkpoint saved afterwards holds the same tensors."""
+    cfg = Phi3Config.from_dict({**BASE, **VARIANTS["phi4"]})  # tied embeddings
+    m = Phi3ForCausalLM(cfg).eval()
+    m.load_state_dict(model("phi4").state_dict())
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    ids = prompt(9, seed=4)
+    ref = Generator(m, (1,), column_major=False).generate([ids], 12).tokens
+    assert all(p.is_contiguous() for p in m.parameters())
+    assert Generator(m, (1,)).generate([ids], 12).tokens == ref
+    linears = [mod.weight for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    assert linears and all(w.stride() == (1, w.shape[0]) for w in linears)
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    saved = from_pretrained(save_pretrained(m, tmp_path / "saved")).state_dict()
+    assert saved.keys() == before.keys() and all(torch.equal(saved[k], before[k]) for k in saved)
+    set_weight_layout(m, column_major=False)
+    assert all(p.is_contiguous() for p in m.parameters())
 
 
 def test_batch_of_different_lengths_equals_one_by_one():
@@ -249,7 +270,7 @@ def test_bad_generate_inputs():
 # Compiled decoding ----------------------------------------------------------------------------------------
 def test_compiled_decoding_equals_eager():
     """torch.compile of the layers (one compilation for all of them), plain and speculative; and of the whole
-    decode step."""
+    decode step, by default and with max-autotune."""
     m = damped("gqa", (3,), scale=0.05)
     ids = prompt(6, 3)
     ref = Generator(m, (1,)).generate([ids], 8).tokens
@@ -261,6 +282,8 @@ def test_compiled_decoding_equals_eager():
     small = Phi3ForCausalLM(Phi3Config.from_dict({**BASE, **VARIANTS["gqa"], "num_hidden_layers": 2})).eval()
     ref = Generator(small).generate([ids], 6).tokens  # whole-step compilation: a 2-layer model keeps it short
     assert Generator(small, compile="step").generate([ids], 6).tokens == ref
+    # inductor's C++ GEMM over frozen weights (CPU); the weights' column-major layout is frozen with them
+    assert Generator(small, compile="max-autotune").generate([ids], 6).tokens == ref
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

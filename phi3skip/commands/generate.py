@@ -19,6 +19,7 @@ from pathlib import Path
 
 from phi3skip import io
 from phi3skip.cli import ArgumentParser, UserError, run_main
+from phi3skip.generate import COMPILE_MODES
 from phi3skip.skipsets import default_draft_skip, measured_speculative, parse_skip
 
 
@@ -109,9 +110,11 @@ def run(argv: list[str] | None = None) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop on stop tokens (fixed-length runs)")
-    p.add_argument("--compile", nargs="?", const="blocks", choices=["blocks", "step"], default=None,
-                   help="torch.compile the decode step: blocks (default; CUDA graphs on CUDA) or step "
-                        "(whole step, mode reduce-overhead on CUDA)")
+    p.add_argument("--compile", nargs="?", const="blocks", choices=list(COMPILE_MODES), default=None,
+                   help="torch.compile the decode step: blocks (default; CUDA graphs on CUDA), step (whole step, "
+                        "mode reduce-overhead on CUDA) or max-autotune (whole step; on the CPU inductor's C++ "
+                        "GEMM with frozen weights: the fastest CPU decode, ~2 min to compile, a packed weight "
+                        "copy per step shape)")
     p.add_argument("--speculative", action="store_true", help="self-speculative decoding (lossless)")
     p.add_argument("--draft-skip", default=None,
                    help="layers the draft skips, including those of --skip (default: --skip plus skip.json's "
