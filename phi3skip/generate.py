@@ -30,10 +30,9 @@ from .sampling import Sampling, logits_to_probs, sample
 from .skipsets import check_draft_skip, validate_skip
 
 COMPILE_MODES = ("blocks", "step", "max-autotune")
-# CPU "max-autotune": inductor's C++ micro-GEMM may serve the few-row products of decoding, weights frozen into
-# the graph (packed copies, one set per compiled step shape; ~2 min to compile SmolLM2's decode step). One
-# thread, SmolLM2: a decode step 1.27x the eager one (`bench_generate.py --only steps --steps-compile
-# max-autotune`, docs/benchmarks.md).
+# CPU "max-autotune": inductor's C++ micro-GEMM among the choices for the few-row products of decoding, weights
+# frozen into the graph (packed copies, one set per compiled step shape). One thread, SmolLM2: a decode step
+# 1.27x the eager one, but generation no faster than "step" (12.9 vs 13.7 tokens/s; docs/benchmarks.md).
 CPU_AUTOTUNE = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 

@@ -112,9 +112,9 @@ def run(argv: list[str] | None = None) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop on stop tokens (fixed-length runs)")
     p.add_argument("--compile", nargs="?", const="blocks", choices=list(COMPILE_MODES), default=None,
                    help="torch.compile the decode step: blocks (default; CUDA graphs on CUDA), step (whole step, "
-                        "mode reduce-overhead on CUDA) or max-autotune (whole step; on the CPU inductor's C++ "
-                        "GEMM with frozen weights: the fastest CPU decode, ~2 min to compile, a packed weight "
-                        "copy per step shape)")
+                        "mode reduce-overhead on CUDA) or max-autotune (whole step, torch's max-autotune; on the "
+                        "CPU inductor's C++ GEMM among the choices over frozen weights, a packed weight copy per "
+                        "step shape)")
     p.add_argument("--speculative", action="store_true", help="self-speculative decoding (lossless)")
     p.add_argument("--draft-skip", default=None,
                    help="layers the draft skips, including those of --skip (default: --skip plus skip.json's "
