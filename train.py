@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--k-dist", default=None, help=f"nested: which skip sets a step trains, one of {', '.join(K_DISTS)} "
                                      "(sandwich, the default: the deepest set and one drawn below it; uniform: one "
                                      "k in 0..K; harmonic: two depths, P(k) ~ 1/k)")
-    a("--adapter-rank", type=int, default=None, help="rank of each bypass (adapters; default: about 8%% of a block's compute, 256 for SmolLM2)")
+    a("--adapter-rank", type=int, default=None,
+      help="rank of each bypass (adapters; default: about 8%% of a block's compute, 256 for SmolLM2)")
     a("--lsq-tokens", type=int, default=16384,
       help="adapters: training tokens for the least-squares initialisation of the bypasses (0: start at zero)")
     a("--lsq-check-tokens", type=int, default=2048,

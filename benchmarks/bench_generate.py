@@ -513,7 +513,7 @@ def main() -> None:
                    help=f"CPU speculative: the prompts, of {','.join(PROMPTS)} (default: both)")
     p.add_argument("--steps-compile", type=lambda v: parse_names(v, COMPILE_MODES), default=(),
                    help=f"CPU steps: also time the steps compiled in these modes, of {','.join(COMPILE_MODES)} "
-                        f"(each step shape compiles once; max-autotune ~2 min each)")
+                        f"(each step shape compiles once)")
     p.add_argument("--record", action="store_true",
                    help="CPU speculative: write the fastest draft and lookahead into --model's skip.json, the default "
                         "of generate.py --speculative")

@@ -29,11 +29,7 @@ from .model import Phi3ForCausalLM
 from .sampling import Sampling, logits_to_probs, sample
 from .skipsets import check_draft_skip, validate_skip
 
-COMPILE_MODES = ("blocks", "step", "max-autotune")
-# CPU "max-autotune": inductor's C++ micro-GEMM among the choices for the few-row products of decoding, weights
-# frozen into the graph (packed copies, one set per compiled step shape). One thread, SmolLM2: a decode step
-# 1.27x the eager one, but generation no faster than "step" (12.9 vs 13.7 tokens/s; docs/benchmarks.md).
-CPU_AUTOTUNE = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+COMPILE_MODES = ("blocks", "step")
 
 
 class NonFiniteLogits(UserError):
@@ -174,7 +170,7 @@ class _Workspace:
         if gen.draft_layers is not None:
             shared = {i: cache[i] for i in gen.shared_layers}
             self.caches["draft"] = KVCache(model.config, batch, max_len, gen.draft_layers, dt, dev, shared=shared)
-        if gen.compile in ("step", "max-autotune") and dev.type == "cuda":  # cudagraph trees: fixed cache addresses
+        if gen.compile == "step" and dev.type == "cuda":  # cudagraph trees: cache buffers at fixed addresses
             for c in (self.cache, self.draft_cache):
                 for kv in (c.layers.values() if c is not None else ()):
                     torch._dynamo.mark_static_address(kv.k)
@@ -425,15 +421,11 @@ class Generator:
 
     def _build_step(self, ws: _Workspace, kind: str, T: int, long: bool, s: Sampling) -> _Step:
         """The step as configured: eager, with compiled layers, or compiled whole."""
-        whole = self.compile in ("step", "max-autotune")
-        step = _Step(self, ws, kind, T, long, s, None if whole else self.blocks)
-        if whole:
+        step = _Step(self, ws, kind, T, long, s, None if self.compile == "step" else self.blocks)
+        if self.compile == "step":
             _raise_recompile_limit()
-            if self.device.type == "cuda":
-                kw = {"mode": "reduce-overhead" if self.compile == "step" else "max-autotune"}
-            else:
-                kw = {"options": CPU_AUTOTUNE} if self.compile == "max-autotune" else {}
-            step.fn = torch.compile(step.fn, fullgraph=True, dynamic=False, **kw)
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            step.fn = torch.compile(step.fn, fullgraph=True, dynamic=False, mode=mode)
         return step
 
     def workspace(self, batch: int, need: int, padded: bool) -> _Workspace:

@@ -111,10 +111,8 @@ def run(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop on stop tokens (fixed-length runs)")
     p.add_argument("--compile", nargs="?", const="blocks", choices=list(COMPILE_MODES), default=None,
-                   help="torch.compile the decode step: blocks (default; CUDA graphs on CUDA), step (whole step, "
-                        "mode reduce-overhead on CUDA) or max-autotune (whole step, torch's max-autotune; on the "
-                        "CPU inductor's C++ GEMM among the choices over frozen weights, a packed weight copy per "
-                        "step shape)")
+                   help="torch.compile the decode step: blocks (default; CUDA graphs on CUDA) or step "
+                        "(whole step, mode reduce-overhead on CUDA; the fastest on the CPU)")
     p.add_argument("--speculative", action="store_true", help="self-speculative decoding (lossless)")
     p.add_argument("--draft-skip", default=None,
                    help="layers the draft skips, including those of --skip (default: --skip plus skip.json's "
