@@ -27,7 +27,7 @@ from phi3skip import bypass, distributed, parallel
 from phi3skip.cli import ArgumentParser, UserError, run_main
 from phi3skip.config import Phi3Config
 from phi3skip.data import Batches
-from phi3skip.distill import (K_DISTS, SCHEDULES, SKIP_LOSSES, STATS, LossConfig, Schedule, adapter_step,
+from phi3skip.distill import (K_DISTS, SCHEDULES, STATS, LossConfig, Schedule, adapter_step,
                               distill_step, set_trainable, step_flops_per_token, trainable_blocks)
 from phi3skip.evaluate import distributed_perplexity, val_batches
 from phi3skip.importance import SHORTLIST, greedy_order
@@ -84,13 +84,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--temperature", type=float, default=1.0)
     a("--kd-weight", "--kd_weight", type=float, default=None,
       help="weight w of KL(T||S_skip) (default: 0.01 sequential, as the original; 1.0 nested)")
-    a("--skip-loss", default="kl", choices=SKIP_LOSSES,
-      help="how each skip pass's KL(T||S_skip) enters the loss: kl (w KL, the default) or logkl (w log KL: every "
-           "pass pulls the parameters they share by its relative error; adapters only; measured no better, "
-           "docs/quality.md)")
-    a("--train-bypass", default="all", choices=("all", "newest"),
-      help="adapters: which bypasses a skip pass trains: all of its own (the default) or newest, only the bypass "
-           "of the layer the set adds to the shallower one (measured worse, docs/quality.md)")
     a("--ce-weight", "--ce_weight", type=float, default=0.0, help="weight of next-token CE on the full student")
     a("--warmup", type=int, default=None,
       help="warmup steps per phase (default: 10%% of it, at most 100; adapters: 0, they start from least squares)")
@@ -124,12 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.k_dist not in K_DISTS:
         raise UserError(f"--k-dist {args.k_dist!r}: unknown; use one of {', '.join(K_DISTS)}")
-    if args.skip_loss == "logkl" and args.train_scope.strip().lower() != "adapters":
-        raise UserError("--skip-loss logkl: only with --train-scope adapters (with trained blocks the full pass's KL "
-                        "starts at 0, and its log would outweigh every skip pass)")
-    if args.train_bypass != "all" and args.train_scope.strip().lower() != "adapters":
-        raise UserError(f"--train-bypass {args.train_bypass}: only with --train-scope adapters")
-    if args.train_scope.strip().lower() == "adapters" and args.ce_weight:
+    if adapters_scope(args) and args.ce_weight:
         raise UserError("--ce-weight: with --train-scope adapters the full model is the frozen teacher; drop it")
     if args.lsq_tokens < 0:
         raise UserError(f"--lsq-tokens must be >= 0, got {args.lsq_tokens}")
@@ -163,7 +151,7 @@ def resolve_recipe(args: argparse.Namespace) -> None:
         args.train_scope = "adapters" if nested else "all"
     if args.k_dist is None:
         args.k_dist = "sandwich" if nested else "uniform"
-    adapters = args.train_scope.strip().lower() == "adapters"
+    adapters = adapters_scope(args)
     if args.lr is None:
         args.lr = 1e-3 if adapters else 1e-5
     if args.min_lr_ratio is None:  # adapters: a constant rate (row 20261129-030936 against 20261128-223336)
@@ -326,8 +314,7 @@ def run_settings(args, env: distributed.Env, schedule: Schedule, warmup: int, kd
                        grad_accum=args.grad_accum, temperature=args.temperature, kd_weight=kd_weight,
                        ce_weight=args.ce_weight, train_scope=args.train_scope, warmup=warmup,
                        min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                       seed=args.seed, k_dist=args.k_dist, adapter_rank=args.adapter_rank, lsq_tokens=args.lsq_tokens,
-                       skip_loss=args.skip_loss, train_bypass=args.train_bypass)
+                       seed=args.seed, k_dist=args.k_dist, adapter_rank=args.adapter_rank, lsq_tokens=args.lsq_tokens)
 
 
 def load_adapter_student(model_dir: Path, config: Phi3Config, env, dtype: torch.dtype, args, layers, batches,
@@ -407,8 +394,7 @@ class Trainer:
         kd_weight = args.kd_weight
         if kd_weight is None:  # the original recipe's 0.01 for sequential; nested trains every depth equally
             kd_weight = 0.01 if self.schedule.kind == "sequential" else 1.0
-        self.loss = LossConfig(args.temperature, kd_weight, args.ce_weight, args.kl_chunk, self.dtype,
-                               log_kl=args.skip_loss == "logkl")
+        self.loss = LossConfig(args.temperature, kd_weight, args.ce_weight, args.kl_chunk, self.dtype)
         self.state = TrainState(run_settings(args, env, self.schedule, warmup, kd_weight), self.schedule.total_steps,
                                 self.batches.steps_per_epoch)
         self.ckpt = CheckpointManager(ckpt_dir, env, args.save_every, args.keep_checkpoints)
@@ -440,12 +426,10 @@ class Trainer:
                  f"{a.model} ({c.num_hidden_layers} layers, {c.num_params() / 1e6:.1f}M params); log {log_path}")
         log.info(f"{s.kind} schedule over layers {self.layers}: {s.num_phases} phase(s) x {s.steps_per_phase} steps "
                  f"of {self.state.settings.global_batch} x {a.max_seq_len} tokens; "
-                 + (f"loss {self.loss.kd_weight} {'log ' if self.loss.log_kl else ''}KL(T||S_skip) per skip pass "
-                    f"(frozen base: S_full is T)"
+                 + (f"loss {self.loss.kd_weight} KL(T||S_skip) per skip pass (frozen base: S_full is T)"
                     if self.adapters else f"loss KL(T||S_full) + {self.loss.kd_weight} KL(T||S_skip)")
                  + (f" + {a.ce_weight} CE" if a.ce_weight else "")
-                 + f" at temperature {a.temperature}; k {s.k_dist}; train scope {a.train_scope}"
-                 + (" (each set trains its newest bypass only)" if self.adapters and a.train_bypass == "newest" else ""))
+                 + f" at temperature {a.temperature}; k {s.k_dist}; train scope {a.train_scope}")
 
     def evaluate(self, label: str, note: str = "") -> dict:
         """`perplexities` now, logged; the teacher's is measured once and kept in the TrainState."""
@@ -484,8 +468,7 @@ class Trainer:
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, skips, scale: float) -> torch.Tensor:
         """One micro-batch's loss and backward; its stats (distill.STATS)."""
         if self.adapters:
-            return adapter_step(self.student, x, y, skips, self.loss, scale,
-                                newest_only=self.args.train_bypass == "newest")
+            return adapter_step(self.student, x, y, skips, self.loss, scale)
         return distill_step(self.student, self.teacher, x, y, skips, self.loss, scale)
 
     def train_step(self, step: int, t0: float) -> dict:

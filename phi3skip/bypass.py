@@ -19,7 +19,6 @@ it, so an export with the layers removed cannot carry it (`fold` says so).
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -49,16 +48,6 @@ class Bypass(nn.Module):
         return x + self.up(self.down(self.norm(x)))
 
 
-class Frozen:
-    """A bypass run with its parameters detached: gradient flows through it to what runs below, not into it."""
-
-    def __init__(self, byp: Bypass):
-        self.byp = byp
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(self.byp, {k: v.detach() for k, v in self.byp.named_parameters()}, (x,))
-
-
 class SkipAdapters(nn.Module):
     """One bypass per trainable layer; `for_skip` gives the model's block loop those of a skip set."""
 
@@ -67,20 +56,9 @@ class SkipAdapters(nn.Module):
         self.layers = tuple(int(i) for i in layers)
         self.rank = rank
         self.bypass = nn.ModuleDict({str(i): Bypass(hidden, rank, eps) for i in self.layers})
-        self.trains: int | None = None  # set by `training_only`
 
-    def for_skip(self, skipped: Iterable[int]) -> dict[int, Bypass | Frozen]:
-        return {i: self.bypass[str(i)] if self.trains is None or i == self.trains else Frozen(self.bypass[str(i)])
-                for i in skipped if str(i) in self.bypass}
-
-    @contextmanager
-    def training_only(self, layer: int | None):
-        """Within: only `layer`'s bypass receives gradient from the passes run (None: every bypass)."""
-        prev, self.trains = self.trains, layer
-        try:
-            yield
-        finally:
-            self.trains = prev
+    def for_skip(self, skipped: Iterable[int]) -> dict[int, Bypass]:
+        return {i: self.bypass[str(i)] for i in skipped if str(i) in self.bypass}
 
     def __contains__(self, layer: int) -> bool:
         return str(layer) in self.bypass

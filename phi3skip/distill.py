@@ -37,7 +37,6 @@ from .cli import UserError
 
 SCHEDULES = ("sequential", "nested")
 K_DISTS = ("uniform", "sandwich", "harmonic")
-SKIP_LOSSES = ("kl", "logkl")  # how a skip pass's KL enters the loss (LossConfig.log_kl)
 IGNORE_INDEX = -100
 _BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -166,14 +165,13 @@ def set_trainable(model: nn.Module, blocks: frozenset[int] | None) -> list[nn.Pa
 class LossConfig:
     """temperature tau; kd_weight w of the skip term; ce_weight c of the optional next-token CE on S_full;
     chunk tokens per vocabulary chunk (None: about 64 MiB of fp32 logits); dtype of the vocabulary projections
-    (None: the student head's); log_kl: each pass enters as w log KL instead of w KL (see `chunked_kd_loss`)."""
+    (None: the student head's)."""
 
     temperature: float = 1.0
     kd_weight: float = 0.01
     ce_weight: float = 0.0
     chunk: int | None = None
     dtype: torch.dtype | None = None
-    log_kl: bool = False
 
 
 def default_chunk(vocab_size: int, budget: int = 1 << 24) -> int:
@@ -237,10 +235,7 @@ class _ChunkedKD(torch.autograd.Function):
         n_ce = max(1, int((labels != IGNORE_INDEX).sum())) if with_ce else 1
         kl = torch.zeros(len(student_hiddens), dtype=torch.float32, device=dev)
         ce = torch.zeros((), dtype=torch.float32, device=dev)
-        # log KL scales each pass's gradient by 1 / KL_j, known only after the last chunk: the head's gradient
-        # is then kept per pass
-        n_w = (len(student_hiddens) if cfg.log_kl else 1) if need_w else 0
-        grad_ws = [torch.zeros(student_weight.shape, dtype=torch.float32, device=dev) for _ in range(n_w)]
+        grad_w = torch.zeros(student_weight.shape, dtype=torch.float32, device=dev) if need_w else None
         grad_h = [torch.empty_like(h) if need else None for h, need in zip(student_hiddens, need_h)]
         for a in range(0, N, cfg.chunk):
             b = min(N, a + cfg.chunk)
@@ -260,24 +255,12 @@ class _ChunkedKD(torch.autograd.Function):
                 if need_h[j]:
                     grad_h[j][a:b] = (gd @ ws).to(h.dtype)
                 if need_w:
-                    grad_ws[j if cfg.log_kl else 0] += gd.T @ hc
+                    grad_w += gd.T @ hc
                 del gd
             del logp, p
         kl.mul_(tau * tau / N)
         ce.div_(n_ce)
-        if cfg.log_kl:
-            inv = 1.0 / kl.clamp_min(1e-12)
-            for j, g in enumerate(grad_h):
-                if g is not None:
-                    g.mul_(inv[j].to(g.dtype))
-            for j, g in enumerate(grad_ws):
-                g.mul_(inv[j])
-            total = sum(w * kl[j].clamp_min(1e-12).log() for j, w in enumerate(weights))
-        else:
-            total = sum(w * kl[j] for j, w in enumerate(weights)) + cfg.ce_weight * ce
-        grad_w = grad_ws[0] if need_w else None
-        for g in grad_ws[1:]:
-            grad_w.add_(g)
+        total = sum(w * kl[j] for j, w in enumerate(weights)) + cfg.ce_weight * ce
         ctx.save_for_backward(grad_w, *grad_h)
         ctx.weight_dtype = student_weight.dtype
         stats = torch.cat([kl, ce[None]])
@@ -296,12 +279,8 @@ def chunked_kd_loss(teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
                     student_hiddens: Sequence[torch.Tensor], student_weight: torch.Tensor,
                     weights: Sequence[float], temperature: float = 1.0, labels: torch.Tensor | None = None,
                     ce_weight: float = 0.0, chunk: int | None = None,
-                    dtype: torch.dtype | None = None, log_kl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """sum_j weights[j] * KL(T || S_j) + ce_weight * CE(S_0, labels), in chunks of tokens, fp32 softmax.
-
-    log_kl: sum_j weights[j] * log KL(T || S_j) instead (no CE): each pass's gradient is divided by its own KL,
-    so passes sharing parameters pull by their relative error, not their absolute one (a deep skip set's KL is
-    ~5x a one-layer set's and would otherwise decide what a bypass both share learns).
 
     Hidden states are [N, H] (or [B, T, H], flattened); weights are the [V, H] output projections. The vocabulary
     projections run in `dtype` (default: the student weight's), everything after them in fp32. Returns the loss
@@ -314,11 +293,8 @@ def chunked_kd_loss(teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
         labels = labels.reshape(-1)
     if len(weights) != len(student_hiddens):
         raise ValueError(f"{len(weights)} weights for {len(student_hiddens)} student passes")
-    if log_kl and ce_weight:
-        raise ValueError("log_kl takes no CE term")
     cfg = LossConfig(float(temperature), ce_weight=float(ce_weight),
-                     chunk=int(chunk or default_chunk(student_weight.shape[0])), dtype=dtype or student_weight.dtype,
-                     log_kl=log_kl)
+                     chunk=int(chunk or default_chunk(student_weight.shape[0])), dtype=dtype or student_weight.dtype)
     return _ChunkedKD.apply(cfg, tuple(float(w) for w in weights), labels, teacher_hidden.detach(),
                             teacher_weight.detach(), student_weight, *student_hiddens)
 
@@ -336,8 +312,6 @@ def distill_step(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: tor
     Returns detached stats [loss, kl_full, kl_skip, ce] (see STATS; kl_skip is the mean over the skip passes)
     without a device sync.
     """
-    if cfg.log_kl:  # the full pass's KL starts at 0 here: its log would outweigh every skip pass
-        raise ValueError("log_kl is for adapter_step (a frozen base), not distill_step")
     with torch.no_grad():
         ht = teacher.hidden_states(x)
     sets = [tuple(s) for s in skips if tuple(s)]
@@ -353,15 +327,12 @@ def distill_step(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: tor
 
 
 def adapter_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, skips: Sequence[Sequence[int]],
-                 cfg: LossConfig, loss_scale: float = 1.0, backward: bool = True, newest_only: bool = False
-                 ) -> torch.Tensor:
+                 cfg: LossConfig, loss_scale: float = 1.0, backward: bool = True) -> torch.Tensor:
     """One step of skip-adapter training over a frozen base (the full model is the teacher, exactly).
 
     The full forward runs once without gradient and records the residual stream; each skip set restarts from
     it at its lowest skipped layer, so the blocks below run once for all passes. Gradient reaches only the
-    skip adapters; with `newest_only`, only the bypass of each set's last layer (in the schedule's order: the
-    layer that set adds to the one before it), so deeper sets do not pull the bypasses of shallower ones.
-    Stats as `distill_step` (kl_full is 0: the full path is the teacher).
+    skip adapters. Stats as `distill_step` (kl_full is 0: the full path is the teacher).
     """
     sets = [tuple(s) for s in skips if tuple(s)]
     if not sets:  # only the full path: it is the teacher, nothing to learn or to run
@@ -369,13 +340,10 @@ def adapter_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, skips: Sequ
     with torch.no_grad():
         trace = model.residuals(x)
         ht = model.model.norm(trace[-1])
-    hs = []
-    for s in sets:
-        with model.skip_adapters.training_only(s[-1] if newest_only else None):
-            hs.append(model.hidden_from(min(s), trace[min(s)], s))
+    hs = [model.hidden_from(min(s), trace[min(s)], s) for s in sets]
     w = model.lm_head.weight
     loss, stats = chunked_kd_loss(ht, w, hs, w, [cfg.kd_weight] * len(sets), cfg.temperature,
-                                  chunk=cfg.chunk, dtype=cfg.dtype, log_kl=cfg.log_kl)
+                                  chunk=cfg.chunk, dtype=cfg.dtype)
     if backward:
         (loss * loss_scale).backward()
     return torch.stack([loss.detach(), torch.zeros_like(stats[0]), stats[:len(sets)].mean(), stats[-1]])

@@ -354,8 +354,6 @@ class RunSettings:
     k_dist: str
     adapter_rank: int | None
     lsq_tokens: int
-    skip_loss: str = "kl"  # these two are later than the checkpoints that lack them: missing means the default
-    train_bypass: str = "all"
 
     def state_dict(self) -> dict[str, Any]:
         return {**asdict(self), "layers": list(self.layers)}  # as JSON holds it
@@ -363,9 +361,8 @@ class RunSettings:
     def mismatch(self, saved: Mapping[str, Any]) -> str | None:
         """The first field whose value in `saved` (a checkpoint's settings) is not this run's, or None."""
         mine = self.state_dict()
-        for f in fields(self):
-            k = f.name
-            if saved.get(k, f.default) != mine[k] and not (k == "lr" and mine[k] < saved[k]):
+        for k in (f.name for f in fields(self)):
+            if saved.get(k) != mine[k] and not (k == "lr" and mine[k] < saved[k]):
                 return k
         return None
 
