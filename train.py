@@ -65,7 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      "(sandwich, the default: the deepest set and one drawn below it; uniform: one "
                                      "k in 0..K; harmonic: two depths, P(k) ~ 1/k)")
     a("--adapter-rank", type=int, default=None,
-      help="rank of each bypass (adapters; default: about 8%% of a block's compute, 256 for SmolLM2)")
+      help="rank of each bypass's linear map (adapters; default: with --adapter-mlp's default, the bypass costs "
+           "about 8%% of a block's compute: rank 64 and 128 MLP channels for SmolLM2)")
+    a("--adapter-mlp", type=int, default=None,
+      help="MLP channels of each bypass, started from the skipped block's most active ones (adapters; 0: a "
+           "linear map only; default: 3/4 of the bypass's compute, 128 for SmolLM2)")
     a("--lsq-tokens", type=int, default=16384,
       help="adapters: training tokens for the least-squares initialisation of the bypasses (0: start at zero)")
     a("--lsq-check-tokens", type=int, default=2048,
@@ -121,6 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError("--ce-weight: with --train-scope adapters the full model is the frozen teacher; drop it")
     if args.lsq_tokens < 0:
         raise UserError(f"--lsq-tokens must be >= 0, got {args.lsq_tokens}")
+    if args.adapter_mlp is not None and args.adapter_mlp < 0:
+        raise UserError(f"--adapter-mlp must be 0 (a linear bypass) or more, got {args.adapter_mlp}")
     if args.lsq_check_tokens < 0:
         raise UserError(f"--lsq-check-tokens must be >= 0, got {args.lsq_check_tokens}")
     if args.rank_shortlist < 0:
@@ -314,7 +320,8 @@ def run_settings(args, env: distributed.Env, schedule: Schedule, warmup: int, kd
                        grad_accum=args.grad_accum, temperature=args.temperature, kd_weight=kd_weight,
                        ce_weight=args.ce_weight, train_scope=args.train_scope, warmup=warmup,
                        min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                       seed=args.seed, k_dist=args.k_dist, adapter_rank=args.adapter_rank, lsq_tokens=args.lsq_tokens)
+                       seed=args.seed, k_dist=args.k_dist, adapter_rank=args.adapter_rank, adapter_mlp=args.adapter_mlp,
+                       lsq_tokens=args.lsq_tokens)
 
 
 def load_adapter_student(model_dir: Path, config: Phi3Config, env, dtype: torch.dtype, args, layers, batches,
@@ -322,11 +329,13 @@ def load_adapter_student(model_dir: Path, config: Phi3Config, env, dtype: torch.
     """Frozen base with skip adapters (least-squares initialised on training text unless resuming), sharded
     under a process group. It is its own teacher: the full path is the base model."""
     kw = dict(param_dtype=dtype, compile=args.compile)
-    rank = args.adapter_rank or bypass.default_rank(config)
+    d_rank, d_mlp = bypass.default_sizes(config)
+    rank = args.adapter_rank or d_rank
+    mlp = d_mlp if args.adapter_mlp is None else args.adapter_mlp
     model = None
     if env.is_main or not env.distributed:
         model = from_pretrained(model_dir, dtype=torch.float32, device=env.device)
-        bypass.attach(model, layers, rank)
+        bypass.attach(model, layers, rank, mlp)
         per_batch = args.batch_size * args.max_seq_len
         n = math.ceil(args.lsq_tokens / per_batch) if fit else 0
         if n:
@@ -334,14 +343,14 @@ def load_adapter_student(model_dir: Path, config: Phi3Config, env, dtype: torch.
             calib = [batches.get(i, env.device)[0] for i in range(n)]
             check = [batches.get(n + i, env.device)[0] for i in range(math.ceil(args.lsq_check_tokens / per_batch))]
             forms = bypass.fit_lstsq(model, calib, layers, check=check)
-            log.info(f"bypasses of layers {layers} (rank {rank}) fitted by least squares on "
+            log.info(f"bypasses of layers {layers} (rank {rank}, {mlp} MLP channels) fitted by least squares on "
                      f"{sum(x.numel() for x in calib)} training tokens in {time.perf_counter() - t0:.1f}s" +
                      (f"; kept, by KL on {sum(x.numel() for x in check)} others: " +
                       ", ".join(f"{i}: {f}" for i, f in forms.items()) if check else ""))
     if env.distributed:
         sd = model.state_dict() if env.is_main else None
         model = parallel.build_sharded(config, sd, env, dtype=torch.float32, ac=args.activation_checkpointing,
-                                       prepare=lambda m: bypass.attach(m, layers, rank), **kw)
+                                       prepare=lambda m: bypass.attach(m, layers, rank, mlp), **kw)
     else:
         parallel.parallelize(model, env, ac=args.activation_checkpointing, **kw)
     return model.train()

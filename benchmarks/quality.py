@@ -39,6 +39,7 @@ from phi3skip.tokenizer import load_tokenizer
 DEMO = ["--schedule", "nested", "--batch-size", "4", "--max-seq-len", "256", "--eval-tokens", "4096",
         "--eval-every", "0", "--log-every", "10"]
 TABLE = ROOT / "docs" / "quality.md"
+DEPTHS = 9  # columns k = 0..8
 HEADER = """# Quality of skipped inference: recipes tried
 
 One row per run of `benchmarks/quality.py` (its docstring says how each is scored). Ratios are student
@@ -46,8 +47,8 @@ perplexity / teacher perplexity on held-out text, code (stdlib val.bin, the sele
 docs, a report only), at skip depth k = a prefix of the run's trained order. Teacher: SmolLM2-135M-Instruct
 (30 layers) converted to Phi-3. Wall-clock: the whole train.py run on 2 CPU cores.
 
-| run | recipe | order | train tokens | wall-clock | k=0 | k=1 | k=2 | k=3 | k=4 | k=5 | k=6 | command |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| run | recipe | order | train tokens | wall-clock | k=0 | k=1 | k=2 | k=3 | k=4 | k=5 | k=6 | k=7 | k=8 | command |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 """
 
 
@@ -67,6 +68,7 @@ def build_untrained(args, teacher_dir: Path, out: Path, extra: list[str]) -> Non
     p.add_argument("--lsq-tokens", type=int, default=0)
     p.add_argument("--lsq-check-tokens", type=int, default=2048)
     p.add_argument("--adapter-rank", type=int, default=None)
+    p.add_argument("--adapter-mlp", type=int, default=None)
     p.add_argument("--rank-fit-tokens", type=int, default=0,
                    help="greedy order scored with least-squares bypasses fitted on this many other train tokens")
     a = p.parse_args(extra)
@@ -77,7 +79,7 @@ def build_untrained(args, teacher_dir: Path, out: Path, extra: list[str]) -> Non
         t0 = time.perf_counter()
         fit = None
         if a.rank_fit_tokens:
-            bypass.attach(model, range(model.num_layers), a.adapter_rank)
+            bypass.attach(model, range(model.num_layers), a.adapter_rank, a.adapter_mlp)
             fit = [train.get(n + i, "cpu")[0] for i in range(-(-a.rank_fit_tokens // 1024))]
         layers = [lay for lay, _ in greedy_order(model, [train.get(i, "cpu") for i in range(n)], a.num_skip or 6,
                                                  progress=lambda b: print(f"+ layer {b[0]} KL {b[1]:.4f} "
@@ -88,12 +90,22 @@ def build_untrained(args, teacher_dir: Path, out: Path, extra: list[str]) -> Non
     else:
         layers = parse_layers(a.layers, model.num_layers, a.num_skip)
     if a.lsq_tokens:
-        bypass.attach(model, layers, a.adapter_rank)
+        bypass.attach(model, layers, a.adapter_rank, a.adapter_mlp)
         n = -(-a.lsq_tokens // 1024)
         check = [train.get(n + i, "cpu")[0] for i in range(-(-a.lsq_check_tokens // 1024))]
         print(bypass.fit_lstsq(model, [train.get(i, "cpu")[0] for i in range(n)], layers, check=check), flush=True)
     save_pretrained(model, out, extra_json={"skip.json": {"layers": layers, "teacher": str(teacher_dir.resolve()),
                                                           "steps": 0}})
+
+
+def step_tokens(train_args: list[str]) -> int:
+    """Training tokens a step under these train.py arguments (one process: the last value of each flag wins)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--batch-size", "--batch_size", type=int, default=4)
+    p.add_argument("--max-seq-len", "--max_seq_len", type=int, default=256)
+    p.add_argument("--grad-accum", "--grad_accum", type=int, default=1)
+    a, _ = p.parse_known_args(train_args)
+    return a.batch_size * a.max_seq_len * a.grad_accum
 
 
 def main() -> None:
@@ -137,13 +149,13 @@ def main() -> None:
         r = {name: perplexity_ci(student, b, s).ppl / base[name] for name, b in sets.items()}
         ratios.append(r)
         print(f"k={len(s)} skip {list(s)}: code {r['code']:.3f} prose {r['prose']:.3f}", flush=True)
+    tokens = steps * step_tokens(DEMO + extra)
     (run / "results.json").write_text(json.dumps({"name": args.name, "command": cmd, "layers": layers,
                                                   "steps": steps, "wall_s": wall, "teacher_ppl": base,
-                                                  "ratios": ratios}, indent=2) + "\n")
-    cells = [f"{r['code']:.3f} / {r['prose']:.3f}" for r in ratios] + ["–"] * max(0, 7 - len(ratios))
-    tokens = steps * 1024
+                                                  "ratios": ratios, "train_tokens": tokens}, indent=2) + "\n")
+    cells = [f"{r['code']:.3f} / {r['prose']:.3f}" for r in ratios] + ["–"] * max(0, DEPTHS - len(ratios))
     row = (f"| {slug} | {args.name}{' (' + args.note + ')' if args.note else ''} | {','.join(map(str, layers))} | "
-           f"{tokens:,} | {wall / 60:.1f} min | " + " | ".join(cells[:7]) + f" | `{cmd}` |\n")
+           f"{tokens:,} | {wall / 60:.1f} min | " + " | ".join(cells[:DEPTHS]) + f" | `{cmd}` |\n")
     text = TABLE.read_text() if TABLE.exists() else HEADER
     atomic_write_text(TABLE, text + row)
     print(row, end="")

@@ -1,15 +1,16 @@
-"""Skip adapters: a small low-rank bypass that runs in the slot of a skipped layer, over a frozen base model.
+"""Skip adapters: a small bypass that runs in the slot of a skipped layer, over a frozen base model.
 
 With a frozen base the full path *is* the teacher, bit for bit; only skipped inference changes. When layer l
-is skipped, instead of nothing the slot adds a rank-r linear map of the normalised residual stream:
+is skipped, instead of nothing the slot adds a rank-r linear map of the normalised residual stream and a narrow
+SwiGLU MLP (m channels, started as the m most active channels of the skipped block's own MLP):
 
-    x  <-  x + up_l(down_l(rmsnorm_l(x)))          down_l: H -> r,  up_l: r -> H
+    x  <-  x + up_l(down_l(rmsnorm_l(x))) + mlp_l(rmsnorm'_l(x))      down_l: H -> r,  up_l: r -> H
 
-2 r H multiply-adds per token, about 8% of a block at the default rank: at six skipped layers of 30 the bypasses
-read ~1% of a token's weight bytes, so skipping stays nearly as fast as the plain skip. The bypass of a layer
-is the same whatever else is skipped: every subset of the trained layers has its bypasses. Initialised by least
-squares on calibration activations (ReplaceMe's idea: the linear map that best replaces the block, here reduced
-to rank r), then trained by distillation (`train.py --train-scope adapters`).
+(2 r + 3 m) H multiply-adds per token, about 8% of a block at the default sizes: at six skipped layers of 30 the
+bypasses read ~1% of a token's weight bytes, so skipping stays nearly as fast as the plain skip. The bypass of a
+layer is the same whatever else is skipped: every subset of the trained layers has its bypasses. Initialised on
+calibration activations (ReplaceMe's idea: the linear map that best replaces the block, by least squares, here
+fitted to what the kept MLP channels leave), then trained by distillation (`train.py --train-scope adapters`).
 
 On disk: `skip_adapters.safetensors` beside the base checkpoint, named by skip.json's "adapters" entry, so the
 folder stays a plain `Phi3ForCausalLM` checkpoint that transformers loads as is (without the adapters).
@@ -23,39 +24,45 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
 
 from .cli import UserError
-from .model import Phi3ForCausalLM, RMSNorm
+from .model import MLP, Phi3ForCausalLM, RMSNorm
 
 FILE = "skip_adapters.safetensors"
 KIND = "bypass"
 
 
 class Bypass(nn.Module):
-    """x + up(down(rmsnorm(x))): what runs in a skipped layer's slot."""
+    """x + up(down(norm(x))) [+ mlp(mlp_norm(x))]: what runs in a skipped layer's slot."""
 
-    def __init__(self, hidden: int, rank: int, eps: float):
+    def __init__(self, hidden: int, rank: int, eps: float, mlp: int = 0):
         super().__init__()
         self.norm = RMSNorm(hidden, eps)
         self.down = nn.Linear(hidden, rank, bias=False)
         self.up = nn.Linear(rank, hidden, bias=False)
         nn.init.zeros_(self.up.weight)  # a fresh bypass adds nothing: skipping it is the naive skip
+        self.mlp_norm = RMSNorm(hidden, eps) if mlp else None
+        self.mlp = MLP(hidden, mlp) if mlp else None
+        if mlp:
+            nn.init.zeros_(self.mlp.down_proj.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.up(self.down(self.norm(x)))
+        out = x + self.up(self.down(self.norm(x)))
+        return out if self.mlp is None else out + self.mlp(self.mlp_norm(x))
 
 
 class SkipAdapters(nn.Module):
     """One bypass per trainable layer; `for_skip` gives the model's block loop those of a skip set."""
 
-    def __init__(self, layers: Sequence[int], hidden: int, rank: int, eps: float):
+    def __init__(self, layers: Sequence[int], hidden: int, rank: int, eps: float, mlp: int = 0):
         super().__init__()
         self.layers = tuple(int(i) for i in layers)
-        self.rank = rank
-        self.bypass = nn.ModuleDict({str(i): Bypass(hidden, rank, eps) for i in self.layers})
+        self.rank, self.mlp = rank, mlp
+        self.bypass = nn.ModuleDict({str(i): Bypass(hidden, rank, eps, mlp) for i in self.layers})
 
     def for_skip(self, skipped: Iterable[int]) -> dict[int, Bypass]:
         return {i: self.bypass[str(i)] for i in skipped if str(i) in self.bypass}
@@ -64,33 +71,45 @@ class SkipAdapters(nn.Module):
         return str(layer) in self.bypass
 
     def describe(self) -> dict:
-        return {"file": FILE, "kind": KIND, "rank": self.rank, "layers": list(self.layers)}
+        return {"file": FILE, "kind": KIND, "rank": self.rank, "mlp": self.mlp, "layers": list(self.layers)}
 
 
-# A bypass's multiply-adds as a fraction of a block's. On the demo's budget rank 256 (8%) cut the excess
+# A bypass's multiply-adds as a fraction of a block's. On the demo's budget a rank-256 map (8%) cut the excess
 # perplexity over the teacher by 15-25% at every depth against rank 64 (2%), for 5% more training time
-# (docs/quality.md, runs 200730 and 223336).
+# (docs/quality.md, runs 200730 and 223336). Within that 8%, MLP channels copied from the skipped block buy more
+# than linear rank: 128 channels + rank 64 against rank 256 cut the excess at six skipped layers by 12% (run
+# 042328 against 030936; a tie at one or two), best of the splits tried by least squares alone.
 SLOT_COST = 0.08
+MLP_SHARE = 0.75
 
 
-def default_rank(config) -> int:
-    """The rank (a multiple of 64) whose 2 r H multiply-adds are about SLOT_COST of a block's: 256 for
-    SmolLM2-135M, 1472 for Phi-3-mini."""
+def default_sizes(config) -> tuple[int, int]:
+    """(rank, MLP channels), multiples of 64, whose (2 r + 3 m) H multiply-adds are about SLOT_COST of a block's,
+    MLP_SHARE of it in MLP channels: (64, 128) for SmolLM2-135M, (320, 768) for Phi-3-mini."""
     H, hd = config.hidden_size, config.hd
     block = H * (config.num_attention_heads + 2 * config.num_key_value_heads) * hd \
         + config.num_attention_heads * hd * H + 3 * H * config.intermediate_size
-    return max(8, round(SLOT_COST * block / (2 * H) / 64) * 64)
+    budget = SLOT_COST * block / H  # in multiply-adds per residual dimension
+    mlp = min(config.intermediate_size, round(MLP_SHARE * budget / 3 / 64) * 64)
+    return max(8, round((budget - 3 * mlp) / 2 / 64) * 64), mlp
 
 
-def attach(model: Phi3ForCausalLM, layers: Sequence[int], rank: int | None = None) -> SkipAdapters:
-    """Give `model` fresh (zero) bypasses for `layers`, their norms copied from the skipped blocks' input norms."""
+def attach(model: Phi3ForCausalLM, layers: Sequence[int], rank: int | None = None, mlp: int | None = None
+           ) -> SkipAdapters:
+    """Give `model` fresh (zero) bypasses for `layers`, their norms copied from the skipped blocks' two norms."""
     cfg = model.config
-    rank = rank or default_rank(cfg)
+    d_rank, d_mlp = default_sizes(cfg)
+    rank, mlp = rank or d_rank, d_mlp if mlp is None else mlp
+    if not 0 <= mlp <= cfg.intermediate_size:
+        raise UserError(f"bypass MLP width {mlp}: must be 0 .. the model's intermediate size {cfg.intermediate_size}")
     p = model.lm_head.weight
-    adapters = SkipAdapters(layers, cfg.hidden_size, rank, cfg.rms_norm_eps).to(device=p.device, dtype=p.dtype)
+    adapters = SkipAdapters(layers, cfg.hidden_size, rank, cfg.rms_norm_eps, mlp).to(device=p.device, dtype=p.dtype)
     with torch.no_grad():
         for i in adapters.layers:
-            adapters.bypass[str(i)].norm.weight.copy_(model.model.layers[i].input_layernorm.weight)
+            byp, block = adapters.bypass[str(i)], model.model.layers[i]
+            byp.norm.weight.copy_(block.input_layernorm.weight)
+            if mlp:
+                byp.mlp_norm.weight.copy_(block.post_attention_layernorm.weight)
     model.skip_adapters = adapters
     return adapters
 
@@ -106,9 +125,10 @@ SPARE = (0, 1, 2)  # candidate forms: the map leaving the block's 0, 1 or 2 larg
 @torch.no_grad()
 def fit_lstsq(model: Phi3ForCausalLM, batches: Sequence[torch.Tensor], order: Sequence[int],
               ridge: float = 1e-4, progress=None, check: Sequence[torch.Tensor] = ()) -> dict[int, str]:
-    """Set each bypass, in `order`, to the rank-r least-squares map from its normalised input to what the skipped
-    block should have added: the full model's residual after the layer minus the residual entering it, with
-    the layers before it in `order` skipped and bypassed (so each fit sees the inputs it will get).
+    """Set each bypass, in `order`, to replace its block on the inputs it will get: the layers before it in
+    `order` skipped and bypassed. Its MLP keeps the block's most active MLP channels (`copy_channels`); its
+    linear map is the rank-r least-squares map from its normalised input to what those leave of the block's
+    update (the full model's residual after the layer minus the residual entering it and the MLP's output).
 
     batches: token id tensors [B, T]. Ridge is relative to the mean diagonal of X^T X.
     check: other token batches; when given, each bypass keeps the form (`SPARE`, or none: a plain skip) that
@@ -127,24 +147,45 @@ def fit_lstsq(model: Phi3ForCausalLM, batches: Sequence[torch.Tensor], order: Se
         for t in traces:
             _restart(model, lo, t[lo], skip, layer, inputs)
         byp = adapters.bypass[str(layer)]
-        w, xtx, moved = lstsq_map(byp, inputs, [t[layer + 1] for t in traces], ridge)
+        mlp = copy_channels(byp, model.model.layers[layer], inputs)
+        w, xtx, moved = lstsq_map(byp, inputs, [t[layer + 1] - mlp(x) for t, x in zip(traces, inputs)], ridge)
         candidates = [(f"least squares, sparing {n} massive dims" if n else "least squares", n)
                       for n in (SPARE if score is not None else (0,))]
         if score is not None:
             candidates.append(("none (plain skip)", None))
+        kept = None if byp.mlp is None else byp.mlp.down_proj.weight.clone()
         trials = []
         for name, spare in candidates:
             w_s = None if spare is None else w.clone()
             if spare:
                 w_s[:, moved.topk(spare).indices] = 0
             if score is not None:
-                _load(byp, w_s, xtx)
+                _load(byp, w_s, xtx, kept)
             trials.append((score(order[:k + 1]) if score is not None else 0.0, name, w_s))
         _, forms[layer], best = min(trials, key=lambda t: t[0])
-        _load(byp, best, xtx)
+        _load(byp, best, xtx, kept)
         if progress is not None:
             progress(layer)
     return forms
+
+
+@torch.no_grad()
+def copy_channels(byp: Bypass, block: nn.Module, inputs: Sequence[torch.Tensor]):
+    """Load into the bypass's MLP the m channels of `block`'s MLP with the largest mean |activation| x |down
+    column| on the bypass's inputs (fed through the block's post-attention norm, as the bypass will be), the
+    channels that move the residual most. Returns the bypass MLP as a function of the slot's input."""
+    if byp.mlp is None:
+        return lambda x: torch.zeros_like(x)
+    gate_up, down = block.mlp.gate_up_proj.weight, block.mlp.down_proj.weight
+    width = down.shape[1]
+    score = torch.zeros(width, dtype=torch.float64, device=down.device)
+    for x in inputs:
+        gate, up = F.linear(byp.mlp_norm(x), gate_up).chunk(2, dim=-1)
+        score += (up * F.silu(gate)).abs().reshape(-1, width).sum(0).double()
+    keep = (score * down.norm(dim=0).double()).topk(byp.mlp.down_proj.weight.shape[1]).indices.sort().values
+    byp.mlp.gate_up_proj.weight.copy_(torch.cat([gate_up[keep], gate_up[width + keep]]))
+    byp.mlp.down_proj.weight.copy_(down[:, keep])
+    return lambda x: byp.mlp(byp.mlp_norm(x))
 
 
 @torch.no_grad()
@@ -165,12 +206,15 @@ def lstsq_map(byp: Bypass, inputs: Sequence[torch.Tensor], targets: Sequence[tor
     return torch.linalg.solve(xtx, xty), xtx, (sq / n).sqrt()
 
 
-def _load(byp: Bypass, w: torch.Tensor | None, xtx: torch.Tensor) -> None:
-    """Load map w into the bypass, or none (None: the bypass adds nothing, a plain skip)."""
+def _load(byp: Bypass, w: torch.Tensor | None, xtx: torch.Tensor, mlp_down: torch.Tensor | None) -> None:
+    """Load map w and the MLP's down projection into the bypass, or none (w None: the bypass adds nothing,
+    a plain skip)."""
     if w is None:
         byp.up.weight.zero_()
     else:
         set_map(byp, w, xtx)
+    if byp.mlp is not None:
+        byp.mlp.down_proj.weight.copy_(mlp_down if w is not None else torch.zeros_like(mlp_down))
 
 
 def set_map(byp: Bypass, w: torch.Tensor, xtx: torch.Tensor) -> None:
@@ -181,9 +225,12 @@ def set_map(byp: Bypass, w: torch.Tensor, xtx: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def fit_one(byp: Bypass, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], ridge: float = 1e-4) -> None:
-    """Set one bypass to the rank-r least-squares map from its normalised inputs to `targets - inputs`."""
-    w, xtx, _ = lstsq_map(byp, inputs, targets, ridge)
+def fit_one(byp: Bypass, block: nn.Module, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+            ridge: float = 1e-4) -> None:
+    """Set one bypass to replace `block` on these inputs: its MLP channels copied, its linear map the rank-r
+    least-squares map from its normalised inputs to what they leave of `targets - inputs`."""
+    mlp = copy_channels(byp, block, inputs)
+    w, xtx, _ = lstsq_map(byp, inputs, [y - mlp(x) for x, y in zip(inputs, targets)], ridge)
     set_map(byp, w, xtx)
 
 
@@ -246,6 +293,7 @@ def load(model: Phi3ForCausalLM, folder: str | Path, entry: dict) -> SkipAdapter
     folder = Path(folder)
     try:
         kind, rank, layers = entry["kind"], int(entry["rank"]), [int(i) for i in entry["layers"]]
+        mlp = int(entry.get("mlp", 0))  # written by phi3skip before the bypass had an MLP: none
         name = str(entry.get("file", FILE))
     except (KeyError, TypeError, ValueError):
         raise UserError(f"{folder}/skip.json: its 'adapters' entry is malformed ({json.dumps(entry)[:120]})") from None
@@ -257,7 +305,10 @@ def load(model: Phi3ForCausalLM, folder: str | Path, entry: dict) -> SkipAdapter
     n = model.config.num_hidden_layers
     if not layers or any(not 0 <= i < n for i in layers):
         raise UserError(f"{path}: adapter layers {layers} are not layers of this {n}-layer model")
-    adapters = attach(model, layers, rank)
+    try:
+        adapters = attach(model, layers, rank, mlp)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     want = state_dict(adapters)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -266,7 +317,7 @@ def load(model: Phi3ForCausalLM, folder: str | Path, entry: dict) -> SkipAdapter
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
     if set(got) != set(want) or any(got[k].shape != want[k].shape for k in want):
         raise UserError(f"{path}: its tensors do not match the adapters skip.json describes (rank {rank}, "
-                        f"layers {layers}); re-save the student")
+                        f"MLP width {mlp}, layers {layers}); re-save the student")
     with torch.no_grad():
         for k, v in want.items():
             v.copy_(got[k])

@@ -162,7 +162,8 @@ def greedy_order(model: nn.Module, batches: Sequence[Batch], k: int, candidates:
         scores: list[tuple[int, float]] = []
         for c in pool:
             if bypass:
-                fit_one(model.skip_adapters.bypass[str(c)], [t[c] for t in fit_traces], [f[c + 1] for f in full])
+                fit_one(model.skip_adapters.bypass[str(c)], model.model.layers[c], [t[c] for t in fit_traces],
+                        [f[c + 1] for f in full])
             above = [i for i in skip if i > c] + [c]
             scores.append((c, score(above, c, [t[c] for t in traces])))
         base = chosen[-1][1] if chosen else 0.0

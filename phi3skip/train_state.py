@@ -353,6 +353,7 @@ class RunSettings:
     seed: int
     k_dist: str
     adapter_rank: int | None
+    adapter_mlp: int | None
     lsq_tokens: int
 
     def state_dict(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@
 #   bash scripts/demo.sh                # the real demo (~25 minutes on 2 cores)
 #   bash scripts/demo.sh --tiny         # every stage on a tiny random model (CI smoke test, ~1 minute)
 #   bash scripts/demo.sh --no-install   # skip the pip step (the project is already installed)
-# Environment: DEMO_STEPS (training steps, default 34), DEMO_OUT (default data), PYTHON (default python3).
+# Environment: DEMO_STEPS (training steps, default 72), DEMO_OUT (default data), PYTHON (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,9 +54,9 @@ if [ "$TINY" = 1 ]; then
 else
   PREP=(--val-tokens 160000)
   # nested's defaults are the recipe (frozen base, least-squares bypasses, sandwich k, lr 1e-3), sized to the
-  # issue's training budget of ~15 min on 2 cores: half the least-squares tokens, 34 steps, small evaluations
-  # (the whole demo alone 2026-11-29: 24.6 min; train.py 16.4 min, evaluate.py 7.1 min, the rest ~1 min)
-  TRAIN=(--layers auto --num-skip 6 --max-steps "${DEMO_STEPS:-34}" --batch-size 4 --max-seq-len 256
+  # issue's training budget of ~15 min on 2 cores: half the least-squares tokens, 72 steps of 2 x 256 tokens
+  # (better than 34 of 4 x 256 at every depth: docs/quality.md, run 20261129-044607), small evaluations
+  TRAIN=(--layers auto --num-skip 6 --max-steps "${DEMO_STEPS:-72}" --batch-size 2 --max-seq-len 256
          --lsq-tokens 8192 --lsq-check-tokens 1024 --eval-tokens 1024)
   EVAL=(--max-tokens 2048 --seq-len 256 --speed-tokens 64)
   SKIP=first:2

@@ -7,6 +7,7 @@ import torch
 
 from phi3skip import UserError, from_pretrained, save_pretrained
 from phi3skip import bypass
+from phi3skip.config import Phi3Config
 from phi3skip.distill import LossConfig, Schedule, adapter_step, chunked_kd_loss
 from phi3skip.importance import greedy_order
 from test_distill import tiny, tokens
@@ -38,10 +39,11 @@ def test_fresh_bypass_is_the_naive_skip_and_full_path_is_untouched():
     model = tiny()
     x = tokens()
     full, naive = model(x), model(x, (4, 2))
-    bypass.attach(model, [4, 2], rank=8)
+    bypass.attach(model, [4, 2], rank=8, mlp=4)
     assert torch.equal(model(x), full)
     torch.testing.assert_close(model(x, (4, 2)), naive)
-    assert model.skip_adapters.describe() == {"file": bypass.FILE, "kind": "bypass", "rank": 8, "layers": [4, 2]}
+    assert model.skip_adapters.describe() == {"file": bypass.FILE, "kind": "bypass", "rank": 8, "mlp": 4,
+                                              "layers": [4, 2]}
     assert not any(k.startswith("skip_adapters") for k in model.base_state_dict())
 
 
@@ -73,10 +75,42 @@ def test_least_squares_bypass_beats_the_naive_skip_and_full_rank_is_the_exact_so
     assert ((X @ (d.double() @ u.double()) - Y).norm() <= (X @ plain - Y).norm() + 1e-9)
 
 
+@torch.no_grad()
+def test_bypass_mlp_starts_from_the_blocks_most_active_channels_and_least_squares_fits_the_rest():
+    model = tiny(std=0.2)
+    calib = [tokens(B=4, T=16, seed=s) for s in range(3)]
+    block = model.model.layers[4]
+    I = model.config.intermediate_size
+    bypass.attach(model, [4], rank=32, mlp=I)  # every channel: the bypass's MLP is the block's
+    bypass.fit_lstsq(model, calib, [4], ridge=0.0)
+    b = model.skip_adapters.bypass["4"]
+    xs, ys = [], []
+    for t in calib:
+        tr = model.residuals(t)
+        mlp = block.mlp(block.post_attention_layernorm(tr[4]))
+        torch.testing.assert_close(b.mlp(b.mlp_norm(tr[4])), mlp, rtol=1e-5, atol=1e-6)
+        xs.append(b.norm(tr[4]).reshape(-1, 32))
+        ys.append((tr[5] - tr[4] - mlp).reshape(-1, 32))
+    w = torch.linalg.lstsq(torch.cat(xs).double(), torch.cat(ys).double()).solution  # the map fits what is left
+    torch.testing.assert_close((b.up.weight @ b.down.weight).T.double(), w, rtol=1e-3, atol=1e-4)
+    # a narrower MLP keeps the channels with the largest mean |activation| x |down column|, in the block's order
+    bypass.attach(model, [4], rank=8, mlp=5)
+    bypass.fit_lstsq(model, calib, [4])
+    acts = []
+    for t in calib:
+        gate, up = block.mlp.gate_up_proj(block.post_attention_layernorm(model.residuals(t)[4])).chunk(2, -1)
+        acts.append((up * torch.nn.functional.silu(gate)).reshape(-1, I))
+    score = torch.cat(acts).abs().mean(0) * block.mlp.down_proj.weight.norm(dim=0)
+    keep = score.topk(5).indices.sort().values
+    b = model.skip_adapters.bypass["4"]
+    assert torch.equal(b.mlp.down_proj.weight, block.mlp.down_proj.weight[:, keep])
+    assert torch.equal(b.mlp.gate_up_proj.weight[5:], block.mlp.gate_up_proj.weight[I + keep])  # the up rows
+
+
 def test_save_and_load_round_trip_keeps_a_plain_checkpoint(tmp_path):
     transformers = pytest.importorskip("transformers")
     model = tiny(std=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    bypass.attach(model, [4, 2], rank=8)
+    bypass.attach(model, [4, 2], rank=8, mlp=4)
     bypass.fit_lstsq(model, [tokens(B=4, T=16, seed=s) for s in range(2)], [4, 2])
     save_pretrained(model, tmp_path / "s", extra_json={"skip.json": {"layers": [4, 2]}})
     prof = json.loads((tmp_path / "s" / "skip.json").read_text())
@@ -95,10 +129,13 @@ def test_save_and_load_round_trip_keeps_a_plain_checkpoint(tmp_path):
 
 def test_damaged_adapter_files_are_one_line_errors(tmp_path):
     model = tiny()
-    bypass.attach(model, [4], rank=8)
+    bypass.attach(model, [4], rank=8, mlp=0)
     save_pretrained(model, tmp_path / "s", extra_json={"skip.json": {"layers": [4]}})
     prof_path = tmp_path / "s" / "skip.json"
     prof = json.loads(prof_path.read_text())
+    del prof["adapters"]["mlp"]  # as phi3skip wrote it before the bypass had an MLP: a linear bypass
+    prof_path.write_text(json.dumps(prof))
+    assert from_pretrained(tmp_path / "s").skip_adapters.mlp == 0
     (tmp_path / "s" / bypass.FILE).write_bytes(b"not safetensors")
     with pytest.raises(UserError, match="not a readable safetensors"):
         from_pretrained(tmp_path / "s")
@@ -107,6 +144,9 @@ def test_damaged_adapter_files_are_one_line_errors(tmp_path):
         from_pretrained(tmp_path / "s")
     prof_path.write_text(json.dumps({**prof, "adapters": {**prof["adapters"], "kind": "pickle"}}))
     with pytest.raises(UserError, match="unknown skip-adapter kind"):
+        from_pretrained(tmp_path / "s")
+    prof_path.write_text(json.dumps({**prof, "adapters": {**prof["adapters"], "mlp": 10 ** 6}}))
+    with pytest.raises(UserError, match="MLP width"):
         from_pretrained(tmp_path / "s")
     (tmp_path / "s" / bypass.FILE).unlink()
     prof_path.write_text(json.dumps(prof))
@@ -224,12 +264,29 @@ def test_checked_fit_keeps_the_form_with_the_lowest_kl_a_plain_skip_included():
     fit, check = [tokens(B=1, T=24, seed=0)], [tokens(B=4, T=16, seed=s) for s in (5, 6)]
     x = torch.cat(check)
     plain = kl_of(model, x, (4,))
-    bypass.attach(model, [4, 1], rank=32)
+    bypass.attach(model, [4, 1], rank=32, mlp=8)
     bypass.fit_lstsq(model, fit, [4, 1], ridge=1e-6)  # unchecked: rank 32 on 24 tokens overfits
     unchecked = kl_of(model, x, (4,))
     assert unchecked > plain  # the case the check exists for
     forms = bypass.fit_lstsq(model, fit, [4, 1], ridge=1e-6, check=check)
     assert list(forms) == [4, 1]
     assert kl_of(model, x, (4,)) <= min(plain, unchecked) + 1e-7
+    b = model.skip_adapters.bypass["4"]
     if forms[4] == "none (plain skip)":
-        assert not model.skip_adapters.bypass["4"].up.weight.any()
+        assert not b.up.weight.any() and not b.mlp.down_proj.weight.any()
+    else:  # the kept form keeps its MLP channels
+        assert b.mlp.down_proj.weight.any()
+
+
+def test_default_bypass_sizes_spend_about_8_percent_of_a_block_mostly_on_mlp_channels():
+    base = dict(model_type="phi3", max_position_embeddings=4096, original_max_position_embeddings=4096,
+                rms_norm_eps=1e-5)
+    smollm2 = Phi3Config.from_dict({**base, "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+                                    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3})
+    mini = Phi3Config.from_dict({**base, "vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192,
+                                 "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32})
+    assert bypass.default_sizes(smollm2) == (64, 128) and bypass.default_sizes(mini) == (320, 768)
+    for cfg, block in ((smollm2, 3_538_944), (mini, 113_246_208)):  # a block's weights, counted by hand
+        rank, mlp = bypass.default_sizes(cfg)
+        cost = (2 * rank + 3 * mlp) * cfg.hidden_size
+        assert 0.07 < cost / block < 0.09 and 3 * mlp > 2 * 2 * rank

@@ -155,7 +155,7 @@ def test_a_checkpoint_of_two_ranks_resumes_in_one_process(tmp_path):
 SETTINGS = RunSettings(model="m", data="/d", layers=(2, 0), schedule="sequential", lr=1e-3, steps_per_phase=3,
                        global_batch=4, max_seq_len=32, grad_accum=2, temperature=1.0, kd_weight=0.01, ce_weight=0.0,
                        train_scope="all", warmup=1, min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0, seed=0,
-                       k_dist="uniform", adapter_rank=None, lsq_tokens=16384)
+                       k_dist="uniform", adapter_rank=None, adapter_mlp=None, lsq_tokens=16384)
 
 
 def other_value(v):
