@@ -99,10 +99,11 @@ def build_untrained(args, teacher_dir: Path, out: Path, extra: list[str]) -> Non
 
 
 def step_tokens(train_args: list[str]) -> int:
-    """Training tokens a step under these train.py arguments (one process: the last value of each flag wins)."""
+    """Training tokens a step under these train.py arguments (DEMO sets the batch and length; the last value of
+    each flag wins, as in train.py; one process)."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--batch-size", "--batch_size", type=int, default=4)
-    p.add_argument("--max-seq-len", "--max_seq_len", type=int, default=256)
+    p.add_argument("--batch-size", "--batch_size", type=int)
+    p.add_argument("--max-seq-len", "--max_seq_len", type=int)
     p.add_argument("--grad-accum", "--grad_accum", type=int, default=1)
     a, _ = p.parse_known_args(train_args)
     return a.batch_size * a.max_seq_len * a.grad_accum
