@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--kd-weight", "--kd_weight", type=float, default=None,
       help="weight w of KL(T||S_skip) (default: 0.01 sequential, as the original; 1.0 nested)")
     a("--ce-weight", "--ce_weight", type=float, default=0.0, help="weight of next-token CE on the full student")
+    a("--align-weight", type=float, default=None,
+      help="adapters: weight, relative to the KL's, of hidden-state alignment where skipped layers rejoin the stack "
+           "(MSE of the residual stream, each dimension over the teacher's RMS; default 0: none)")
     a("--warmup", type=int, default=None,
       help="warmup steps per phase (default: 10%% of it, at most 100; adapters: 0, they start from least squares)")
     a("--min-lr-ratio", type=float, default=None,
@@ -123,6 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--k-dist {args.k_dist!r}: unknown; use one of {', '.join(K_DISTS)}")
     if adapters_scope(args) and args.ce_weight:
         raise UserError("--ce-weight: with --train-scope adapters the full model is the frozen teacher; drop it")
+    if args.align_weight and not adapters_scope(args):
+        raise UserError("--align-weight aligns the bypasses of --train-scope adapters; drop it or train adapters")
     if args.lsq_tokens < 0:
         raise UserError(f"--lsq-tokens must be >= 0, got {args.lsq_tokens}")
     if args.adapter_mlp is not None and args.adapter_mlp < 0:
@@ -137,7 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("lr", "temperature", "num_epochs"):
         if not getattr(args, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("save_every", "eval_every", "warmup", "kd_weight", "ce_weight", "weight_decay", "grad_clip"):
+    for name in ("save_every", "eval_every", "warmup", "kd_weight", "ce_weight", "align_weight", "weight_decay",
+                 "grad_clip"):
         if getattr(args, name) is not None and not getattr(args, name) >= 0:  # `not >=` also catches NaN
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if not 0 <= args.min_lr_ratio <= 1:
@@ -321,7 +327,7 @@ def run_settings(args, env: distributed.Env, schedule: Schedule, warmup: int, kd
                        ce_weight=args.ce_weight, train_scope=args.train_scope, warmup=warmup,
                        min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                        seed=args.seed, k_dist=args.k_dist, adapter_rank=args.adapter_rank, adapter_mlp=args.adapter_mlp,
-                       lsq_tokens=args.lsq_tokens)
+                       lsq_tokens=args.lsq_tokens, align_weight=args.align_weight)
 
 
 def load_adapter_student(model_dir: Path, config: Phi3Config, env, dtype: torch.dtype, args, layers, batches,
@@ -403,7 +409,8 @@ class Trainer:
         kd_weight = args.kd_weight
         if kd_weight is None:  # the original recipe's 0.01 for sequential; nested trains every depth equally
             kd_weight = 0.01 if self.schedule.kind == "sequential" else 1.0
-        self.loss = LossConfig(args.temperature, kd_weight, args.ce_weight, args.kl_chunk, self.dtype)
+        self.loss = LossConfig(args.temperature, kd_weight, args.ce_weight, args.kl_chunk, self.dtype,
+                               args.align_weight or 0.0)
         self.state = TrainState(run_settings(args, env, self.schedule, warmup, kd_weight), self.schedule.total_steps,
                                 self.batches.steps_per_epoch)
         self.ckpt = CheckpointManager(ckpt_dir, env, args.save_every, args.keep_checkpoints)
@@ -438,6 +445,7 @@ class Trainer:
                  + (f"loss {self.loss.kd_weight} KL(T||S_skip) per skip pass (frozen base: S_full is T)"
                     if self.adapters else f"loss KL(T||S_full) + {self.loss.kd_weight} KL(T||S_skip)")
                  + (f" + {a.ce_weight} CE" if a.ce_weight else "")
+                 + (f" + {a.align_weight} x that weight x rejoin MSE" if a.align_weight else "")
                  + f" at temperature {a.temperature}; k {s.k_dist}; train scope {a.train_scope}")
 
     def evaluate(self, label: str, note: str = "") -> dict:

@@ -165,13 +165,14 @@ def set_trainable(model: nn.Module, blocks: frozenset[int] | None) -> list[nn.Pa
 class LossConfig:
     """temperature tau; kd_weight w of the skip term; ce_weight c of the optional next-token CE on S_full;
     chunk tokens per vocabulary chunk (None: about 64 MiB of fp32 logits); dtype of the vocabulary projections
-    (None: the student head's)."""
+    (None: the student head's); align_weight of the hidden-state alignment of skip adapters (`rejoin_mse`)."""
 
     temperature: float = 1.0
     kd_weight: float = 0.01
     ce_weight: float = 0.0
     chunk: int | None = None
     dtype: torch.dtype | None = None
+    align_weight: float = 0.0
 
 
 def default_chunk(vocab_size: int, budget: int = 1 << 24) -> int:
@@ -332,7 +333,8 @@ def adapter_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, skips: Sequ
 
     The full forward runs once without gradient and records the residual stream; each skip set restarts from
     it at its lowest skipped layer, so the blocks below run once for all passes. Gradient reaches only the
-    skip adapters. Stats as `distill_step` (kl_full is 0: the full path is the teacher).
+    skip adapters. With `cfg.align_weight` each skip pass adds align_weight * kd_weight * `rejoin_mse` to the
+    loss. Stats as `distill_step` (kl_full is 0: the full path is the teacher).
     """
     sets = [tuple(s) for s in skips if tuple(s)]
     if not sets:  # only the full path: it is the teacher, nothing to learn or to run
@@ -340,13 +342,32 @@ def adapter_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, skips: Sequ
     with torch.no_grad():
         trace = model.residuals(x)
         ht = model.model.norm(trace[-1])
-    hs = [model.hidden_from(min(s), trace[min(s)], s) for s in sets]
+    traces: list[list[torch.Tensor]] = [[] for _ in sets]
+    hs = [model.hidden_from(min(s), trace[min(s)], s, trace=t if cfg.align_weight else None)
+          for s, t in zip(sets, traces)]
     w = model.lm_head.weight
     loss, stats = chunked_kd_loss(ht, w, hs, w, [cfg.kd_weight] * len(sets), cfg.temperature,
                                   chunk=cfg.chunk, dtype=cfg.dtype)
+    if cfg.align_weight:
+        loss = loss + cfg.align_weight * cfg.kd_weight * sum(
+            rejoin_mse(trace[min(s):], t, s) for s, t in zip(sets, traces))
     if backward:
         (loss * loss_scale).backward()
     return torch.stack([loss.detach(), torch.zeros_like(stats[0]), stats[:len(sets)].mean(), stats[-1]])
+
+
+def rejoin_mse(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], skip: Sequence[int]) -> torch.Tensor:
+    """Hidden-state alignment where skipped layers rejoin the stack (LLM-Streamline's idea): at each layer r
+    that runs right after a skipped one (or the stack's output), the mean squared error between the student's
+    and the teacher's residual streams entering it, each dimension over the teacher's RMS on these tokens (a few
+    massive dimensions would otherwise be all the loss). Both lists start at the same layer, min(skip)."""
+    lo, out = min(skip), []
+    for j in range(1, len(student)):
+        if lo + j - 1 in skip and lo + j not in skip:
+            t = teacher[j].detach()
+            rms = t.pow(2).mean(dim=(0, 1)).sqrt().clamp_min(1e-6)
+            out.append(((student[j] - t) / rms).pow(2).mean())
+    return torch.stack(out).sum()
 
 
 # Cost ------------------------------------------------------------------------------------------------------------

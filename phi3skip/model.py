@@ -239,15 +239,17 @@ class Phi3ForCausalLM(nn.Module):
         self.run_layers(x, cos, sin, slots, validate_skip(skip, self.num_layers), trace=trace)
         return trace
 
-    def hidden_from(self, start: int, x: torch.Tensor, skip: Iterable[int] | None = ()) -> torch.Tensor:
+    def hidden_from(self, start: int, x: torch.Tensor, skip: Iterable[int] | None = (),
+                    trace: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Final normed hidden states of the model skipping `skip`, restarted at layer `start` from the residual
-        `x` entering it (no cache, consecutive positions): the layers below `start` must run unchanged."""
+        `x` entering it (no cache, consecutive positions): the layers below `start` must run unchanged. `trace`
+        collects the residual entering each layer from `start` on, then the last block's output."""
         skipped = validate_skip(skip, self.num_layers)
         if any(i < start for i in skipped):
             raise ValueError(f"skip {sorted(skipped)} names layers below the restart layer {start}")
         slots = torch.arange(x.shape[1], device=x.device)
         cos, sin = self.rotary_tables(slots, x.dtype)
-        return self.model.norm(self.run_layers(x, cos, sin, slots, skipped, start=start))
+        return self.model.norm(self.run_layers(x, cos, sin, slots, skipped, start=start, trace=trace))
 
     def rotary_tables(self, positions: torch.Tensor, dtype: torch.dtype, long_rope: bool | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -176,6 +176,28 @@ def test_adapter_step_trains_only_adapters_and_lowers_the_skip_kl():
     assert all(torch.equal(v, base[k]) for k, v in model.base_state_dict().items())  # the base never moves
 
 
+def test_alignment_adds_each_skip_pass_s_rejoin_mse_and_its_gradient_reaches_the_bypasses():
+    model = tiny(std=0.2)
+    L = model.num_layers
+    bypass.attach(model, [L - 1, 4, 2, 1], rank=8)
+    bypass.set_trainable(model)
+    x = tokens(B=4, T=16)
+    sets = [(L - 1, 4, 2, 1), (4,)]
+    plain = adapter_step(model, x, x, sets, LossConfig(kd_weight=0.5), backward=False)[0].item()
+    aligned = adapter_step(model, x, x, sets, LossConfig(kd_weight=0.5, align_weight=2.0))[0].item()
+    with torch.no_grad():  # by hand: the residual entering each layer that runs after a skipped one, and the output
+        full = model.residuals(x)
+        want = 0.0
+        for s, rejoin in zip(sets, [(3, L), (5,)]):  # 4 and L - 1 = 5 run together: they rejoin at L
+            student = model.residuals(x, s)
+            for r in rejoin:
+                rms = full[r].pow(2).mean(dim=(0, 1)).sqrt()
+                want += ((student[r] - full[r]) / rms).pow(2).mean().item()
+    assert want > 0.1 and aligned - plain == pytest.approx(0.5 * 2.0 * want, rel=1e-4)
+    ups = [p for n, p in model.skip_adapters.named_parameters() if n.endswith(".up.weight")]
+    assert len(ups) == 4 and all(p.grad.abs().sum() > 0 for p in ups)  # every bypass's map gets a gradient
+
+
 def test_sandwich_schedule_trains_the_deepest_set_and_one_below():
     s = Schedule("nested", (5, 3, 1, 0), 100, seed=1, k_dist="sandwich")
     sets = [s.skip_sets(i) for i in range(100)]

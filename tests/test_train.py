@@ -327,6 +327,8 @@ def _other_data(tiny: Path, tmp_path: Path, n: int = 20000, tokenizer_sha256: st
     (("--save-every", "-1"), "--save-every must be 0 or more"),
     (("--kd-weight", "-1"), "--kd-weight must be 0 or more"),
     (("--ce-weight", "nan"), "--ce-weight must be 0 or more"),
+    (("--align-weight", "1"), "--align-weight aligns the bypasses of --train-scope adapters"),
+    (("--schedule", "nested", "--align-weight", "-1"), "--align-weight must be 0 or more"),
     (("--min-lr-ratio", "2"), "--min-lr-ratio must be between 0 and 1"),
     (("--dtype", "float16"), "loss scaler"),
 ])
