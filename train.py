@@ -327,7 +327,7 @@ def run_settings(args, env: distributed.Env, schedule: Schedule, warmup: int, kd
                        ce_weight=args.ce_weight, train_scope=args.train_scope, warmup=warmup,
                        min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                        seed=args.seed, k_dist=args.k_dist, adapter_rank=args.adapter_rank, adapter_mlp=args.adapter_mlp,
-                       lsq_tokens=args.lsq_tokens, align_weight=args.align_weight)
+                       lsq_tokens=args.lsq_tokens, align_weight=args.align_weight or None)
 
 
 def load_adapter_student(model_dir: Path, config: Phi3Config, env, dtype: torch.dtype, args, layers, batches,

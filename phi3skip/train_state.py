@@ -355,7 +355,7 @@ class RunSettings:
     adapter_rank: int | None
     adapter_mlp: int | None
     lsq_tokens: int
-    align_weight: float | None = None  # None: not given (runs saved before it existed match)
+    align_weight: float | None = None  # None: no alignment (so runs saved before it existed match)
 
     def state_dict(self) -> dict[str, Any]:
         return {**asdict(self), "layers": list(self.layers)}  # as JSON holds it
