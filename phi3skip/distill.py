@@ -342,9 +342,8 @@ def adapter_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, skips: Sequ
     with torch.no_grad():
         trace = model.residuals(x)
         ht = model.model.norm(trace[-1])
-    traces: list[list[torch.Tensor]] = [[] for _ in sets]
-    hs = [model.hidden_from(min(s), trace[min(s)], s, trace=t if cfg.align_weight else None)
-          for s, t in zip(sets, traces)]
+    traces = [[] if cfg.align_weight else None for _ in sets]  # each pass's residuals, for the alignment only
+    hs = [model.hidden_from(min(s), trace[min(s)], s, trace=t) for s, t in zip(sets, traces)]
     w = model.lm_head.weight
     loss, stats = chunked_kd_loss(ht, w, hs, w, [cfg.kd_weight] * len(sets), cfg.temperature,
                                   chunk=cfg.chunk, dtype=cfg.dtype)
