@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Decode speed of phi3skip's generation: against transformers' generate, per skip set against the ideal
-L/(L-k), with self-speculative decoding, and the cost of each step shape that decoding runs (`--only steps`:
-the multi-token verify against one decode step, and the speculative ceiling that follows). Prints ratios.
+"""Decode speed of phi3skip's generation: against transformers' generate and llama.cpp (the same model exported
+as f32 and q8_0 GGUFs), per skip set against the ideal L/(L-k), the exported skip sets in llama.cpp against the
+exported full model (`--only llama`), with self-speculative decoding, and the cost of each step shape that
+decoding runs (`--only steps`: the multi-token verify against one decode step, and the speculative ceiling that
+follows). Prints ratios. llama.cpp rows need `pip install -e ".[llama]"`.
 
 CPU (default): the converted SmolLM2-135M-Instruct (or --model DIR), fp32, batch 1, greedy, the same prompt and
 length for every engine; runs are alternated and medians reported.
@@ -40,7 +42,7 @@ PROMPT = "Write a short story about a robot who learns to paint, in five sentenc
 # Self-speculative decoding is reported on both kinds of text the student is scored on.
 PROMPTS = {"prose": PROMPT,
            "code": "Write a Python function that reads a CSV file and returns its rows as a list of dicts."}
-SECTIONS = ("transformers", "skip", "speculative", "steps")
+SECTIONS = ("transformers", "skip", "llama", "speculative", "steps")
 
 
 def median(xs: list[float]) -> float:
@@ -124,6 +126,26 @@ def cpu(args: argparse.Namespace) -> None:
         rates.setdefault(name, []).append(r.decode_tokens_per_s)
         results[name] = r
 
+    def llama_ggufs(sets: list[tuple[int, ...]], outtypes: tuple[str, ...]) -> dict[tuple, Path]:
+        """The model's skip sets exported as GGUFs for llama.cpp ({} when llama-cpp-python is not installed):
+        plain sets as phi3, bypassed ones as deci (phi3skip.export)."""
+        import importlib.util
+        import tempfile
+
+        from phi3skip.export import export
+
+        if importlib.util.find_spec("llama_cpp") is None:
+            print("  llama.cpp: not measured (pip install -e \".[llama]\")", flush=True)
+            return {}
+        tmp = Path(tempfile.mkdtemp(prefix="bench-gguf-"))
+        return {(s, t): export(folder, skip=",".join(map(str, s)) or "none", gguf=tmp / f"{len(s)}-{t}.gguf",
+                               outtype=t, warn=lambda m: None).gguf for s in sets for t in outtypes}
+
+    def llama_rate(path: Path) -> float:
+        from phi3skip import llamacpp
+
+        return llamacpp.decode_speed(path, ids, N, torch.get_num_threads(), repeats=1).tokens_per_s
+
     def vs_transformers() -> None:
         import transformers
 
@@ -142,16 +164,20 @@ def cpu(args: argparse.Namespace) -> None:
                     run(name, gens[name])  # compiles
                     print(f"  compiled ({mode}) in {results[name].compile_s:.0f} s", flush=True)
                     rates[name].clear()
+            ggufs = {f"llama.cpp {t}": p for (_, t), p in llama_ggufs([()], ("f32", "q8_0")).items()}
             for _ in range(rounds):
                 r, toks = hf_decode_rate(hf, x, N)
                 rates.setdefault("transformers", []).append(r)
                 ref_tokens[:] = toks
                 for name, g in gens.items():
                     run(name, g)
+                for name, path in ggufs.items():  # the CPU peer: same model, prompt, length and threads
+                    rates.setdefault(name, []).append(llama_rate(path))
         base = median(rates["transformers"])
         same = results["phi3skip"].tokens[0] == ref_tokens
-        print(f"\nvs transformers' generate (same tokens: {'yes' if same else 'NO'})")
-        for name in ["transformers", *gens]:
+        print(f"\nvs transformers' generate (same tokens: {'yes' if same else 'NO'}; llama.cpp: the model exported "
+              "as a GGUF, its own kernels)")
+        for name in ["transformers", *gens, *ggufs]:
             m = median(rates[name])
             print(f"  {name:24s} {m:8.1f} tokens/s   {m / base:5.2f}x transformers   {m / limit:6.1%} of the "
                   f"bandwidth limit")
@@ -173,6 +199,30 @@ def cpu(args: argparse.Namespace) -> None:
             print(f"  skip {','.join(map(str, s)):22s} {1 / t:8.1f} tokens/s   speedup {full / t:5.3f}x   "
                   f"ideal {ideal:5.3f}x   {(full / t) / ideal:6.1%} of ideal")
         print(f"  (full model {1 / full:.1f} tokens/s; the embedding/lm_head cost does not shrink with k)")
+
+    def llama_skip_sets() -> None:
+        # The exported skip sets in llama.cpp (bypassed sets as deci blocks) against the exported full model, and
+        # the ratio their weights' multiply-adds per token predict (llamacpp.weight_macs).
+        from phi3skip.llamacpp import weight_macs
+
+        cands = candidate_layers(L, folder)
+        sets = [()] + [tuple(cands[:k]) for k in (1, 2, 4, 6) if k <= len(cands)]
+        for t in ("f32", "q8_0"):
+            paths = llama_ggufs(sets, (t,))
+            if not paths:
+                return
+            times: dict[tuple, list[float]] = {}
+            for _ in range(rounds):
+                for (s, _), path in paths.items():
+                    times.setdefault(s, []).append(1 / llama_rate(path))
+            full = median(times[()])
+            print(f"\nllama.cpp {t}, {torch.get_num_threads()} thread(s): exported skip sets against the exported "
+                  "full model; ideal = the full model's weight multiply-adds per token / the set's")
+            for (s, _), path in list(paths.items())[1:]:
+                tt, ideal = median(times[s]), weight_macs(paths[((), t)]) / weight_macs(path)
+                print(f"  skip {','.join(map(str, s)):22s} {1 / tt:8.1f} tokens/s   speedup {full / tt:5.3f}x   "
+                      f"ideal {ideal:5.3f}x   {(full / tt) / ideal:6.1%} of ideal")
+            print(f"  (full model {1 / full:.1f} tokens/s)")
 
     def speculative() -> None:
         # Drafts: prefixes of the trained order (the student's bypasses run in them), several lookaheads, on a
@@ -270,8 +320,8 @@ def cpu(args: argparse.Namespace) -> None:
                                                                                    "more than 100%")
                                                                  for x, a in zip((1.0, 1.3), need)))
 
-    for name, fn in (("transformers", vs_transformers), ("skip", skip_sets), ("speculative", speculative),
-                     ("steps", step_costs)):
+    for name, fn in (("transformers", vs_transformers), ("skip", skip_sets), ("llama", llama_skip_sets),
+                     ("speculative", speculative), ("steps", step_costs)):
         if name in args.only:
             section(name, fn, failures)
     if failures:

@@ -1,10 +1,12 @@
 """Skip adapters: a small bypass that runs in the slot of a skipped layer, over a frozen base model.
 
 With a frozen base the full path *is* the teacher, bit for bit; only skipped inference changes. When layer l
-is skipped, instead of nothing the slot adds a rank-r linear map of the normalised residual stream and a narrow
-SwiGLU MLP (m channels, started as the m most active channels of the skipped block's own MLP):
+is skipped, instead of nothing the slot runs a small block: a rank-r linear map of the normalised residual stream
+in place of attention (no KV cache), then a narrow SwiGLU MLP (m channels, started as the m most active channels
+of the skipped block's own MLP):
 
-    x  <-  x + up_l(down_l(rmsnorm_l(x))) + mlp_l(rmsnorm'_l(x))      down_l: H -> r,  up_l: r -> H
+    h  <-  x + up_l(down_l(rmsnorm_l(x)))      down_l: H -> r,  up_l: r -> H
+    x  <-  h + mlp_l(rmsnorm'_l(h))
 
 (2 r + 3 m) H multiply-adds per token, about 8% of a block at the default sizes: at six skipped layers of 30 the
 bypasses read ~1% of a token's weight bytes, so skipping stays nearly as fast as the plain skip. The bypass of a
@@ -13,9 +15,9 @@ calibration activations (ReplaceMe's idea: the linear map that best replaces the
 fitted to what the kept MLP channels leave), then trained by distillation (`train.py --train-scope adapters`).
 
 On disk: `skip_adapters.safetensors` beside the base checkpoint, named by skip.json's "adapters" entry, so the
-folder stays a plain `Phi3ForCausalLM` checkpoint that transformers loads as is (without the adapters).
-A bypass acts on the residual stream where a layer was removed: no weight of a standard Phi-3 model expresses
-it, so an export with the layers removed cannot carry it (`fold` says so).
+folder stays a plain `Phi3ForCausalLM` checkpoint that transformers loads as is (without the adapters). A skip
+set with bypasses exports as a heterogeneous-block model (phi3skip.deci: llama.cpp's `deci` architecture, whose
+"linear attention" block is exactly this map followed by an FFN); a standard Phi-3 checkpoint cannot hold it.
 """
 from __future__ import annotations
 
@@ -36,11 +38,22 @@ FILE = "skip_adapters.safetensors"
 KIND = "bypass"
 
 
-class Bypass(nn.Module):
-    """x + up(down(norm(x))) [+ mlp(mlp_norm(x))]: what runs in a skipped layer's slot."""
+FORMS = ("sequential", "parallel")
 
-    def __init__(self, hidden: int, rank: int, eps: float, mlp: int = 0):
+
+class Bypass(nn.Module):
+    """What runs in a skipped layer's slot: a block whose attention is a rank-r linear map and whose MLP is narrow.
+
+    sequential (default): h = x + up(down(norm(x))); out = h + mlp(mlp_norm(h)), the shape of a decoder block, so
+    an exported slot is a block of llama.cpp's `deci` architecture (linear attention + FFN) computing exactly this.
+    parallel (students saved before that form, 2026-12): out = x + up(down(norm(x))) + mlp(mlp_norm(x)).
+    """
+
+    def __init__(self, hidden: int, rank: int, eps: float, mlp: int = 0, form: str = "sequential"):
         super().__init__()
+        if form not in FORMS:
+            raise ValueError(f"bypass form {form!r}: one of {', '.join(FORMS)}")
+        self.form = form
         self.norm = RMSNorm(hidden, eps)
         self.down = nn.Linear(hidden, rank, bias=False)
         self.up = nn.Linear(rank, hidden, bias=False)
@@ -51,18 +64,19 @@ class Bypass(nn.Module):
             nn.init.zeros_(self.mlp.down_proj.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x + self.up(self.down(self.norm(x)))
-        return out if self.mlp is None else out + self.mlp(self.mlp_norm(x))
+        h = x + self.up(self.down(self.norm(x)))
+        return h if self.mlp is None else h + self.mlp(self.mlp_norm(h if self.form == "sequential" else x))
 
 
 class SkipAdapters(nn.Module):
     """One bypass per trainable layer; `for_skip` gives the model's block loop those of a skip set."""
 
-    def __init__(self, layers: Sequence[int], hidden: int, rank: int, eps: float, mlp: int = 0):
+    def __init__(self, layers: Sequence[int], hidden: int, rank: int, eps: float, mlp: int = 0,
+                 form: str = "sequential"):
         super().__init__()
         self.layers = tuple(int(i) for i in layers)
-        self.rank, self.mlp = rank, mlp
-        self.bypass = nn.ModuleDict({str(i): Bypass(hidden, rank, eps, mlp) for i in self.layers})
+        self.rank, self.mlp, self.form = rank, mlp, form
+        self.bypass = nn.ModuleDict({str(i): Bypass(hidden, rank, eps, mlp, form) for i in self.layers})
 
     def for_skip(self, skipped: Iterable[int]) -> dict[int, Bypass]:
         return {i: self.bypass[str(i)] for i in skipped if str(i) in self.bypass}
@@ -71,7 +85,8 @@ class SkipAdapters(nn.Module):
         return str(layer) in self.bypass
 
     def describe(self) -> dict:
-        return {"file": FILE, "kind": KIND, "rank": self.rank, "mlp": self.mlp, "layers": list(self.layers)}
+        return {"file": FILE, "kind": KIND, "rank": self.rank, "mlp": self.mlp, "form": self.form,
+                "layers": list(self.layers)}
 
 
 # A bypass's multiply-adds as a fraction of a block's. On the demo's budget a rank-256 map (8%) cut the excess
@@ -94,8 +109,8 @@ def default_sizes(config) -> tuple[int, int]:
     return max(8, round((budget - 3 * mlp) / 2 / 64) * 64), mlp
 
 
-def attach(model: Phi3ForCausalLM, layers: Sequence[int], rank: int | None = None, mlp: int | None = None
-           ) -> SkipAdapters:
+def attach(model: Phi3ForCausalLM, layers: Sequence[int], rank: int | None = None, mlp: int | None = None,
+           form: str = "sequential") -> SkipAdapters:
     """Give `model` fresh (zero) bypasses for `layers`, their norms copied from the skipped blocks' two norms."""
     cfg = model.config
     d_rank, d_mlp = default_sizes(cfg)
@@ -103,7 +118,8 @@ def attach(model: Phi3ForCausalLM, layers: Sequence[int], rank: int | None = Non
     if not 0 <= mlp <= cfg.intermediate_size:
         raise UserError(f"bypass MLP width {mlp}: must be 0 .. the model's intermediate size {cfg.intermediate_size}")
     p = model.lm_head.weight
-    adapters = SkipAdapters(layers, cfg.hidden_size, rank, cfg.rms_norm_eps, mlp).to(device=p.device, dtype=p.dtype)
+    adapters = SkipAdapters(layers, cfg.hidden_size, rank, cfg.rms_norm_eps, mlp, form).to(device=p.device,
+                                                                                          dtype=p.dtype)
     with torch.no_grad():
         for i in adapters.layers:
             byp, block = adapters.bypass[str(i)], model.model.layers[i]
@@ -294,9 +310,12 @@ def load(model: Phi3ForCausalLM, folder: str | Path, entry: dict) -> SkipAdapter
     try:
         kind, rank, layers = entry["kind"], int(entry["rank"]), [int(i) for i in entry["layers"]]
         mlp = int(entry.get("mlp", 0))  # written by phi3skip before the bypass had an MLP: none
+        form = str(entry.get("form", "parallel"))  # written before the sequential form: parallel
         name = str(entry.get("file", FILE))
     except (KeyError, TypeError, ValueError):
         raise UserError(f"{folder}/skip.json: its 'adapters' entry is malformed ({json.dumps(entry)[:120]})") from None
+    if form not in FORMS:
+        raise UserError(f"{folder}/skip.json: unknown bypass form {form!r} (this phi3skip knows {', '.join(FORMS)})")
     if kind != KIND:
         raise UserError(f"{folder}/skip.json: unknown skip-adapter kind {kind!r} (this phi3skip knows {KIND!r})")
     path = folder / Path(name).name
@@ -306,7 +325,7 @@ def load(model: Phi3ForCausalLM, folder: str | Path, entry: dict) -> SkipAdapter
     if not layers or any(not 0 <= i < n for i in layers):
         raise UserError(f"{path}: adapter layers {layers} are not layers of this {n}-layer model")
     try:
-        adapters = attach(model, layers, rank, mlp)
+        adapters = attach(model, layers, rank, mlp, form)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     want = state_dict(adapters)
@@ -322,14 +341,3 @@ def load(model: Phi3ForCausalLM, folder: str | Path, entry: dict) -> SkipAdapter
         for k, v in want.items():
             v.copy_(got[k])
     return adapters
-
-
-def fold(model: Phi3ForCausalLM, skip: Iterable[int]) -> dict[str, torch.Tensor]:
-    """The full-depth state dict for an export skipping `skip`, refusing when bypasses would be lost."""
-    adapters = model.skip_adapters
-    lost = sorted(i for i in skip if adapters is not None and i in adapters)
-    if lost:
-        raise UserError(f"skip {sorted(skip)}: layers {lost} run a trained bypass when skipped (skip adapters), "
-                        f"which a standard Phi-3 checkpoint cannot hold; serve this skip set with phi3skip, or "
-                        f"export a student trained without --train-scope adapters")
-    return model.base_state_dict()

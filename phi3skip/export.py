@@ -1,16 +1,16 @@
-"""Export a chosen skip set as an ordinary, shallower model: the student with those layers removed.
+"""Export a chosen skip set for other engines: the student with those layers removed, or run as their bypasses.
 
     from phi3skip.export import export
-    export("data/llm_cache/student_model", skip="28,26", out="exported/", gguf="exported.gguf", outtype="q8_0")
+    export("data/llm_cache/student_model", num_skip=4, out="exported/", gguf="exported.gguf", outtype="q8_0")
 
-The skipped blocks are dropped and the rest renumbered (`num_hidden_layers` updated), so any engine that runs
-Phi-3 (transformers, vLLM, TGI, llama.cpp through the GGUF) computes exactly what `model(x, skip=...)` computes.
-The folder is a standard `Phi3ForCausalLM` checkpoint (io.save_checkpoint: sharded past 5 GB, tokenizer and
-generation files, written atomically) with a model card (README.md) naming the source, the skipped layers, their
-measured perplexity from skip.json and the command that made it; the GGUF comes from gguf_writer.py.
-
-Pruning takes a plain full-depth Phi-3 state dict: whatever the training recipe adds for skipped inference is
-merged into it first, for the chosen skip set (`state_for_skip`), or the export refuses with one line.
+A skip set whose layers run no bypass (the full model, a student trained without skip adapters, or layers the
+adapters do not cover) becomes a standard, shallower `Phi3ForCausalLM`: the skipped blocks dropped, the rest
+renumbered (`num_hidden_layers` updated), so transformers, vLLM, TGI and llama.cpp (the `phi3` GGUF) compute exactly
+what `model(x, skip=...)` computes. A set whose layers run trained bypasses (the default recipe) becomes a
+heterogeneous-block model (phi3skip.deci): each bypass a block of llama.cpp's `deci` architecture, which runs the
+GGUF exactly; the folder has the Nemotron-NAS (DeciLM) layout. Both folders carry the tokenizer, generation files
+and a model card (README.md) naming the source, the skip set, its measured perplexity from skip.json, the engines
+that compute it and the command that made it; the GGUF comes from gguf_writer.py.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 
 from .cli import UserError
 from .config import Phi3Config
-from .bypass import fold
+from . import deci
 from .io import check_state_dict, dtype_name, from_pretrained, parse_dtype, read_skip_profile, save_checkpoint
 from .model import Phi3ForCausalLM
 from .skipsets import parse_skip_sets, validate_skip
@@ -102,6 +102,34 @@ def measurements(profile: Mapping[str, Any], skip: Sequence[int]) -> list[dict[s
     return out
 
 
+def serving_table(profile: Mapping[str, Any], num_layers: int, model: str) -> str:
+    """The trained skip sets as one short markdown table, to choose one to serve: k, the layers, each measured
+    perplexity (train.py's validation; scripts/evaluate.py's texts), the measured decode speedup over the full
+    model (evaluate.py's, phi3skip on its device) and the export command for that set."""
+    order = trained_order(profile, num_layers)
+    ev = profile.get("evaluation") if isinstance(profile.get("evaluation"), dict) else {}
+    results = {tuple(sorted(r.get("skip") or [])): r for r in ev.get("results") or [] if isinstance(r, dict)}
+    texts = list((results.get((), {}).get("student") or {}))
+    full_speed = results.get((), {}).get("tokens_per_s")
+    head = ["k", "skip", "validation ppl (train.py)", *(f"{t} ppl (evaluate.py)" for t in texts), "speedup", "export"]
+    rows = []
+    for k in range(len(order) + 1):
+        skip = order[:k]
+        by = {(m["by"], m["data"]): m["ppl"] for m in measurements(profile, skip)}
+        if not skip:
+            ppl = profile.get("perplexity") or {}
+            by[("train.py", "validation")] = ppl.get("student") if isinstance(ppl, dict) else None
+        speed = results.get(tuple(sorted(skip)), {}).get("tokens_per_s")
+        num = lambda v: f"{v:.2f}" if isinstance(v, (int, float)) else "–"  # noqa: E731
+        what = f"--num-skip {k}" if k else "--skip none"
+        rows.append([str(k), ",".join(map(str, skip)) or "none", num(by.get(("train.py", "validation"))),
+                     *(num(by.get(("scripts/evaluate.py", t))) for t in texts),
+                     f"{speed / full_speed:.2f}x" if speed and full_speed else "–",
+                     f"`python scripts/export.py --model {model} {what} --out DIR --gguf FILE.gguf`"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def describe(m: dict[str, Any]) -> str:
     ci = f" [{m['interval'][0]:.2f}, {m['interval'][1]:.2f}]" if m.get("interval") and None not in m["interval"] else ""
     return f"{m['data']} perplexity {m['ppl']:.2f}{ci} ({m['by']})"
@@ -122,14 +150,6 @@ def quality_note(profile: Mapping[str, Any], skip: Sequence[int], num_layers: in
 
 
 # Weights -----------------------------------------------------------------------------------------------
-def state_for_skip(model: Phi3ForCausalLM, skip: Sequence[int]) -> dict[str, torch.Tensor]:
-    """The full-depth Phi-3 state dict that, run with `skip`, computes what `model(x, skip=skip)` computes: skip
-    adapters are folded for this skip set, or refused with one line when they cannot be (phi3skip.bypass.fold)."""
-    if model.skip_adapters is None:
-        return model.base_state_dict()
-    return fold(model, skip)
-
-
 def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a is b or (a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
 
@@ -168,28 +188,56 @@ def prune(state_dict: Mapping[str, torch.Tensor], config: Phi3Config,
 # The model card ----------------------------------------------------------------------------------------
 def model_card(*, source: str, profile: Mapping[str, Any], skip: Sequence[int], config: Phi3Config,
                num_layers: int, dtype: torch.dtype, student_dtype: torch.dtype, command: str | None,
-               gguf: Path | None = None, outtype: str | None = None) -> str:
-    """The export's README.md: what it is, where from, its measured quality, and how to load it."""
+               gguf: Path | None = None, outtype: str | None = None, slots: Sequence[deci.Slot] | None = None) -> str:
+    """The export's README.md: what it is, where from, which engines compute it, its measured quality, how to load
+    it."""
     shown = ",".join(map(str, skip)) or "none"
-    keep = [i for i in range(num_layers) if i not in set(skip)]
+    keep = [i for i in range(num_layers) if i not in set(skip)] if slots is None else [s.layer for s in slots]
+    bypassed = [s.layer for s in slots or () if s.bypass]
+    removed = [i for i in skip if i not in bypassed]
     trained = is_trained(profile, skip, num_layers) if profile else False
     order = ",".join(map(str, trained_order(profile, num_layers)))
-    lines = [f"# {Path(source).name or source}, layer{'s' if len(skip) > 1 else ''} {shown} removed", "",
-             f"A standard Phi-3 (`Phi3ForCausalLM`) checkpoint made by phi3skip from the skippable student `{source}`"
-             + (f" (distilled from `{profile['teacher']}`)" if profile.get("teacher") else "") + ": decoder "
-             + (f"layers {shown} are" if len(skip) > 1 else f"layer {shown} is") + f" removed, so {len(keep)} of {num_layers} layers remain, renumbered 0..{len(keep) - 1}. "
-             "It computes exactly what the student computes with those layers skipped.", "",
+    same = ("In the student's own weights" + (" (this export's)" if dtype == student_dtype else
+                                               f" ({dtype_name(student_dtype)}; this export is {dtype_name(dtype)})")
+            + " it computes what the student computes with those layers skipped" +
+            (f"; the GGUF ({outtype}) adds its rounding." if gguf is not None and outtype != "f32" else "."))
+    if slots is None:
+        title = f"layer{'s' if len(skip) > 1 else ''} {shown} removed"
+        what = (f"A standard Phi-3 (`Phi3ForCausalLM`) checkpoint made by phi3skip from the skippable student `{source}`"
+                + (f" (distilled from `{profile['teacher']}`)" if profile.get("teacher") else "") + ": decoder "
+                + (f"layers {shown} are" if len(skip) > 1 else f"layer {shown} is")
+                + f" removed, so {len(keep)} of {num_layers} layers remain, renumbered 0..{len(keep) - 1}. " + same)
+        engines = "transformers, vLLM, TGI (this folder); llama.cpp and Ollama (the GGUF, `phi3` architecture)"
+    else:
+        title = f"layers {shown} skipped (bypass blocks)"
+        what = (f"A heterogeneous-block checkpoint (NVIDIA's Nemotron-NAS / DeciLM layout) made by phi3skip from the "
+                f"skippable student `{source}`" + (f" (distilled from `{profile['teacher']}`)" if profile.get("teacher")
+                                                   else "")
+                + f": layers {','.join(map(str, bypassed))} run as their trained bypasses — a block whose attention is a "
+                "linear map (`replace_with_linear`: no keys, no values, no KV cache) followed by a narrow SwiGLU FFN"
+                + (f" — and layers {','.join(map(str, removed))} are removed" if removed else "")
+                + f"; {len(slots)} blocks, {len(slots) - len(bypassed)} of them full. " + same)
+        engines = ("llama.cpp and Ollama, through the GGUF written beside it (`deci` architecture); not vLLM (its "
+                   "nemotron_nas has no linear-attention block) nor transformers (no DeciLM of its own)")
+    window = deci.context_length(config)
+    lines = [f"# {Path(source).name or source}, {title}", "", what, "",
              "| | |", "|---|---|",
              f"| source | `{source}` |",
              f"| skipped layers | {shown} "
              + (f"(a prefix of the trained skip order {order})" if trained and skip else
                 f"(**not** a skip set the student was trained for; trained order: {order or 'none'})" if skip else "")
              + " |",
-             f"| layer map | layers 0..{len(keep) - 1} here are the student's {_ranges(keep)} |",
-             f"| weights | {dtype_name(dtype)}, {config.num_params() / 1e6:.1f}M parameters"
-             + (", embeddings tied" if config.tie_word_embeddings else "") + " |"]
+             f"| layer map | blocks 0..{len(keep) - 1} here are the student's {_ranges(keep)} |",
+             f"| weights | {dtype_name(dtype)}, "
+             + (f"{config.num_params() / 1e6:.1f}M parameters" if slots is None else f"{len(slots)} blocks")
+             + (", embeddings tied" if config.tie_word_embeddings else "") + " |",
+             f"| computed by | {engines} |"]
+    if slots is not None and window < config.max_position_embeddings:
+        lines.append(f"| context | {window} tokens: the model's sliding window, which the deci architecture lacks; "
+                     "within it the window changes nothing |")
     if gguf is not None:
-        lines.append(f"| GGUF | `{gguf.name}` ({outtype}, llama.cpp's phi3 architecture) |")
+        lines.append(f"| GGUF | `{gguf.name}` ({outtype}, llama.cpp's {'phi3' if slots is None else 'deci'} "
+                     "architecture) |")
     if command:
         lines.append(f"| made by | `{command}` |")
     lines += ["", "## Measured quality (from the student's skip.json)", ""]
@@ -213,9 +261,14 @@ def model_card(*, source: str, profile: Mapping[str, Any], skip: Sequence[int], 
     else:
         lines.append("None recorded for this skip set: measure it with `scripts/evaluate.py --skip-sets "
                      f"'{shown}'` on the student.")
-    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              'model = AutoModelForCausalLM.from_pretrained("PATH/TO/THIS/FOLDER")',
-              'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")', "```", ""]
+    lines += ["", "## Use", ""]
+    if slots is None:
+        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  'model = AutoModelForCausalLM.from_pretrained("PATH/TO/THIS/FOLDER")',
+                  'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")', "```", ""]
+    elif gguf is None:
+        lines += ["Write the GGUF that llama.cpp runs: `python scripts/export.py --model "
+                  f"{source} --skip {shown} --gguf FILE`.", ""]
     if gguf is not None:
         lines += ["```bash", f'llama-cli -m {gguf.name} -p "def fibonacci(n):"      # llama.cpp; Ollama: FROM ./{gguf.name}',
                   "```", ""]
@@ -242,6 +295,7 @@ class Exported:
     folder: Path | None
     gguf: Path | None
     note: str | None  # the quality warning, if any
+    slots: list[deci.Slot] | None = None  # the blocks of a bypassed export (deci); None: a plain Phi-3
 
 
 def default_outtype(dtype: torch.dtype) -> str:
@@ -287,12 +341,17 @@ def export(src: str | os.PathLike, *, skip: str | Sequence[int] | None = None, n
     profile = read_skip_profile(folder)
     L = model.config.num_hidden_layers
     chosen = choose_skip(profile, L, skip, num_skip)
-    if len(chosen) == L:
+    if len(chosen) == L and not deci.bypassed(model, chosen):
         raise ExportError(f"--skip removes all {L} layers; keep at least one")
     note = quality_note(profile, chosen, L) if chosen else None
     if note:
         (warn or (lambda m: warnings.warn(m, stacklevel=3)))(note)
-    state, config = prune(state_for_skip(model, chosen), model.config, chosen)
+    slots: list[deci.Slot] | None = None
+    if deci.bypassed(model, chosen):  # trained bypasses: heterogeneous blocks (llama.cpp's deci)
+        state, slots = deci.export_state(model, chosen)
+        config = model.config.replace(num_hidden_layers=len(slots))
+    else:
+        state, config = prune(model.base_state_dict(), model.config, chosen)
     target = parse_dtype(dtype, default=model.lm_head.weight.dtype)
     state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
     bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
@@ -305,16 +364,21 @@ def export(src: str | os.PathLike, *, skip: str | Sequence[int] | None = None, n
         check_config(config)  # before the folder is written
         outtype = outtype or default_outtype(target)
     card = model_card(source=str(src), profile=profile, skip=chosen, config=config, num_layers=L, dtype=target,
-                      student_dtype=model.lm_head.weight.dtype, command=command, gguf=gguf_path, outtype=outtype)
+                      student_dtype=model.lm_head.weight.dtype, command=command, gguf=gguf_path, outtype=outtype,
+                      slots=slots)
     if out_path is not None:
-        save_checkpoint(state, config, out_path, copy_from=folder, files={"README.md": card})
+        config_json = None if slots is None else deci.config_dict(model.config, slots, dtype_name(target))
+        save_checkpoint(state, config, out_path, copy_from=folder, files={"README.md": card}, config_json=config_json)
     if gguf_path is not None:
-        from .gguf_writer import write_gguf
+        from .gguf_writer import write_deci_gguf, write_gguf
 
         shown = "-".join(map(str, chosen)) or "none"
-        write_gguf(state, config, gguf_path, tokenizer_dir=folder, outtype=outtype, overwrite=overwrite,
-                   name=f"{folder.name} skip {shown}")
-    return Exported(chosen, config.replace(torch_dtype=dtype_name(target)), target, out_path, gguf_path, note)
+        common = dict(tokenizer_dir=folder, outtype=outtype, overwrite=overwrite, name=f"{folder.name} skip {shown}")
+        if slots is None:
+            write_gguf(state, config, gguf_path, **common)
+        else:
+            write_deci_gguf(state, model.config, slots, gguf_path, **common)
+    return Exported(chosen, config.replace(torch_dtype=dtype_name(target)), target, out_path, gguf_path, note, slots)
 
 
-__all__ = ["export", "prune", "state_for_skip", "choose_skip", "measurements", "model_card", "ExportError"]
+__all__ = ["export", "prune", "serving_table", "choose_skip", "measurements", "model_card", "ExportError"]

@@ -1,4 +1,5 @@
-"""Phi-3 checkpoint -> GGUF (llama.cpp's phi3 architecture), the reverse of gguf.py.
+"""Phi-3 checkpoint -> GGUF (llama.cpp's phi3 architecture), the reverse of gguf.py; a bypassed skip set ->
+GGUF of llama.cpp's deci architecture (`write_deci_gguf`, over phi3skip.deci's heterogeneous blocks).
 
     from phi3skip.gguf_writer import write_gguf
     write_gguf(model.state_dict(), model.config, "model.gguf", tokenizer_dir=folder, outtype="q8_0")
@@ -16,7 +17,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -246,16 +247,23 @@ def _plan(state_dict: Mapping[str, torch.Tensor], config: Phi3Config) -> list[tu
     return out
 
 
-def _hparams(w: Any, config: Phi3Config) -> None:
-    w.add_context_length(config.max_position_embeddings)
+def _blocks(w: Any, config: Phi3Config, *, context: int, blocks: int, ffn: int | list[int], heads: int | list[int],
+            kv_heads: int | list[int]) -> None:
+    """The hyperparameters every architecture here has; per-block lists where blocks differ (deci)."""
+    w.add_context_length(context)
     w.add_embedding_length(config.hidden_size)
-    w.add_feed_forward_length(config.intermediate_size)
-    w.add_block_count(config.num_hidden_layers)
-    w.add_head_count(config.num_attention_heads)
-    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_block_count(blocks)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_rope_dimension_count(config.rotary_dim)
     w.add_rope_freq_base(config.rope_theta)
+
+
+def _hparams(w: Any, config: Phi3Config) -> None:
+    _blocks(w, config, context=config.max_position_embeddings, blocks=config.num_hidden_layers,
+            ffn=config.intermediate_size, heads=config.num_attention_heads, kv_heads=config.num_key_value_heads)
     w.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings)
     w.add_sliding_window(config.sliding_window or 0)  # 0: none (llama.cpp currently runs phi3 without it anyway)
     if config.rope_scaling is not None:
@@ -270,6 +278,78 @@ def write_gguf(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, path:
     outtype: f32, f16, bf16 or q8_0 (2-D weights; norms and rope factors stay F32). The file is written under a
     temporary name and renamed into place; an existing file is an error unless overwrite=True.
     """
+    check_config(config)
+    return _write(path, "phi3", lambda w: _hparams(w, config), _plan(state_dict, config),
+                  tokenizer_metadata(tokenizer_dir, config), outtype, name, overwrite)
+
+
+def write_deci_gguf(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, slots: Sequence[Any],
+                    path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike, outtype: str = "f32",
+                    name: str | None = None, overwrite: bool = False) -> Path:
+    """Write a heterogeneous-block model (phi3skip.deci.export_state's state dict and slots) as a GGUF of
+    llama.cpp's deci architecture: per-block head counts (0 KV heads: linear attention) and FFN lengths, Q/K rows
+    permuted for its interleaved RoPE as llama.cpp's own converter does. Same outtypes and rules as write_gguf."""
+    from .deci import check, context_length
+
+    check(config, "sequential")
+    nH, nKV = config.num_attention_heads, config.num_key_value_heads
+    plan = []
+    for hf, t in state_dict.items():
+        if hf.endswith("self_attn.q_proj.weight"):
+            t = _permute(t, nH)
+        elif hf.endswith("self_attn.k_proj.weight"):
+            t = _permute(t, nKV)
+        plan.append((_deci_name(hf), hf, t))
+
+    def hparams(w: Any) -> None:  # 0 KV heads: llama.cpp's deci linear attention
+        _blocks(w, config, context=context_length(config), blocks=len(slots), ffn=[s.ffn for s in slots],
+                heads=[nH for _ in slots], kv_heads=[0 if s.bypass else nKV for s in slots])
+        w.add_key_length(config.hd)
+        w.add_value_length(config.hd)
+        w.add_vocab_size(config.vocab_size)
+
+    return _write(path, "deci", hparams, plan, tokenizer_metadata(tokenizer_dir, config), outtype, name, overwrite)
+
+
+_DECI_LEAVES = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+                "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+                "self_attn.o_proj.weight": "attn_output.weight", "self_attn.linear_attn.weight": "attn_output.weight",
+                "post_attention_layernorm.weight": "ffn_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+                "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+_DECI_GLOBALS = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                 "lm_head.weight": "output.weight"}
+
+
+def _deci_name(name: str) -> str:
+    if name.startswith("model.layers."):
+        i, leaf = name.removeprefix("model.layers.").split(".", 1)
+        return f"blk.{i}.{_DECI_LEAVES[leaf]}"
+    return _DECI_GLOBALS[name]
+
+
+def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Q/K rows from rotate-half (Hugging Face, Phi-3) to llama.cpp's interleaved RoPE order: its converter's
+    `permute` (gguf._unpermute is the inverse)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# llama.cpp gives these tokens Phi-3's strip attributes when general.name contains "phi3" or "phi-3", and fails to
+# load ("error loading model vocabulary: unordered_map::at") when one is missing from the vocabulary.
+_PHI3_NAMED_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def _safe_name(name: str, fields: list[Field]) -> str:
+    """The model's name, kept from matching llama.cpp's Phi-3 name rule unless the vocabulary has its tokens."""
+    tokens = set(next((f[1] for f in fields if f[0] == "tokenizer.ggml.tokens"), ()))
+    if all(t in tokens for t in _PHI3_NAMED_TOKENS):
+        return name
+    return re.sub(r"(?i)phi(-?)3", lambda m: f"phi{m.group(1)} 3", name)
+
+
+def _write(path: str | os.PathLike, arch: str, hparams: Callable[[Any], None],
+           tensors: list[tuple[str, str, torch.Tensor]], fields: list[Field], outtype: str, name: str | None,
+           overwrite: bool) -> Path:
+    """The GGUF file itself: metadata, the tokenizer, then each tensor; through a temporary sibling and a rename."""
     gguf = require_gguf()
     path = Path(path).expanduser()
     if outtype not in OUTTYPES:
@@ -277,16 +357,14 @@ def write_gguf(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, path:
     if path.exists() and (path.is_dir() or not overwrite):
         raise GGUFError(f"{path}: already exists; pass --overwrite (overwrite=True) to replace it"
                         if not path.is_dir() else f"{path}: is a folder, expected a .gguf file name")
-    check_config(config)
-    fields = tokenizer_metadata(tokenizer_dir, config)
-    plan = [(gg, hf, t, _qtype(outtype, tuple(t.shape))) for gg, hf, t in _plan(state_dict, config)]
+    plan = [(gg, hf, t, _qtype(outtype, tuple(t.shape))) for gg, hf, t in tensors]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        w = gguf.GGUFWriter(tmp, "phi3")
+        w = gguf.GGUFWriter(tmp, arch)
         if name:
-            w.add_name(name)
-        _hparams(w, config)
+            w.add_name(_safe_name(name, fields))
+        hparams(w)
         ft = gguf.LlamaFileType
         w.add_file_type({"f32": ft.ALL_F32, "f16": ft.MOSTLY_F16, "bf16": ft.MOSTLY_BF16, "q8_0": ft.MOSTLY_Q8_0}[outtype])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -309,4 +387,4 @@ def write_gguf(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, path:
     return path
 
 
-__all__ = ["write_gguf", "tokenizer_metadata", "check_config", "require_gguf", "OUTTYPES"]
+__all__ = ["write_gguf", "write_deci_gguf", "tokenizer_metadata", "check_config", "require_gguf", "OUTTYPES"]

@@ -220,11 +220,13 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
 
 def save_checkpoint(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, folder: str | os.PathLike, *,
                     files: Mapping[str, str | bytes] | None = None, copy_from: str | os.PathLike | None = None,
-                    extra_json: Mapping[str, Any] | None = None, max_shard_size: int = 5 * 2**30) -> Path:
+                    extra_json: Mapping[str, Any] | None = None, max_shard_size: int = 5 * 2**30,
+                    config_json: Mapping[str, Any] | None = None) -> Path:
     """Write a Phi3ForCausalLM checkpoint folder atomically: a temporary sibling folder, then a rename.
 
     files: extra files by name (tokenizer.json, ...); copy_from: a folder whose tokenizer and generation files
-    are carried over; extra_json: name -> object written as JSON (for example skip.json).
+    are carried over; extra_json: name -> object written as JSON (for example skip.json); config_json: another
+    config.json than `config`'s (a heterogeneous-block export, phi3skip.deci), `config` still naming the tokens.
     """
     folder = Path(folder)
     sd = {k: _plain(v) for k, v in state_dict.items()
@@ -244,7 +246,7 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, 
             (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
         for name, obj in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(dict(config_json or config.to_dict()), indent=2) + "\n")
         if not (tmp / "generation_config.json").exists():
             gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
                    "pad_token_id": config.pad_token_id}

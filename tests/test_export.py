@@ -10,7 +10,7 @@ import torch
 
 import phi3skip
 from phi3skip import Phi3ForCausalLM, UserError, save_checkpoint
-from phi3skip.export import ExportError, choose_skip, export, measurements, prune
+from phi3skip.export import serving_table, ExportError, choose_skip, export, measurements, prune
 
 transformers = pytest.importorskip("transformers")
 from test_model import make_pair, tokens  # noqa: E402
@@ -91,25 +91,70 @@ def test_untied_when_head_differs(tmp_path):
     assert tied_cfg.tie_word_embeddings and "lm_head.weight" not in same
 
 
+def deci_reference(folder: Path, x: torch.Tensor) -> torch.Tensor:
+    """Logits of a Nemotron-NAS (DeciLM) folder, computed from its config.json and weights as that layout defines
+    them (vLLM's nemotron_nas and NVIDIA's DeciLM code, read): per block, a grouped-query attention with
+    rotate-half RoPE or a `replace_with_linear` map, each on its input norm, then a SwiGLU FFN on its own norm."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "config.json").read_text())
+    w = load_file(str(folder / "model.safetensors"))
+    H, nH, nKV, hd, eps = (cfg[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                                            "rms_norm_eps"))
+    norm = lambda v, g: v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * g  # noqa: E731
+    T = x.shape[1]
+    inv = 1.0 / cfg["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd)
+    ang = torch.cat([torch.outer(torch.arange(T).float(), inv)] * 2, -1)
+    rot = lambda t: t * ang.cos() + torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1) * ang.sin()  # noqa: E731
+    h = w["model.embed_tokens.weight"][x]
+    for i, block in enumerate(cfg["block_configs"]):
+        p = f"model.layers.{i}."
+        a = norm(h, w[p + "input_layernorm.weight"])
+        if block["attention"]["replace_with_linear"]:
+            h = h + a @ w[p + "self_attn.linear_attn.weight"].T
+        else:
+            q = (a @ w[p + "self_attn.q_proj.weight"].T).view(1, T, nH, hd).transpose(1, 2)
+            k = (a @ w[p + "self_attn.k_proj.weight"].T).view(1, T, nKV, hd).transpose(1, 2)
+            v = (a @ w[p + "self_attn.v_proj.weight"].T).view(1, T, nKV, hd).transpose(1, 2)
+            k, v = (t.repeat_interleave(nH // nKV, 1) for t in (k, v))
+            o = torch.nn.functional.scaled_dot_product_attention(rot(q), rot(k), v, is_causal=True)
+            h = h + o.transpose(1, 2).reshape(1, T, H) @ w[p + "self_attn.o_proj.weight"].T
+        f = norm(h, w[p + "post_attention_layernorm.weight"])
+        gate, up = f @ w[p + "mlp.gate_proj.weight"].T, f @ w[p + "mlp.up_proj.weight"].T
+        assert gate.shape[-1] == block["ffn"]["intermediate_size"]
+        h = h + (torch.nn.functional.silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T
+    head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+    return norm(h, w["model.norm.weight"]) @ head.T
+
+
 @torch.no_grad()
-def test_skip_adapters_refuse_the_sets_they_serve(tmp_path):
-    """A student with trained bypasses: a skip set that uses one cannot become a standard checkpoint (one line);
-    a set that uses none exports the plain base, equal to phi3skip skipping those layers."""
+def test_bypassed_sets_export_as_heterogeneous_blocks(tmp_path):
+    """A student with trained bypasses: a set that uses one becomes a Nemotron-NAS folder (a bypass is a linear
+    attention + its FFN; a layer skipped without one is removed) whose logits are the student's; a set that uses
+    none exports the plain base, a Phi3ForCausalLM equal to phi3skip skipping those layers."""
     from phi3skip import bypass
 
     folder, _ = student(tmp_path, "medium-gqa")
     model = phi3skip.from_pretrained(folder)
     bypass.attach(model, [2], rank=8)
-    with torch.no_grad():
-        model.skip_adapters.bypass["2"].up.weight.normal_()
+    for name, p in model.skip_adapters.named_parameters():
+        p.copy_(torch.rand_like(p) + 0.5 if "norm" in name else torch.randn_like(p) * 0.3)
     withad = tmp_path / "with-adapters"
     phi3skip.save_pretrained(model, withad, extra_json={"skip.json": {**PROFILE, "layers": [2]}})
-    with pytest.raises(UserError, match="cannot hold"):
-        export(withad, skip="2", out=tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    x = tokens(9)[:1]  # inside the sliding window (9), which the deci layout lacks
+    for skip in ((2,), (2, 0)):
+        out = export(withad, skip=",".join(map(str, skip)), out=tmp_path / f"deci{len(skip)}", warn=lambda m: None)
+        cfg = json.loads((out.folder / "config.json").read_text())
+        assert cfg["architectures"] == ["DeciLMForCausalLM"] and cfg["model_type"] == "nemotron-nas"
+        assert cfg["max_position_embeddings"] == 9 and cfg["num_hidden_layers"] == 4 - len(skip) + 1
+        assert [b["attention"]["replace_with_linear"] for b in cfg["block_configs"]] == \
+            [False] * (2 - len(skip) + 1) + [True, False]
+        torch.testing.assert_close(deci_reference(out.folder, x), model(x, skip=skip), rtol=1e-4, atol=1e-4)
+        card = (out.folder / "README.md").read_text()
+        assert "llama.cpp" in card and "not vLLM" in card and "linear map" in card
     with pytest.warns(UserWarning, match="not a prefix of the trained order"):
         out = export(withad, skip="0", out=tmp_path / "out0")
-    x = tokens(9)
+    assert out.slots is None
     torch.testing.assert_close(phi3skip.from_pretrained(out.folder)(x), model(x, skip=(0,)), rtol=1e-5, atol=1e-5)
 
 
@@ -205,3 +250,18 @@ def test_float16_overflow_is_refused(tmp_path):
     with pytest.raises(ExportError, match="not finite in float16 .*use --dtype bfloat16"):
         export(folder, num_skip=1, out=tmp_path / "out", dtype="float16")
     assert not (tmp_path / "out").exists()
+
+
+def test_serving_table_gives_each_trained_set_its_figures_and_export_command():
+    profile = {"layers": [2, 0], "perplexity": {"teacher": 9.0, "student": 9.0,
+                                                "prefixes": [{"skip": [2], "perplexity": 9.5}]},
+               "evaluation": {"results": [
+                   {"skip": [], "student": {"code": {"ppl": 10.0}, "prose": {"ppl": 20.0}}, "tokens_per_s": 40.0},
+                   {"skip": [2], "student": {"code": {"ppl": 10.5}, "prose": {"ppl": 21.0}}, "tokens_per_s": 44.0},
+                   {"skip": [0, 2], "student": {"code": {"ppl": 11.25}}, "tokens_per_s": 50.0}]}}
+    rows = serving_table(profile, 4, "M").splitlines()
+    assert rows[0] == ("| k | skip | validation ppl (train.py) | code ppl (evaluate.py) | prose ppl (evaluate.py) | "
+                       "speedup | export |")
+    assert rows[2].startswith("| 0 | none | 9.00 | 10.00 | 20.00 | 1.00x | `python scripts/export.py --model M --skip none")
+    assert rows[3].startswith("| 1 | 2 | 9.50 | 10.50 | 21.00 | 1.10x | `python scripts/export.py --model M --num-skip 1")
+    assert rows[4].startswith("| 2 | 2,0 | – | 11.25 | – | 1.25x |") and len(rows) == 5

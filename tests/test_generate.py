@@ -437,8 +437,9 @@ def test_cli_unknown_model_is_one_line_exit_2(tmp_path):
 
 def test_cli_show_skips_and_default_draft(tiny_dir, capsys):
     cli.run(["--model", str(tiny_dir), "--show-skips"])
-    out = capsys.readouterr().out
-    assert "2, 1" in out and '"ppl"' in out
+    out = capsys.readouterr().out.splitlines()
+    assert "skip order 2, 1" in out[0] and len(out) == 1 + 2 + 3 + 1  # title, table head, k = 0..2, a hint
+    assert out[4].startswith("| 1 | 2 | – |") and f"--model {tiny_dir} --num-skip 1 --out DIR" in out[4]
     trained = cli.trained_order(tiny_dir)
     assert trained == [2, 1] and cli.trained_order(tiny_dir.parent) == []
     assert default_draft_skip(trained, (), 4) == (2, 1)

@@ -66,14 +66,22 @@ def model_folder(src: str) -> Path:
     return io.resolve(src)
 
 
-def show_skips(folder: Path) -> None:
+def show_skips(folder: Path, model: str) -> None:
+    """The trained skip sets, one short table: what each costs in quality, gains in speed, and how to export it."""
+    from phi3skip.config import Phi3Config
+    from phi3skip.export import serving_table
+
     obj = io.read_skip_profile(folder)
     if not obj:
         raise UserError(f"{folder}: no skip.json (it is written by train.py and updated by scripts/evaluate.py)")
-    layers = obj.get("layers")
-    if isinstance(layers, list):
-        print(f"skippable layers, in skip order: {', '.join(map(str, layers))}")
-    print(json.dumps(obj, indent=2))
+    num_layers = Phi3Config.from_json(folder / "config.json").num_hidden_layers
+    order = obj.get("layers")
+    print(f"{model}: skippable layers in skip order {', '.join(map(str, order)) if isinstance(order, list) else 'none'}"
+          f"; teacher {obj.get('teacher', 'unknown')}; every figure from {folder / 'skip.json'}")
+    print(serving_table(obj, num_layers, model))
+    if not obj.get("evaluation"):
+        print("(no evaluate.py measurements yet: python scripts/evaluate.py --model "
+              f"{model} --data DIR adds perplexity on held-out text and decode speed)")
 
 
 def profile_of(folder: Path) -> dict:
@@ -98,7 +106,7 @@ def run(argv: list[str] | None = None) -> None:
                    help="checkpoint folder or Hub repo id (default: train.py's output, data/llm_cache/student_model)")
     p.add_argument("--skip", default="none", help="layers to skip, e.g. 30,28, or first:K (the first K of the "
                                                   "student's trained order, see --show-skips); default none")
-    p.add_argument("--show-skips", action="store_true", help="print the model folder's skip.json and exit")
+    p.add_argument("--show-skips", action="store_true", help="print a table of the trained skip sets (quality, speed, export command) and exit")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-file", action="append",
                    help="a text file (one prompt) or .jsonl (one prompt per line); - reads stdin")
@@ -134,7 +142,7 @@ def run(argv: list[str] | None = None) -> None:
     trained = trained_order(folder)
     skip = parse_skip(args.skip, trained)
     if args.show_skips:
-        show_skips(folder)
+        show_skips(folder, args.model)
         return
 
     from phi3skip import chat

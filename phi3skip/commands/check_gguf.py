@@ -1,0 +1,80 @@
+"""Run an exported GGUF in llama.cpp beside the student it came from: perplexity on held-out tokens against
+phi3skip's own for the same skip set, and decode speed against another GGUF (the exported full model) with the
+ratio their per-token work predicts.
+
+    python scripts/check_gguf.py --model data/llm_cache/student_model --num-skip 4 --gguf skip4.gguf \
+        --data data/stdlib --against full.gguf
+
+Needs llama.cpp's Python binding (`pip install -e ".[llama]"`: it builds llama.cpp, ~5 minutes on 2 cores).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from phi3skip.cli import ArgumentParser, UserError, run_main
+
+SPEED_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+
+
+def run(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="data/llm_cache/student_model", help="the student the GGUF was exported from")
+    p.add_argument("--skip", help="the skip set the GGUF holds, e.g. 14,13 or first:2 (as scripts/export.py took it)")
+    p.add_argument("--num-skip", type=int, help="... or the first K layers of skip.json's trained order")
+    p.add_argument("--gguf", required=True, help="the exported GGUF to run")
+    p.add_argument("--data", help="data folder made by prepare.py: its val.bin is scored")
+    p.add_argument("--text", help="... or a text file, tokenized with the student's tokenizer")
+    p.add_argument("--max-tokens", type=int, default=2048, help="tokens scored (default 2048)")
+    p.add_argument("--seq-len", type=int, default=256, help="window length (default 256)")
+    p.add_argument("--against", help="a GGUF to time decoding against (the exported full model)")
+    p.add_argument("--speed-tokens", type=int, default=64, help="new tokens per decode run (default 64; 0: none)")
+    p.add_argument("--repeats", type=int, default=3, help="decode runs of each GGUF, alternated (default 3)")
+    p.add_argument("--threads", type=int, default=1, help="llama.cpp threads (default 1)")
+    args = p.parse_args(argv)
+    if (args.data is None) == (args.text is None):
+        raise UserError("give one of --data (a prepare.py folder) or --text FILE: the held-out tokens to score")
+    for flag, value, low in (("--max-tokens", args.max_tokens, 1), ("--seq-len", args.seq_len, 1),
+                             ("--speed-tokens", args.speed_tokens, 0), ("--repeats", args.repeats, 1),
+                             ("--threads", args.threads, 1)):
+        if value < low:
+            raise UserError(f"{flag} {value}: must be at least {low}")
+    for flag, path in (("--gguf", args.gguf), ("--against", args.against)):
+        if path is not None and not Path(path).is_file():
+            raise UserError(f"{flag} {path}: no such file")
+
+    from phi3skip import from_pretrained, llamacpp
+    from phi3skip.commands.evaluate import read_texts, text_batches
+    from phi3skip.evaluate import val_batches
+    from phi3skip.export import choose_skip
+    from phi3skip.io import read_skip_profile, resolve
+    from phi3skip.tokenizer import check_data_tokenizer, load_tokenizer
+
+    llamacpp.require()  # before any model loads
+    texts = read_texts([args.text]) if args.text else {}
+    folder = resolve(args.model)
+    student = from_pretrained(folder, dtype="float32")
+    skip = choose_skip(read_skip_profile(folder), student.config.num_hidden_layers, args.skip, args.num_skip)
+    if args.data:
+        check_data_tokenizer(args.data, folder)
+        batches = val_batches(Path(args.data) / "val.bin", 4, args.seq_len, args.max_tokens,
+                              vocab_size=student.config.vocab_size)
+    else:
+        batches = text_batches(texts, folder, 4, args.seq_len, args.max_tokens)
+    prompt = load_tokenizer(str(folder)).encode(SPEED_PROMPT).ids
+    res = llamacpp.check(student, skip, args.gguf, batches, args.against, prompt,
+                         args.speed_tokens if args.against else 0, args.threads, args.repeats)
+    shown = ",".join(map(str, skip)) or "none"
+    for line in res.lines(f"{Path(args.gguf).name} (skip {shown})", Path(args.against).name if args.against else None):
+        print(line, flush=True)
+    if args.against is None and args.speed_tokens:
+        print("(no --against GGUF: decode speed not measured)", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`phi3skip-check-gguf` and `python scripts/check_gguf.py`: a mistake is one line on stderr and exit code 2."""
+    run_main(lambda: run(argv))
+
+
+if __name__ == "__main__":
+    main()

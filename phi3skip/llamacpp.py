@@ -1,0 +1,178 @@
+"""Run a GGUF in llama.cpp itself (through `llama-cpp-python`, an optional dependency): every position's logits,
+perplexity on token windows, greedy decode speed. What the tests, scripts/check_gguf.py and the benchmarks use to
+hold our GGUF writer to the engine it writes for.
+
+    from phi3skip import llamacpp
+    scores = llamacpp.logits("model.gguf", [1, 2, 3])           # np.float32 [3, V]
+    ppl = llamacpp.perplexity("model.gguf", windows)             # windows: token id rows, as phi3skip scores them
+
+llama.cpp picks LongRoPE's factors by its context size (n_ctx) rather than by the sequence's length, and runs the
+phi3 architecture without its sliding window: windows are scored in a context of their own length, and tests stay
+inside the window, where both rules agree with Phi-3's.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .cli import UserError
+
+
+def require() -> object:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError("llama.cpp's Python binding is needed: pip install llama-cpp-python (it builds llama.cpp "
+                        "from source with cmake and a C++ compiler, ~5 minutes on 2 cores; pip keeps the wheel)") from None
+    return llama_cpp
+
+
+@contextmanager
+def load(path: str | os.PathLike, n_ctx: int, threads: int = 1, all_logits: bool = True,
+         repack: bool = False) -> Iterator[object]:
+    """A llama.cpp model and context for `path`, freed on exit (its logs silenced); keys and values cached in
+    F32 (the default F16 cache rounds them).
+
+    repack: llama.cpp's extra CPU buffer types (repacked and AMX kernels; llama-cli's default, `--no-repack` turns
+    them off). Off by default: on an AMX CPU of ours, its Q8_0 AMX kernel crashes (SIGSEGV in
+    ggml_backend_amx_mul_mat) on any batch of more than one token; one token at a time it runs."""
+    llama_cpp = require()
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such GGUF file")
+    low = llama_cpp.llama_cpp
+    defaults = low.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = repack
+        return p
+
+    low.llama_model_default_params = params  # the binding has no argument for it; restored below
+    try:
+        llm = llama_cpp.Llama(model_path=os.fspath(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                              logits_all=all_logits, n_threads=threads, n_threads_batch=threads, verbose=False,
+                              type_k=0, type_v=0)  # GGML_TYPE_F32
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: llama.cpp cannot load it ({e})") from None
+    finally:
+        low.llama_model_default_params = defaults
+    try:
+        yield llm
+    finally:
+        llm.close()
+
+
+def logits(path: str | os.PathLike, ids: Sequence[int], threads: int = 1) -> np.ndarray:
+    """llama.cpp's logits at every position of one sequence [T, V] (float32)."""
+    with load(path, len(ids), threads) as llm:
+        return _scores(llm, ids)
+
+
+def _scores(llm, ids: Sequence[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(list(map(int, ids)))
+    return np.array(llm.scores[:len(ids)], dtype=np.float32)
+
+
+def perplexity(path: str | os.PathLike, windows: Iterable[Sequence[int]], threads: int = 1) -> float:
+    """exp(mean next-token negative log-likelihood) over the windows, each scored from its start (no context
+    carried across windows), as phi3skip.evaluate scores token windows."""
+    windows = [list(map(int, w)) for w in windows]
+    nll, n = 0.0, 0
+    with load(path, max(map(len, windows)), threads) as llm:
+        for w in windows:
+            s = _scores(llm, w)[:-1].astype(np.float64)
+            top = s.max(-1, keepdims=True)
+            logz = (top[:, 0] + np.log(np.exp(s - top).sum(-1)))
+            nll += float((logz - s[np.arange(len(w) - 1), w[1:]]).sum())
+            n += len(w) - 1
+    return math.exp(nll / n)
+
+
+@dataclass
+class Speed:
+    tokens_per_s: float  # median over repeats
+    runs: list[float]
+
+
+def decode_speed(path: str | os.PathLike, prompt: Sequence[int], new_tokens: int, threads: int = 1,
+                 repeats: int = 3, repack: bool = True) -> Speed:
+    """Greedy decoding in llama.cpp, one token per call after the prompt: tokens/s of the decode steps alone
+    (the prompt, fed a token at a time, untimed), median of `repeats` runs. repack: llama.cpp's default kernels
+    (see `load`), which decode one token at a time without fault."""
+    runs = []
+    with load(path, len(prompt) + new_tokens + 1, threads, all_logits=False, repack=repack) as llm:
+        for _ in range(repeats + 1):  # the first run warms caches and pages the weights in
+            llm.reset()
+            for t in prompt:
+                llm.eval([int(t)])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                llm.eval([tok])
+                tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            runs.append(new_tokens / (time.perf_counter() - t0))
+    runs = runs[1:]
+    return Speed(float(np.median(runs)), runs)
+
+
+def weight_macs(path: str | os.PathLike) -> int:
+    """Multiply-adds per token of a GGUF's weight matrices (every 2-D tensor, once; the token embedding only when
+    it is also the output, tied): the per-token work that decoding reads from memory, whatever the tensor type."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(np.prod(t.shape)) for t in GGUFReader(path).tensors if len(t.shape) >= 2}
+    if "output.weight" in tensors:
+        tensors.pop("token_embd.weight", None)  # a row lookup, not a product
+    return sum(tensors.values())
+
+
+@dataclass
+class Check:
+    """An exported GGUF run in llama.cpp beside phi3skip's own model skipping the same layers."""
+    ppl: float  # llama.cpp's
+    ppl_ours: float  # phi3skip's, the student skipping the set
+    tokens: int
+    speed: Speed | None = None  # llama.cpp decode of this GGUF
+    speed_against: Speed | None = None  # ... and of the reference GGUF (the exported full model)
+    ideal: float | None = None  # the reference's weight_macs over this GGUF's
+
+    def lines(self, name: str, against: str | None = None) -> list[str]:
+        out = [f"llama.cpp {name}: perplexity {self.ppl:.4f} on {self.tokens:,} held-out tokens, phi3skip "
+               f"{self.ppl_ours:.4f} for the same skip set ({100 * (self.ppl / self.ppl_ours - 1):+.2f}%)"]
+        if self.speed is not None and self.speed_against is not None and self.ideal is not None:
+            ratio = self.speed.tokens_per_s / self.speed_against.tokens_per_s
+            out.append(f"llama.cpp decode: {self.speed.tokens_per_s:.1f} tokens/s against {self.speed_against.tokens_per_s:.1f} "
+                       f"for {against}: {ratio:.3f}x, {100 * ratio / self.ideal:.0f}% of the ideal {self.ideal:.3f}x "
+                       "(their weights' multiply-adds per token)")
+        return out
+
+
+def check(student, skip: Sequence[int], gguf: str | os.PathLike, batches: Sequence[tuple],
+          against: str | os.PathLike | None = None, prompt: Sequence[int] = (), new_tokens: int = 0,
+          threads: int = 1, repeats: int = 3) -> Check:
+    """Score `gguf` in llama.cpp on `batches` ((x, y) token windows, as phi3skip.evaluate takes them) beside
+    `student` skipping `skip`; with `against` and `new_tokens`, time both GGUFs' decoding (median of `repeats`,
+    alternated) and give the ratio their per-token work predicts."""
+    from .evaluate import perplexity_ci
+
+    windows = [w for x, y in batches for w in np.concatenate([x.cpu().numpy(), y[:, -1:].cpu().numpy()], 1).tolist()]
+    res = Check(perplexity(gguf, windows, threads), perplexity_ci(student, batches, skip).ppl,
+                sum(len(w) - 1 for w in windows))
+    if against is not None and new_tokens:
+        mine, ref = [], []
+        for _ in range(repeats):  # alternated, so a drift of the machine's speed hits both alike
+            mine += decode_speed(gguf, prompt, new_tokens, threads, repeats=1).runs
+            ref += decode_speed(against, prompt, new_tokens, threads, repeats=1).runs
+        res.speed, res.speed_against = Speed(float(np.median(mine)), mine), Speed(float(np.median(ref)), ref)
+        res.ideal = weight_macs(against) / weight_macs(gguf)
+    return res
+
+
+__all__ = ["require", "load", "logits", "perplexity", "decode_speed", "Speed", "weight_macs", "check", "Check"]
