@@ -29,7 +29,7 @@ from phi3skip.cli import ArgumentParser, UserError, run_main
 from phi3skip.data import HEADER_BYTES, META_FILE, TokenWriter, read_header, token_dtype
 from phi3skip.hub import hub_offline
 from phi3skip.io import replace_dir
-from phi3skip.paths import check_apart, check_output, temp_sibling
+from phi3skip.paths import check_apart, check_output, local, temp_sibling
 from phi3skip.tokenizer import eos_token_id, read_tokenizer, tokenizer_file, tokenizer_hash, vocab_size
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
@@ -83,6 +83,14 @@ def default_out(datasets: list[str]) -> Path:
             spec = spec.split("/")[1].split("@")[0].split(":")[0]
         return Path(spec.rstrip("/*")).stem or "data"
     return Path("data") / "+".join(dict.fromkeys(slug(s) for s in datasets))
+
+
+def dataset_paths(model: str, datasets: list[str]) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]]:
+    """(reads, keeps) for the path rule: the tokenizer's folder, and what each --dataset reads here (a glob that
+    searches one folder only keeps that folder: an output beside its files is never matched)."""
+    roots = [r for spec in datasets if (r := corpus.local_root(spec)) is not None]
+    reads = [("--model", local(model))] + [("--dataset", path) for path, whole in roots if whole]
+    return reads, [("--dataset", path) for path, whole in roots if not whole]
 
 
 # Validation split ------------------------------------------------------------------------------------------
@@ -246,8 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     out = check_output(Path(args.out) if args.out else default_out(args.dataset), "--out", "folder", args.overwrite)
-    check_apart(out, "--out", {"--model": args.model if Path(args.model).exists() else None,
-                               **{"--dataset": s for s in args.dataset if Path(s).exists()}})
+    check_apart({"--out": out}, *dataset_paths(args.model, args.dataset))
 
     offline = functools.cache(hub_offline)  # probed once, and only if a Hub id needs it
     tok_path = tokenizer_file(args.model, revision=args.revision)

@@ -33,7 +33,7 @@ from phi3skip.evaluate import distributed_perplexity, val_batches
 from phi3skip.importance import SHORTLIST, greedy_order
 from phi3skip.io import dtype_name, from_pretrained, parse_dtype, resolve, save_checkpoint
 from phi3skip.metrics import Metrics, Progress, memory_gb, peak_flops
-from phi3skip.paths import check_apart, check_output
+from phi3skip.paths import check_apart, check_output, local
 from phi3skip.skipsets import default_layers, parse_layers
 from phi3skip.tokenizer import check_data_tokenizer
 from phi3skip.train_state import CheckpointManager, RunSettings, TrainState
@@ -206,14 +206,15 @@ def check_data_folder(folder: str) -> Path:
 
 
 def check_outputs(args: argparse.Namespace, ckpt_dir: Path) -> None:
-    """Every path train.py writes, checked before any work: a bad one fails now, not after the run; and --out
-    (replaced at the end) must not be or hold what the run reads or keeps, nor sit inside the teacher."""
+    """Every path train.py writes, checked before any work: a bad one fails now, not after the run; none may be,
+    hold or lie inside what the run reads, and --out (replaced at the end) must not be or hold the others."""
     check_output(args.out, "--out", "folder", args.overwrite)
     check_output(ckpt_dir, "--ckpt-dir", "dir")
     if os.environ.get("STDOUT", "") in ("", "0"):
         check_output(args.log_dir, "--log-dir", "dir")
-    check_apart(args.out, "--out", {"--model": args.model if Path(args.model).exists() else None}, inside_too=True)
-    check_apart(args.out, "--out", {"--data": args.data, "--ckpt-dir": ckpt_dir, "--log-dir": args.log_dir})
+    outputs = {"--out": args.out, "--ckpt-dir": ckpt_dir, "--log-dir": args.log_dir}
+    check_apart(outputs, {"--model": local(args.model), "--data": args.data})
+    check_apart({"--out": args.out}, {}, {"--ckpt-dir": ckpt_dir, "--log-dir": args.log_dir})
 
 
 def teacher_ref(model: str) -> str:
@@ -277,7 +278,8 @@ def teacher_config(args, data: Path, env: distributed.Env) -> tuple[Path, Phi3Co
         resolve(args.model)  # downloads once per node first
     distributed.barrier(env)
     model_dir = resolve(args.model)
-    check_apart(args.out, "--out", {"--model": model_dir}, inside_too=True)  # a Hub model's cached folder too
+    check_apart({"--out": args.out, "--ckpt-dir": args.ckpt_dir, "--log-dir": args.log_dir},
+                {"--model": model_dir})  # a Hub model's cached folder too
     config = Phi3Config.from_json(model_dir / "config.json")
     check_data_tokenizer(data, model_dir)
     if args.max_seq_len > config.max_position_embeddings:

@@ -25,7 +25,8 @@ import torch
 from .cli import UserError
 from .config import Phi3Config
 from .bypass import fold
-from .io import check_state_dict, dtype_name, from_pretrained, parse_dtype, read_skip_profile, save_checkpoint
+from .io import check_state_dict, dtype_name, from_pretrained, parse_dtype, read_skip_profile, resolve, save_checkpoint
+from .paths import check_apart, check_output
 from .model import Phi3ForCausalLM
 from .skipsets import parse_skip_sets, validate_skip
 
@@ -250,18 +251,14 @@ def default_outtype(dtype: torch.dtype) -> str:
 
 
 def _check_outputs(out: Path | None, gguf: Path | None, overwrite: bool) -> None:
+    """Both outputs writable (tried now, not after the work), an existing one only with --overwrite."""
     if out is None and gguf is None:
         raise ExportError("nothing to write: give --out DIR and/or --gguf FILE")
-    if out is not None and out.exists():
-        if not out.is_dir():
-            raise ExportError(f"{out}: exists and is not a folder")
-        if not overwrite and any(out.iterdir()):
-            raise ExportError(f"{out}: already exists; pass --overwrite to replace it")
-    if gguf is not None and gguf.exists():
-        if gguf.is_dir():
-            raise ExportError(f"{gguf}: is a folder, expected a .gguf file name")
-        if not overwrite:
-            raise ExportError(f"{gguf}: already exists; pass --overwrite to replace it")
+    if out is not None:  # an empty folder made for the export is taken as is
+        check_output(out, "--out", "folder", overwrite or (out.is_dir() and not any(out.iterdir())))
+    if gguf is not None:
+        check_output(gguf, "--gguf", "file", overwrite)
+        check_apart({"--out": out}, {}, {"--gguf": gguf})
 
 
 def export(src: str | os.PathLike, *, skip: str | Sequence[int] | None = None, num_skip: int | None = None,
@@ -276,14 +273,15 @@ def export(src: str | os.PathLike, *, skip: str | Sequence[int] | None = None, n
     out_path = Path(out).expanduser() if out is not None else None
     gguf_path = Path(gguf).expanduser() if gguf is not None else None
     _check_outputs(out_path, gguf_path, overwrite)
+    folder = resolve(src)
+    check_apart({"--out": out_path, "--gguf": gguf_path}, {"--model": folder})
     if gguf_path is not None:
         from .gguf_writer import OUTTYPES, require_gguf
 
         require_gguf()  # the optional package, before any work
         if outtype is not None and outtype not in OUTTYPES:
             raise ExportError(f"--outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
-    model = from_pretrained(src)  # in its stored dtype: pruning does not change any weight
-    folder = Path(model.source_dir)
+    model = from_pretrained(folder)  # in its stored dtype: pruning does not change any weight
     profile = read_skip_profile(folder)
     L = model.config.num_hidden_layers
     chosen = choose_skip(profile, L, skip, num_skip)

@@ -169,7 +169,8 @@ def test_cli(tmp_path):
     (exists / "keep.txt").write_text("x")
     r = run_cli("--model", folder, "--num-skip", "1", "--out", exists)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == [f"error: {exists}: already exists; pass --overwrite to replace it"]
+    assert r.stderr.strip().splitlines() == [f"error: --out {exists}: already exists; pass --overwrite to "
+                                                  f"replace it, or choose another --out"]
     r = run_cli("--model", folder, "--skip", "3,1", "--out", exists, "--overwrite")
     assert r.returncode == 0, r.stderr
     assert "warning: --skip 3,1 is not a prefix of the trained order 2,0" in r.stderr

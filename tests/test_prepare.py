@@ -277,7 +277,8 @@ def test_text_field_named_but_missing(tmp_path, tok_dir):
 
 def test_tokenizer_not_found(tmp_path, docs_dir):
     with pytest.raises(UserError, match=r"no tokenizer\.json in this folder"):
-        run("--dataset", docs_dir, "--model", tmp_path, "--out", tmp_path / "o")
+        (tmp_path / "m").mkdir()
+        run("--dataset", docs_dir, "--model", tmp_path / "m", "--out", tmp_path / "o")
 
 
 def test_output_exists_and_overwrite(tmp_path, docs_dir, tok_dir):

@@ -25,7 +25,7 @@ def run(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     check_output(args.out, "out", "folder", args.overwrite)
     like = resolve(args.like)
-    check_apart(args.out, "out", {"like": like})
+    check_apart({"out": args.out}, {"like": like})
     cfg = load_config(like).replace(num_hidden_layers=args.layers, hidden_size=args.hidden,
                                     intermediate_size=2 * args.hidden, num_attention_heads=args.heads,
                                     num_key_value_heads=args.kv_heads, head_dim=None, torch_dtype="float32")

@@ -20,7 +20,7 @@ from phi3skip.devices import pick_device, pick_dtype
 from phi3skip.evaluate import val_batches
 from phi3skip.importance import SHORTLIST, format_table, greedy_order, rank_layers, recommended_order
 from phi3skip.io import atomic_write_text
-from phi3skip.paths import check_output
+from phi3skip.paths import check_apart, check_output, local
 from phi3skip.tokenizer import check_data_tokenizer
 
 
@@ -45,6 +45,7 @@ def run(argv: list[str] | None = None) -> None:
         raise UserError(f"--shortlist must be 0 (every layer) or more, got {args.shortlist}")
     if args.json:
         check_output(args.json, "--json", "file")
+        check_apart({"--json": args.json}, {"--model": local(args.model), "--data": args.data})
 
     device = pick_device(args.device)
     model = from_pretrained(args.model, dtype=pick_dtype(args.dtype, device, "rank_layers"), device=device)
