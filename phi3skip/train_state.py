@@ -250,8 +250,19 @@ def trainer_problem(saved: Any) -> str | None:
     return None
 
 
+SAFE_TORCH = (2, 6)  # torch.load(weights_only=True), which DCP reads tensors with, can run code before 2.6
+
+
+def require_safe_torch() -> None:
+    """Refuse to read a checkpoint with a torch whose weights_only loads are not safe (CVE-2025-32434)."""
+    if torch.torch_version.TorchVersion(torch.__version__) < SAFE_TORCH:
+        raise UserError(f"torch {torch.__version__} cannot read checkpoints safely (its weights_only loads can run "
+                        f"code, CVE-2025-32434); install torch>={'.'.join(map(str, SAFE_TORCH))}")
+
+
 def resumable(folder: str | os.PathLike, env: Env) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest intact checkpoint, and the newer damaged ones with the reason (checked on rank 0, agreed by all)."""
+    require_safe_torch()
     found = None
     if env.is_main:
         damaged = []
@@ -352,6 +363,7 @@ def load(path: str | os.PathLike, model: nn.Module, env: Env, optimizer: torch.o
     Every rank calls this. RNG states are restored when the checkpoint has one for this rank. `lr_scale`
     multiplies the restored learning rates (a run resumed with a lower --lr).
     """
+    require_safe_torch()
     path = Path(path)
     saved = broadcast_object(_read(path) if env.is_main else None, env)
     state: dict[str, Any] = {"model": get_model_state_dict(model)}

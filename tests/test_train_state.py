@@ -355,3 +355,16 @@ def test_metrics_resume_drops_damaged_lines(tmp_path):
     path.write_text('{"step": 1}\nnot json\n[1]\n{"step": "2"}\n{"step": 3}\n{"step": 9}\n\n')
     Metrics(path, Env(), 3).close()
     assert path.read_text() == '{"step": 1}\n{"step": 3}\n'
+
+
+@pytest.mark.parametrize("version,refused", [("2.5.1+cu124", True), ("2.6.0", False), ("2.13.0+cpu", False)])
+def test_checkpoints_are_read_only_with_a_safe_torch(tmp_path, monkeypatch, version, refused):
+    model, opt, sched = setup()
+    path = save(tmp_path, 1, model, opt, sched)
+    monkeypatch.setattr(torch, "__version__", version)
+    for read in (lambda: train_state.resumable(tmp_path, Env()), lambda: train_state.load(path, model, Env())):
+        if refused:
+            with pytest.raises(UserError, match="CVE-2025-32434"):
+                read()
+        else:
+            read()
