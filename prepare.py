@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from phi3skip import corpus
-from phi3skip.cli import ArgumentParser, UserError, run_main
+from phi3skip.cli import ArgumentParser, Range, UserError, check_ranges, run_main
 from phi3skip.data import HEADER_BYTES, META_FILE, TokenWriter, read_header, token_dtype
 from phi3skip.hub import hub_offline
 from phi3skip.io import replace_dir
@@ -37,6 +37,10 @@ DEFAULT_VAL_FRACTION = 0.01
 _KEY_BITS = 53  # per-document split keys are uniform integers below 2**53
 _DOC_CHUNK = 1 << 20  # documents per chunk when scanning lengths: constant memory
 _COPY_CHUNK = 1 << 24  # tokens per copy from the temporary file into train/val
+
+
+NUMBERS = {"--max-tokens": Range(1), "--val-tokens": Range(0), "--val-fraction": Range(0.0, 1.0, below=True),
+           "--workers": Range(1), "--seed": Range(0)}  # every numeric flag's range, checked before any work
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,16 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise UserError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    if args.val_tokens is not None and args.val_tokens < 0:
-        raise UserError(f"--val-tokens must be >= 0, got {args.val_tokens}")
-    if args.val_fraction is not None and not 0 <= args.val_fraction < 1:
-        raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    check_ranges(args, NUMBERS)
     if args.val_tokens is None and args.val_fraction is None:
         args.val_fraction = DEFAULT_VAL_FRACTION
-    if args.workers < 1:
-        raise UserError(f"--workers must be >= 1, got {args.workers}")
     return args
 
 

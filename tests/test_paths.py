@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from commands import entry
 from phi3skip.cli import UserError
+from phi3skip import paths
 from phi3skip.paths import check_apart, check_output, clean_stale, temp_sibling
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,10 +72,13 @@ def test_check_apart(tmp_path, monkeypatch, out, reads, keeps, how):
 
 
 def test_only_dead_processes_temporaries_are_removed(tmp_path, dead_pid):
-    host = socket.gethostname()
+    host = paths._host()
+    assert host.startswith(socket.gethostname())
     target = tmp_path / "out"
-    dead = [tmp_path / f".out.tmp-{dead_pid}-{host}-0123abcd", tmp_path / f".out.tmp-{dead_pid}"]
+    dead = [tmp_path / f".out.tmp-{dead_pid}-{host}-0123abcd", tmp_path / f".out.tmp-{dead_pid}",
+            tmp_path / f".out.tmp-{10**30}-{host}-0123abcd"]  # a PID no process can have
     alive = [tmp_path / f".out.tmp-{os.getpid()}-{host}-0123abcd", tmp_path / f".out.tmp-{dead_pid}-elsewhere-0123abcd",
+             tmp_path / f".out.tmp-{dead_pid}-{socket.gethostname()}.1-0123abcd",  # same name, another PID namespace
              tmp_path / f".other.tmp-{dead_pid}-{host}-0123abcd"]  # another target's: not this writer's business
     old = tmp_path / f".out.old-{dead_pid}-{host}-0123abcd"  # the previous folder, moved aside
     for p in dead + alive + [old]:
@@ -133,22 +138,6 @@ def _workspace(tiny_run, w: Path) -> None:
         shutil.copy(src, w / name)
     (w / "gguf").mkdir()
     (w / "gguf" / "m.gguf").write_bytes(b"GGUF not really")
-
-
-def _entry(command: str):
-    """The command's entry point that raises UserError: prepare.py's and train.py's `main`, imported by path (once),
-    or phi3skip.commands.<command>.run."""
-    import importlib
-    import importlib.util
-
-    if command not in ("prepare", "train"):
-        return importlib.import_module(f"phi3skip.commands.{command}").run
-    name = f"{command}_script"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / f"{command}.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name].main
 
 
 # command -> (how to run it, its outputs {flag: kind}, its default argv as {flag: value}, what it reads {name: path
@@ -222,6 +211,6 @@ def test_no_output_is_holds_or_lies_inside_an_input(tiny_run, tmp_path, monkeypa
     argv = _argv(command, values) + (["--overwrite"] if overwrite else [])
     before = _snapshot(w)
     with pytest.raises(UserError) as e:
-        _entry(module)(argv)
+        entry(module)(argv)
     assert "\n" not in str(e.value)
     assert _snapshot(w) == before, f"{command} {' '.join(argv)} changed the workspace"
