@@ -179,7 +179,7 @@ def model_card(*, source: str, profile: Mapping[str, Any], skip: Sequence[int], 
              f"A standard Phi-3 (`Phi3ForCausalLM`) checkpoint made by phi3skip from the skippable student `{source}`"
              + (f" (distilled from `{profile['teacher']}`)" if profile.get("teacher") else "") + ": decoder "
              + (f"layers {shown} are" if len(skip) > 1 else f"layer {shown} is") + f" removed, so {len(keep)} of {num_layers} layers remain, renumbered 0..{len(keep) - 1}. "
-             "It computes exactly what the student computes with those layers skipped.", "",
+             + fidelity(dtype, student_dtype, gguf, outtype), "",
              "| | |", "|---|---|",
              f"| source | `{source}` |",
              f"| skipped layers | {shown} "
@@ -221,6 +221,18 @@ def model_card(*, source: str, profile: Mapping[str, Any], skip: Sequence[int], 
         lines += ["```bash", f'llama-cli -m {gguf.name} -p "def fibonacci(n):"      # llama.cpp; Ollama: FROM ./{gguf.name}',
                   "```", ""]
     return "\n".join(lines)
+
+
+def fidelity(dtype: torch.dtype, student_dtype: torch.dtype, gguf: Path | None, outtype: str | None) -> str:
+    """What the card may promise: exactly the student's computation only when no weight was rounded on the way."""
+    if dtype == student_dtype:
+        folder = "It computes exactly what the student computes with those layers skipped"
+    else:
+        folder = (f"Its weights are the student's {dtype_name(student_dtype)} weights cast to {dtype_name(dtype)}: it "
+                  f"computes what the student computes with those layers skipped, up to that rounding")
+    if gguf is None or outtype == default_outtype(dtype):
+        return folder + (" (the GGUF holds these weights exactly)." if gguf is not None else ".")
+    return folder + f"; the GGUF's {outtype} weights round them further (its outputs differ slightly)."
 
 
 def _ranges(layers: Sequence[int]) -> str:
@@ -281,12 +293,12 @@ def export(src: str | os.PathLike, *, skip: str | Sequence[int] | None = None, n
         require_gguf()  # the optional package, before any work
         if outtype is not None and outtype not in OUTTYPES:
             raise ExportError(f"--outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
-    model = from_pretrained(folder)  # in its stored dtype: pruning does not change any weight
     profile = read_skip_profile(folder)
-    L = model.config.num_hidden_layers
-    chosen = choose_skip(profile, L, skip, num_skip)
+    L = Phi3Config.from_json(folder / "config.json").num_hidden_layers
+    chosen = choose_skip(profile, L, skip, num_skip)  # before the weights load
     if len(chosen) == L:
         raise ExportError(f"--skip removes all {L} layers; keep at least one")
+    model = from_pretrained(folder)  # in its stored dtype: pruning does not change any weight
     note = quality_note(profile, chosen, L) if chosen else None
     if note:
         (warn or (lambda m: warnings.warn(m, stacklevel=3)))(note)

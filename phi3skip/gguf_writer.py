@@ -23,6 +23,7 @@ import torch
 
 from .config import Phi3Config
 from .io import _umask
+from .paths import temp_sibling
 from .gguf import (_LLAMA3_SPLIT, BYTE, CONTROL, NORMAL, ROPE_FACTORS, TOKENIZER_GGUF, UNKNOWN, UNUSED, USER_DEFINED,
                    GGUFError, gguf_name, tokenizer_fields)
 
@@ -281,7 +282,7 @@ def write_gguf(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, path:
     fields = tokenizer_metadata(tokenizer_dir, config)
     plan = [(gg, hf, t, _qtype(outtype, tuple(t.shape))) for gg, hf, t in _plan(state_dict, config)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_sibling(path)  # the shared naming: a writer killed with -9 leaves what the next one cleans
     try:
         w = gguf.GGUFWriter(tmp, "phi3")
         if name:

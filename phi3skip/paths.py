@@ -2,7 +2,8 @@
 
 Every atomic writer writes `.NAME.tmp-PID-HOST-XXXXXXXX` beside NAME and renames it into place (an existing
 folder waits as `.NAME.old-...` until the new one is in place). A process killed with -9 leaves its temporary
-behind; the next writer of the same NAME removes those left by processes of this host that are gone.
+behind; the next writer of the same NAME removes those left by processes of this host (and PID namespace) that are
+gone.
 """
 from __future__ import annotations
 
@@ -23,13 +24,20 @@ _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-(?P<host
 
 
 def _host() -> str:
-    return socket.gethostname().replace("/", "_") or "localhost"
+    """Where a PID means this process's neighbours: the host name and the PID namespace (containers that share a
+    host name and a filesystem but not their PIDs are told apart). Assumed: no two machines writing one shared
+    filesystem have the same host name, in the same (initial) namespace."""
+    name = socket.gethostname().replace("/", "_") or "localhost"
+    try:
+        return f"{name}.{''.join(filter(str.isdigit, os.readlink('/proc/self/ns/pid')))}"  # "pid:[4026531836]"
+    except OSError:  # no /proc (not Linux): the host name alone
+        return name
 
 
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # gone, or a PID no process can have
         return False
     except PermissionError:  # exists, owned by someone else
         return True
@@ -39,8 +47,9 @@ def _alive(pid: int) -> bool:
 def clean_stale(folder: str | os.PathLike, names: str = "*") -> list[Path]:
     """Remove the temporaries in `folder` (for targets matching the glob `names`) whose process is gone.
 
-    Only this host's temporaries are judged (a PID means nothing on another node of a shared filesystem), and
-    an `.old` copy only once its target is back in place: until then it may be the only copy.
+    Only this host's temporaries are judged (a PID means nothing on another node of a shared filesystem, or in
+    another container's PID namespace: `_host`), and an `.old` copy only once its target is back in place: until
+    then it may be the only copy.
     """
     folder = Path(folder)
     removed = []

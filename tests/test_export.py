@@ -206,3 +206,17 @@ def test_float16_overflow_is_refused(tmp_path):
     with pytest.raises(ExportError, match="not finite in float16 .*use --dtype bfloat16"):
         export(folder, num_skip=1, out=tmp_path / "out", dtype="float16")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype,student,outtype,says,never", [
+    (torch.float32, torch.float32, None, "computes exactly what the student computes", "round"),
+    (torch.bfloat16, torch.float32, None, "float32 weights cast to bfloat16", "exactly"),
+    (torch.float32, torch.float32, "f32", "the GGUF holds these weights exactly", "round"),
+    (torch.float32, torch.float32, "q8_0", "the GGUF's q8_0 weights round them further", "holds these weights"),
+    (torch.bfloat16, torch.bfloat16, "f16", "the GGUF's f16 weights round them further", "holds these weights"),
+])
+def test_the_model_card_promises_exactness_only_without_rounding(dtype, student, outtype, says, never):
+    from phi3skip.export import fidelity
+
+    text = fidelity(dtype, student, Path("m.gguf") if outtype else None, outtype)
+    assert says in text and never not in text.replace(says, "")
