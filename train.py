@@ -31,7 +31,7 @@ from phi3skip.distill import (K_DISTS, SCHEDULES, STATS, LossConfig, Schedule, a
                               distill_step, set_trainable, step_flops_per_token, trainable_blocks)
 from phi3skip.evaluate import distributed_perplexity, val_batches
 from phi3skip.importance import SHORTLIST, greedy_order
-from phi3skip.io import dtype_name, from_pretrained, parse_dtype, resolve, save_checkpoint
+from phi3skip.io import dtype_name, from_pretrained, parse_dtype, resolve, save_checkpoint, stored_dtype
 from phi3skip.metrics import Metrics, Progress, memory_gb, peak_flops
 from phi3skip.paths import check_apart, check_output, local
 from phi3skip.skipsets import default_layers, parse_layers
@@ -571,6 +571,8 @@ class Trainer:
         # skip.json must describe the files on disk: round the fp32 master weights to the dtype they are saved in
         # (the teacher's torch_dtype) before measuring. The checkpoints in --ckpt-dir keep the fp32 weights.
         out_dtype = parse_dtype(config.torch_dtype, default=torch.float32) if config.torch_dtype else torch.float32
+        if self.adapters:  # the base is the teacher: saved as the teacher's files store it, bit for bit, whatever
+            out_dtype = stored_dtype(self.model_dir) or out_dtype  # its config's torch_dtype says
         if out_dtype != torch.float32:
             with torch.no_grad():
                 for name, p in student.named_parameters():  # elementwise, so the same on FSDP shards

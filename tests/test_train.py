@@ -3,6 +3,7 @@ is exact in both, a non-finite loss stops the run, the output loads in transform
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -424,3 +425,19 @@ def test_skip_json_describes_the_saved_weights(tiny, tmp_path):
     val = val_batches(tiny / "data" / "val.bin", 4, 32, 512, V)
     assert perplexity(saved, val) == pytest.approx(skip["perplexity"]["student"], rel=1e-6)
     assert perplexity(saved, val, [2]) == pytest.approx(skip["perplexity"]["prefixes"][0]["perplexity"], rel=1e-6)
+
+
+def test_adapters_save_the_teacher_as_stored_whatever_its_config_says(tiny, tmp_path):
+    """A teacher stored in float32 whose config.json says bfloat16: with --train-scope adapters the saved base is
+    still the teacher bit for bit (not rounded to the config's dtype), so skip.json's student = teacher is true."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny / "model", teacher)
+    cfg = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "bfloat16"}))
+    out = train.main(args(tiny, tmp_path / "run", "--model", str(teacher), "--schedule", "nested", "--layers", "2",
+                          "--max-steps", "1", "--adapter-rank", "8", "--lsq-tokens", "64", "--lsq-check-tokens", "0",
+                          "--save-every", "0"))
+    stored = load_file(teacher / "model.safetensors")
+    assert all(torch.equal(v, stored[k]) for k, v in load_file(out / "model.safetensors").items())
+    skip = json.loads((out / "skip.json").read_text())
+    assert skip["weights_dtype"] == "float32" and skip["perplexity"]["student"] == skip["perplexity"]["teacher"]
