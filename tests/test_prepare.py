@@ -294,9 +294,9 @@ def test_output_exists_and_overwrite(tmp_path, docs_dir, tok_dir):
 
 
 def test_killed_runs_temporaries_are_removed_by_the_next_run(tmp_path, docs_dir, tok_dir, dead_pid):
-    import socket
+    from phi3skip.paths import _host
 
-    host = socket.gethostname()
+    host = _host()  # this machine and PID namespace
     stale = [tmp_path / f".o.tmp-{dead_pid}", tmp_path / f".o.tmp-{dead_pid}-{host}-0123abcd"]
     kept = [tmp_path / f".o.tmp-{os.getpid()}-{host}-0123abcd",  # a live process: still writing
             tmp_path / f".o.tmp-{dead_pid}-another-host-0123abcd"]  # a PID of another node means nothing here
