@@ -47,14 +47,14 @@ def run(argv: list[str] | None = None) -> None:
     p.add_argument("--json", help="write the ranking here as JSON")
     args = p.parse_args(argv)
     check_ranges(args, NUMBERS)
+    if args.json:
+        check_output(args.json, "--json", "file")
+        check_apart({"--json": args.json}, {"--model": local(args.model), "--data": args.data})
     config = load_config(args.model)  # the ranges that depend on the model, before it loads
     L = config.num_hidden_layers
     check_ranges(args, {"--seq-len": Range(1, config.max_position_embeddings, note="the model's positions"),
                         "--num-skip": Range(1, L, note="the model's layers"),
                         "--greedy": Range(0, L, note="the model's layers; 0: none")})
-    if args.json:
-        check_output(args.json, "--json", "file")
-        check_apart({"--json": args.json}, {"--model": local(args.model), "--data": args.data})
 
     device = pick_device(args.device)
     model = from_pretrained(args.model, dtype=pick_dtype(args.dtype, device, "rank_layers"), device=device)
