@@ -25,11 +25,11 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from phi3skip import corpus
-from phi3skip.cli import ArgumentParser, UserError, run_main
+from phi3skip.cli import ArgumentParser, Range, UserError, check_ranges, run_main
 from phi3skip.data import HEADER_BYTES, META_FILE, TokenWriter, read_header, token_dtype
 from phi3skip.hub import hub_offline
 from phi3skip.io import replace_dir
-from phi3skip.paths import check_apart, check_output, temp_sibling
+from phi3skip.paths import check_apart, check_output, local, temp_sibling
 from phi3skip.tokenizer import eos_token_id, read_tokenizer, tokenizer_file, tokenizer_hash, vocab_size
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
@@ -37,6 +37,10 @@ DEFAULT_VAL_FRACTION = 0.01
 _KEY_BITS = 53  # per-document split keys are uniform integers below 2**53
 _DOC_CHUNK = 1 << 20  # documents per chunk when scanning lengths: constant memory
 _COPY_CHUNK = 1 << 24  # tokens per copy from the temporary file into train/val
+
+
+NUMBERS = {"--max-tokens": Range(1), "--val-tokens": Range(0), "--val-fraction": Range(0.0, 1.0, below=True),
+           "--workers": Range(1), "--seed": Range(0)}  # every numeric flag's range, checked before any work
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,16 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise UserError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    if args.val_tokens is not None and args.val_tokens < 0:
-        raise UserError(f"--val-tokens must be >= 0, got {args.val_tokens}")
-    if args.val_fraction is not None and not 0 <= args.val_fraction < 1:
-        raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    check_ranges(args, NUMBERS)
     if args.val_tokens is None and args.val_fraction is None:
         args.val_fraction = DEFAULT_VAL_FRACTION
-    if args.workers < 1:
-        raise UserError(f"--workers must be >= 1, got {args.workers}")
     return args
 
 
@@ -83,6 +80,14 @@ def default_out(datasets: list[str]) -> Path:
             spec = spec.split("/")[1].split("@")[0].split(":")[0]
         return Path(spec.rstrip("/*")).stem or "data"
     return Path("data") / "+".join(dict.fromkeys(slug(s) for s in datasets))
+
+
+def dataset_paths(model: str, datasets: list[str]) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]]:
+    """(reads, keeps) for the path rule: the tokenizer's folder, and what each --dataset reads here (a glob that
+    searches one folder only keeps that folder: an output beside its files is never matched)."""
+    roots = [r for spec in datasets if (r := corpus.local_root(spec)) is not None]
+    reads = [("--model", local(model))] + [("--dataset", path) for path, whole in roots if whole]
+    return reads, [("--dataset", path) for path, whole in roots if not whole]
 
 
 # Validation split ------------------------------------------------------------------------------------------
@@ -246,8 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     out = check_output(Path(args.out) if args.out else default_out(args.dataset), "--out", "folder", args.overwrite)
-    check_apart(out, "--out", {"--model": args.model if Path(args.model).exists() else None,
-                               **{"--dataset": s for s in args.dataset if Path(s).exists()}})
+    check_apart({"--out": out}, *dataset_paths(args.model, args.dataset))
 
     offline = functools.cache(hub_offline)  # probed once, and only if a Hub id needs it
     tok_path = tokenizer_file(args.model, revision=args.revision)

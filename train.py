@@ -24,21 +24,36 @@ from pathlib import Path
 import torch
 
 from phi3skip import bypass, distributed, parallel
-from phi3skip.cli import ArgumentParser, UserError, run_main
+from phi3skip.cli import ArgumentParser, Range, UserError, check_ranges, run_main
 from phi3skip.config import Phi3Config
 from phi3skip.data import Batches
 from phi3skip.distill import (K_DISTS, SCHEDULES, STATS, LossConfig, Schedule, adapter_step,
                               distill_step, set_trainable, step_flops_per_token, trainable_blocks)
 from phi3skip.evaluate import distributed_perplexity, val_batches
 from phi3skip.importance import SHORTLIST, greedy_order
-from phi3skip.io import dtype_name, from_pretrained, parse_dtype, resolve, save_checkpoint
+from phi3skip.io import dtype_name, from_pretrained, parse_dtype, resolve, save_checkpoint, stored_dtype
 from phi3skip.metrics import Metrics, Progress, memory_gb, peak_flops
-from phi3skip.paths import check_apart, check_output
+from phi3skip.paths import check_apart, check_output, local
 from phi3skip.skipsets import default_layers, parse_layers
 from phi3skip.tokenizer import check_data_tokenizer
 from phi3skip.train_state import CheckpointManager, RunSettings, TrainState
 
 log = logging.getLogger("phi3skip.train")
+
+
+POSITIVE, COUNT, AT_LEAST_1 = Range(0, above=True), Range(0), Range(1)
+# Every numeric flag's range, checked before any work; bounds that depend on the model (--adapter-rank, --adapter-mlp,
+# --num-skip, --max-seq-len) are checked by `check_model_numbers` as soon as its config is read.
+NUMBERS = {
+    **dict.fromkeys(("--batch-size", "--grad-accum", "--max-seq-len", "--eval-tokens", "--log-every",
+                     "--keep-checkpoints", "--rank-tokens", "--steps-per-layer", "--max-steps", "--kl-chunk",
+                     "--adapter-rank", "--stop-at", "--num-skip"), AT_LEAST_1),
+    **dict.fromkeys(("--lsq-tokens", "--lsq-check-tokens", "--adapter-mlp", "--rank-shortlist", "--save-every",
+                     "--eval-every", "--warmup", "--kd-weight", "--ce-weight", "--align-weight", "--weight-decay",
+                     "--grad-clip", "--seed"), COUNT),
+    **dict.fromkeys(("--lr", "--temperature", "--num-epochs"), POSITIVE),
+    "--min-lr-ratio": Range(0.0, 1.0),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,7 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--compile", action="store_true", help="torch.compile each block")
     a("--activation-checkpointing", "--ac", action="store_true", help="recompute block activations in backward")
     a("--dtype", default=None, help="compute dtype: bfloat16 (CUDA default) or float32 (CPU default)")
-    a("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    a("--device", default=None, help="cuda, cuda:N (one process; torchrun gives each process cuda:LOCAL_RANK) or cpu "
+                                     "(default: cuda when available)")
     a("--seed", type=int, default=0)
     a("--log-dir", default="data/logs")
     a("--log-every", type=int, default=10, help="log a line every N steps")
@@ -119,35 +135,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.schedule not in SCHEDULES:
         raise UserError(f"--schedule {args.schedule!r}: unknown; use one of {', '.join(SCHEDULES)}")
     resolve_recipe(args)
-    for name in ("batch_size", "grad_accum", "max_seq_len", "eval_tokens", "log_every", "keep_checkpoints", "rank_tokens"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_ranges(args, NUMBERS)
     if args.k_dist not in K_DISTS:
         raise UserError(f"--k-dist {args.k_dist!r}: unknown; use one of {', '.join(K_DISTS)}")
     if adapters_scope(args) and args.ce_weight:
         raise UserError("--ce-weight: with --train-scope adapters the full model is the frozen teacher; drop it")
     if args.align_weight and not adapters_scope(args):
         raise UserError("--align-weight aligns the bypasses of --train-scope adapters; drop it or train adapters")
-    if args.lsq_tokens < 0:
-        raise UserError(f"--lsq-tokens must be >= 0, got {args.lsq_tokens}")
-    if args.adapter_mlp is not None and args.adapter_mlp < 0:
-        raise UserError(f"--adapter-mlp must be 0 (a linear bypass) or more, got {args.adapter_mlp}")
-    if args.lsq_check_tokens < 0:
-        raise UserError(f"--lsq-check-tokens must be >= 0, got {args.lsq_check_tokens}")
-    if args.rank_shortlist < 0:
-        raise UserError(f"--rank-shortlist must be 0 (every layer) or more, got {args.rank_shortlist}")
-    for name in ("steps_per_layer", "max_steps", "kl_chunk", "adapter_rank", "stop_at"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("lr", "temperature", "num_epochs"):
-        if not getattr(args, name) > 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("save_every", "eval_every", "warmup", "kd_weight", "ce_weight", "align_weight", "weight_decay",
-                 "grad_clip"):
-        if getattr(args, name) is not None and not getattr(args, name) >= 0:  # `not >=` also catches NaN
-            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
-    if not 0 <= args.min_lr_ratio <= 1:
-        raise UserError(f"--min-lr-ratio must be between 0 and 1, got {args.min_lr_ratio}")
     if args.dtype is not None and parse_dtype(args.dtype) not in (torch.bfloat16, torch.float32):
         raise UserError(f"--dtype {args.dtype}: training runs in bfloat16 or float32 (float16 would need a loss "
                         f"scaler, and its gradients underflow without one)")
@@ -206,14 +200,15 @@ def check_data_folder(folder: str) -> Path:
 
 
 def check_outputs(args: argparse.Namespace, ckpt_dir: Path) -> None:
-    """Every path train.py writes, checked before any work: a bad one fails now, not after the run; and --out
-    (replaced at the end) must not be or hold what the run reads or keeps, nor sit inside the teacher."""
+    """Every path train.py writes, checked before any work: a bad one fails now, not after the run; none may be,
+    hold or lie inside what the run reads, and --out (replaced at the end) must not be or hold the others."""
     check_output(args.out, "--out", "folder", args.overwrite)
     check_output(ckpt_dir, "--ckpt-dir", "dir")
     if os.environ.get("STDOUT", "") in ("", "0"):
         check_output(args.log_dir, "--log-dir", "dir")
-    check_apart(args.out, "--out", {"--model": args.model if Path(args.model).exists() else None}, inside_too=True)
-    check_apart(args.out, "--out", {"--data": args.data, "--ckpt-dir": ckpt_dir, "--log-dir": args.log_dir})
+    outputs = {"--out": args.out, "--ckpt-dir": ckpt_dir, "--log-dir": args.log_dir}
+    check_apart(outputs, {"--model": local(args.model), "--data": args.data})
+    check_apart({"--out": args.out}, {}, {"--ckpt-dir": ckpt_dir, "--log-dir": args.log_dir})
 
 
 def teacher_ref(model: str) -> str:
@@ -277,13 +272,23 @@ def teacher_config(args, data: Path, env: distributed.Env) -> tuple[Path, Phi3Co
         resolve(args.model)  # downloads once per node first
     distributed.barrier(env)
     model_dir = resolve(args.model)
-    check_apart(args.out, "--out", {"--model": model_dir}, inside_too=True)  # a Hub model's cached folder too
+    check_apart({"--out": args.out, "--ckpt-dir": args.ckpt_dir, "--log-dir": args.log_dir},
+                {"--model": model_dir})  # a Hub model's cached folder too
     config = Phi3Config.from_json(model_dir / "config.json")
     check_data_tokenizer(data, model_dir)
-    if args.max_seq_len > config.max_position_embeddings:
-        raise UserError(f"--max-seq-len {args.max_seq_len} exceeds the model's {config.max_position_embeddings} "
-                        f"positions")
+    check_model_numbers(args, config)
     return model_dir, config
+
+
+def check_model_numbers(args, config: Phi3Config) -> None:
+    """The ranges that depend on the model, on every rank before any weights load (under torchrun a rank that
+    failed alone later would leave the others waiting in a collective)."""
+    L = config.num_hidden_layers
+    candidates = L if args.layers == "auto" else len(parse_layers(args.layers, L))
+    check_ranges(args, {"--max-seq-len": Range(1, config.max_position_embeddings, note="the model's positions"),
+                        "--adapter-rank": Range(1, config.hidden_size, note="the model's hidden size"),
+                        "--adapter-mlp": Range(0, config.intermediate_size, note="the model's MLP width"),
+                        "--num-skip": Range(1, candidates, note="the number of candidate layers")})
 
 
 def plan(args, config: Phi3Config, batches: Batches, env) -> tuple[list[int], Schedule, int]:
@@ -566,6 +571,8 @@ class Trainer:
         # skip.json must describe the files on disk: round the fp32 master weights to the dtype they are saved in
         # (the teacher's torch_dtype) before measuring. The checkpoints in --ckpt-dir keep the fp32 weights.
         out_dtype = parse_dtype(config.torch_dtype, default=torch.float32) if config.torch_dtype else torch.float32
+        if self.adapters:  # the base is the teacher: saved as the teacher's files store it, bit for bit, whatever
+            out_dtype = stored_dtype(self.model_dir) or out_dtype  # its config's torch_dtype says
         if out_dtype != torch.float32:
             with torch.no_grad():
                 for name, p in student.named_parameters():  # elementwise, so the same on FSDP shards

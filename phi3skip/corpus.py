@@ -126,6 +126,24 @@ def _local_files(spec: str) -> list[str] | None:
     return None
 
 
+def local_root(spec: str) -> tuple[Path, bool] | None:
+    """What a --dataset value reads on this machine, for the path rule (paths.check_apart): (path, whole). The file
+    or folder, the standard library's folder for `stdlib`, a glob's folder (its part before the first wildcard);
+    `whole` when every file below it may be read (a folder, `**`, a wildcard before the last part), so that an
+    output inside it would be read back. None for a Hub dataset."""
+    if spec == "stdlib":
+        return Path(sysconfig.get_paths()["stdlib"]), True
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path, True
+    if glob.has_magic(spec):
+        parts = path.parts
+        first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+        root = Path(*parts[:first] or ["."])
+        return (root, "**" in spec or first < len(parts) - 1) if root.is_dir() else None
+    return None
+
+
 def _hub_source(spec: str, repo: str, revision: str | None, pattern: str | None, offline: bool) -> Source:
     from huggingface_hub import HfApi, snapshot_download
 

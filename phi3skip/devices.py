@@ -26,6 +26,9 @@ def pick_device(name: str | None, flag: str = "--device") -> torch.device:
         raise UserError(f"{flag} {name!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"{flag} {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .cli import UserError
+from .devices import pick_device
 
 
 @dataclass(frozen=True)
@@ -42,14 +43,20 @@ def launched_by_torchrun() -> bool:
 def init(device: str | None = None, timeout_s: float = 1800) -> Env:
     """Set up this process: a process group (NCCL on CUDA, gloo on CPU) under torchrun, else none.
 
-    device: "cuda", "cpu" or None (CUDA when available).
+    device: "cuda", "cuda:N" (one process only: torchrun gives each process cuda:LOCAL_RANK), "cpu" or None
+    (CUDA when available).
     """
-    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if kind.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
-    if not launched_by_torchrun():
-        return Env(device=torch.device("cuda", torch.cuda.current_device()) if kind.startswith("cuda")
-                   else torch.device("cpu"))
+    dev = pick_device(device)
+    launched = launched_by_torchrun()
+    if dev.type == "cuda" and dev.index is not None and launched:
+        raise UserError(f"--device {device}: under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda "
+                        f"and choose the GPUs with CUDA_VISIBLE_DEVICES")
+    if not launched:
+        if dev.type == "cuda":  # the GPU named, else the current one; set, so that plain "cuda" tensors land there too
+            dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+            torch.cuda.set_device(dev)
+        return Env(device=dev)
+    kind = dev.type
     # Imported before any process group exists: on import, torch.distributed.fsdp binds the current default group
     # into a default argument (ShardedGradScaler's), which would keep that group alive past `close`.
     from torch.distributed import fsdp  # noqa: F401

@@ -25,7 +25,8 @@ import torch
 from .cli import UserError
 from .config import Phi3Config
 from . import deci
-from .io import check_state_dict, dtype_name, from_pretrained, parse_dtype, read_skip_profile, save_checkpoint
+from .io import check_state_dict, dtype_name, from_pretrained, parse_dtype, read_skip_profile, resolve, save_checkpoint
+from .paths import check_apart, check_output
 from .model import Phi3ForCausalLM
 from .skipsets import parse_skip_sets, validate_skip
 
@@ -197,10 +198,7 @@ def model_card(*, source: str, profile: Mapping[str, Any], skip: Sequence[int], 
     removed = [i for i in skip if i not in bypassed]
     trained = is_trained(profile, skip, num_layers) if profile else False
     order = ",".join(map(str, trained_order(profile, num_layers)))
-    same = ("In the student's own weights" + (" (this export's)" if dtype == student_dtype else
-                                               f" ({dtype_name(student_dtype)}; this export is {dtype_name(dtype)})")
-            + " it computes what the student computes with those layers skipped" +
-            (f"; the GGUF ({outtype}) adds its rounding." if gguf is not None and outtype != "f32" else "."))
+    same = fidelity(dtype, student_dtype, gguf, outtype)
     if slots is None:
         title = f"layer{'s' if len(skip) > 1 else ''} {shown} removed"
         what = (f"A standard Phi-3 (`Phi3ForCausalLM`) checkpoint made by phi3skip from the skippable student `{source}`"
@@ -275,6 +273,18 @@ def model_card(*, source: str, profile: Mapping[str, Any], skip: Sequence[int], 
     return "\n".join(lines)
 
 
+def fidelity(dtype: torch.dtype, student_dtype: torch.dtype, gguf: Path | None, outtype: str | None) -> str:
+    """What the card may promise: exactly the student's computation only when no weight was rounded on the way."""
+    if dtype == student_dtype:
+        folder = "It computes exactly what the student computes with those layers skipped"
+    else:
+        folder = (f"Its weights are the student's {dtype_name(student_dtype)} weights cast to {dtype_name(dtype)}: it "
+                  f"computes what the student computes with those layers skipped, up to that rounding")
+    if gguf is None or outtype == default_outtype(dtype):
+        return folder + (" (the GGUF holds these weights exactly)." if gguf is not None else ".")
+    return folder + f"; the GGUF's {outtype} weights round them further (its outputs differ slightly)."
+
+
 def _ranges(layers: Sequence[int]) -> str:
     """[0, 1, 2, 3, 5, 7, 8] -> '0-3, 5, 7-8'."""
     runs: list[list[int]] = []
@@ -304,18 +314,14 @@ def default_outtype(dtype: torch.dtype) -> str:
 
 
 def _check_outputs(out: Path | None, gguf: Path | None, overwrite: bool) -> None:
+    """Both outputs writable (tried now, not after the work), an existing one only with --overwrite."""
     if out is None and gguf is None:
         raise ExportError("nothing to write: give --out DIR and/or --gguf FILE")
-    if out is not None and out.exists():
-        if not out.is_dir():
-            raise ExportError(f"{out}: exists and is not a folder")
-        if not overwrite and any(out.iterdir()):
-            raise ExportError(f"{out}: already exists; pass --overwrite to replace it")
-    if gguf is not None and gguf.exists():
-        if gguf.is_dir():
-            raise ExportError(f"{gguf}: is a folder, expected a .gguf file name")
-        if not overwrite:
-            raise ExportError(f"{gguf}: already exists; pass --overwrite to replace it")
+    if out is not None:  # an empty folder made for the export is taken as is
+        check_output(out, "--out", "folder", overwrite or (out.is_dir() and not any(out.iterdir())))
+    if gguf is not None:
+        check_output(gguf, "--gguf", "file", overwrite)
+        check_apart({"--out": out}, {}, {"--gguf": gguf})
 
 
 def export(src: str | os.PathLike, *, skip: str | Sequence[int] | None = None, num_skip: int | None = None,
@@ -330,19 +336,24 @@ def export(src: str | os.PathLike, *, skip: str | Sequence[int] | None = None, n
     out_path = Path(out).expanduser() if out is not None else None
     gguf_path = Path(gguf).expanduser() if gguf is not None else None
     _check_outputs(out_path, gguf_path, overwrite)
+    folder = resolve(src)
+    check_apart({"--out": out_path, "--gguf": gguf_path}, {"--model": folder})
     if gguf_path is not None:
         from .gguf_writer import OUTTYPES, require_gguf
 
         require_gguf()  # the optional package, before any work
         if outtype is not None and outtype not in OUTTYPES:
             raise ExportError(f"--outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
-    model = from_pretrained(src)  # in its stored dtype: pruning does not change any weight
-    folder = Path(model.source_dir)
     profile = read_skip_profile(folder)
-    L = model.config.num_hidden_layers
-    chosen = choose_skip(profile, L, skip, num_skip)
-    if len(chosen) == L and not deci.bypassed(model, chosen):
+    student_config = Phi3Config.from_json(folder / "config.json")
+    L = student_config.num_hidden_layers
+    chosen = choose_skip(profile, L, skip, num_skip)  # before the weights load
+    if len(chosen) == L:
         raise ExportError(f"--skip removes all {L} layers; keep at least one")
+    adapters = profile.get("adapters") if isinstance(profile.get("adapters"), dict) else {}
+    if set(chosen) & set(adapters.get("layers") or []):  # bypasses: what deci cannot compute is refused now
+        deci.check(student_config, str(adapters.get("form", "parallel")))
+    model = from_pretrained(folder)  # in its stored dtype: pruning does not change any weight
     note = quality_note(profile, chosen, L) if chosen else None
     if note:
         (warn or (lambda m: warnings.warn(m, stacklevel=3)))(note)

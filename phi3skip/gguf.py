@@ -496,9 +496,10 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     unless overwrite=True.
     """
     from .io import parse_dtype, save_checkpoint
-    from .paths import check_output
+    from .paths import check_apart, check_output
 
     out = check_output(out_dir, "", "folder", overwrite)
+    check_apart({"OUT_DIR": out}, {"GGUF": gguf_path})  # replacing a folder that holds the GGUF would delete it
     torch_dtype = None if dtype is None else parse_dtype(dtype)
     f = _open(gguf_path)
     tensors = {t.name: t for t in f.reader.tensors}

@@ -24,6 +24,7 @@ import torch
 
 from .config import Phi3Config
 from .io import _umask
+from .paths import temp_sibling
 from .gguf import (_LLAMA3_SPLIT, BYTE, CONTROL, NORMAL, ROPE_FACTORS, TOKENIZER_GGUF, UNKNOWN, UNUSED, USER_DEFINED,
                    GGUFError, gguf_name, tokenizer_fields)
 
@@ -359,7 +360,7 @@ def _write(path: str | os.PathLike, arch: str, hparams: Callable[[Any], None],
                         if not path.is_dir() else f"{path}: is a folder, expected a .gguf file name")
     plan = [(gg, hf, t, _qtype(outtype, tuple(t.shape))) for gg, hf, t in tensors]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_sibling(path)  # the shared naming: a writer killed with -9 leaves what the next one cleans
     try:
         w = gguf.GGUFWriter(tmp, arch)
         if name:

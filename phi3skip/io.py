@@ -120,6 +120,24 @@ def iter_tensors(folder: Path):
             raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
 
 
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_dtype(folder: Path) -> torch.dtype | None:
+    """The dtype the folder's weights are stored in (its first floating-point tensor's, read from the header), which
+    config.json's torch_dtype need not match; None when there is no floating-point tensor."""
+    for shard in weight_files(folder):
+        try:
+            with safe_open(str(folder / shard), framework="pt") as f:
+                for name in f.keys():
+                    dtype = _SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype())
+                    if dtype is not None:
+                        return dtype
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{folder / shard}: corrupt or truncated safetensors file ({e})") from None
+    return None
+
+
 def fuse_llama(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
     """Llama/Mistral layout -> Phi-3: q,k,v into qkv_proj (rows Q, K, V); gate, up into gate_up_proj."""
     for i in range(num_layers):

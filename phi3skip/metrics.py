@@ -4,6 +4,7 @@ with its ETA, peak memory, and the GPU peak FLOP/s that MFU is measured against.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -12,22 +13,26 @@ from pathlib import Path
 import torch
 
 from .distributed import Env
+from .io import atomic_write_text
 
 
 class Metrics:
-    """metrics.jsonl on rank 0; a resumed run drops the lines after its checkpoint's step."""
+    """metrics.jsonl on rank 0; a resumed run drops the lines after its checkpoint's step.
+
+    Never written through a symlink (whatever it points at stays as it was): the kept lines are written to a new file
+    renamed over the name, and appends open it with O_NOFOLLOW."""
 
     def __init__(self, path: Path, env: Env, resume_step: int | None):
         self.f = None
         if not env.is_main:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and path.exists():
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in keep))
-        elif resume_step is None:
-            path.unlink(missing_ok=True)
-        self.f = open(path, "a", buffering=1)
+        if resume_step is not None:
+            atomic_write_text(path, "".join(line + "\n" for line in kept_rows(path, resume_step)))
+        else:
+            path.unlink(missing_ok=True)  # a symlink itself, not its target
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        self.f = os.fdopen(fd, "a", buffering=1)
 
     def write(self, **row) -> None:
         if self.f:
@@ -37,6 +42,23 @@ class Metrics:
         if self.f:
             self.f.close()
             self.f = None
+
+
+def kept_rows(path: Path, resume_step: int) -> list[str]:
+    """The lines of a metrics.jsonl up to `resume_step`; a line that is not a row with an integer step (a damaged
+    file) is dropped, and a symlink is not ours to read: nothing of it is kept."""
+    if path.is_symlink() or not path.is_file():
+        return []
+    keep = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        step = row.get("step") if isinstance(row, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool) and step <= resume_step:
+            keep.append(line)
+    return keep
 
 
 class Progress:

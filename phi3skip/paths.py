@@ -2,7 +2,8 @@
 
 Every atomic writer writes `.NAME.tmp-PID-HOST-XXXXXXXX` beside NAME and renames it into place (an existing
 folder waits as `.NAME.old-...` until the new one is in place). A process killed with -9 leaves its temporary
-behind; the next writer of the same NAME removes those left by processes of this host that are gone.
+behind; the next writer of the same NAME removes those left by processes of this host (and PID namespace) that are
+gone.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import secrets
 import shutil
 import socket
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Iterable, Literal, Mapping
 
 from .cli import UserError
 
@@ -23,13 +24,20 @@ _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-(?P<host
 
 
 def _host() -> str:
-    return socket.gethostname().replace("/", "_") or "localhost"
+    """Where a PID means this process's neighbours: the host name and the PID namespace (containers that share a
+    host name and a filesystem but not their PIDs are told apart). Assumed: no two machines writing one shared
+    filesystem have the same host name, in the same (initial) namespace."""
+    name = socket.gethostname().replace("/", "_") or "localhost"
+    try:
+        return f"{name}.{''.join(filter(str.isdigit, os.readlink('/proc/self/ns/pid')))}"  # "pid:[4026531836]"
+    except OSError:  # no /proc (not Linux): the host name alone
+        return name
 
 
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # gone, or a PID no process can have
         return False
     except PermissionError:  # exists, owned by someone else
         return True
@@ -39,8 +47,9 @@ def _alive(pid: int) -> bool:
 def clean_stale(folder: str | os.PathLike, names: str = "*") -> list[Path]:
     """Remove the temporaries in `folder` (for targets matching the glob `names`) whose process is gone.
 
-    Only this host's temporaries are judged (a PID means nothing on another node of a shared filesystem), and
-    an `.old` copy only once its target is back in place: until then it may be the only copy.
+    Only this host's temporaries are judged (a PID means nothing on another node of a shared filesystem, or in
+    another container's PID namespace: `_host`), and an `.old` copy only once its target is back in place: until
+    then it may be the only copy.
     """
     folder = Path(folder)
     removed = []
@@ -87,8 +96,8 @@ def check_output(path: str | os.PathLike, flag: str, kind: Literal["folder", "di
                  overwrite: bool | None = None) -> Path:
     """Check before any work that `path` can be written; returns it. One-line `UserError` otherwise.
 
-    kind: "folder", an output folder replaced as a whole (an existing one needs `overwrite`, when the command
-    has that flag: pass its value); "dir", a folder written into (logs, checkpoints, results); "file", a file.
+    kind: "folder", an output folder replaced as a whole, "file", a file (an existing one needs `overwrite`, when
+    the command has that flag: pass its value); "dir", a folder written into (logs, checkpoints, results).
     """
     path = Path(path).expanduser()
     what = f"{flag} {path}" if flag else str(path)
@@ -97,7 +106,7 @@ def check_output(path: str | os.PathLike, flag: str, kind: Literal["folder", "di
             raise UserError(f"{what}: is a folder; give a file name")
         if kind != "file" and not path.is_dir():
             raise UserError(f"{what}: exists and is not a folder; choose another {flag or 'path'}")
-        if kind == "folder" and overwrite is False:
+        if kind != "dir" and overwrite is False:
             raise UserError(f"{what}: already exists; pass --overwrite to replace it, or choose another "
                             f"{flag or 'path'}")
     # The folder that must accept new entries: the path itself for "dir", else its parent (the rename).
@@ -116,17 +125,35 @@ def check_output(path: str | os.PathLike, flag: str, kind: Literal["folder", "di
     return path
 
 
-def check_apart(out: str | os.PathLike, flag: str, others: Mapping[str, str | os.PathLike | None],
-                inside_too: bool = False) -> None:
-    """An output folder that will be replaced must not be, or hold, a folder the command reads or keeps
-    (`others`: flag -> path; None entries are ignored): replacing it would destroy that folder. With
-    `inside_too`, it must not sit inside one either (a teacher's folder stays as it was)."""
-    o = Path(os.path.realpath(Path(out).expanduser()))
-    for name, other in others.items():
-        if other is None:
-            continue
-        p = Path(os.path.realpath(Path(other).expanduser()))
-        if o == p or o in p.parents or (inside_too and p in o.parents):
-            how = "is" if o == p else ("holds" if o in p.parents else "is inside")
-            raise UserError(f"{flag} {out} {how} {name} {other}: writing it would replace or change that; "
-                            f"choose another {flag}")
+Paths = Mapping[str, str | os.PathLike | None] | Iterable[tuple[str, str | os.PathLike | None]]
+
+
+def local(path: str | os.PathLike | None) -> str | os.PathLike | None:
+    """`path` when it names something on this machine, else None (a Hub id, which no output can touch)."""
+    return path if path is not None and Path(path).expanduser().exists() else None
+
+
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def _pairs(paths: Paths) -> list[tuple[str, Path]]:
+    items = paths.items() if isinstance(paths, Mapping) else paths
+    return [(name, Path(p)) for name, p in items if p is not None]
+
+
+def check_apart(outputs: Paths, reads: Paths, keeps: Paths = ()) -> None:
+    """The one rule for where a command writes, checked before any work, with or without --overwrite: no output
+    may be, hold, or lie inside anything the command reads (`reads`: its model, teacher, data, sources; writing
+    there would replace or change them), nor be or hold a folder it keeps (`keeps`: its other outputs, a folder it
+    records into; an output may lie inside those). Paths are compared after symlinks are resolved; None entries
+    are ignored. One-line `UserError` naming both flags otherwise."""
+    others = [(name, p, True) for name, p in _pairs(reads)] + [(name, p, False) for name, p in _pairs(keeps)]
+    for flag, out in _pairs(outputs):
+        o = _real(out)
+        for name, other, inside_too in others:
+            p = _real(other)
+            how = "is" if o == p else "holds" if o in p.parents else "is inside" if inside_too and p in o.parents else None
+            if how:
+                raise UserError(f"{flag} {out} {how} {name} {other}: writing it would replace or change that; "
+                                f"choose another {flag}")

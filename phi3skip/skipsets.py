@@ -16,7 +16,7 @@ from __future__ import annotations
 import operator
 from typing import Iterable, Sequence
 
-from .cli import UserError
+from .cli import Range, UserError, check_range
 
 
 class InvalidSkip(UserError, ValueError):
@@ -130,6 +130,11 @@ def untrained(skip: Iterable[int], trained: Sequence[int]) -> list[int]:
     return sorted(set(skip) - set(trained), reverse=True)
 
 
+# Tokens drafted per round: a whole draft is accepted with probability about a^K (a, one token's acceptance; the
+# best measured K is 2-6, docs/benchmarks.md), while every drafted token costs a draft pass and widens the verify.
+LOOKAHEAD = Range(1, 32)
+
+
 def check_draft_skip(skip: Sequence[int] | None, draft_skip: Sequence[int], num_layers: int,
                      lookahead: int = 1) -> frozenset[int]:
     """Self-speculative decoding's draft skip set, checked: valid layers, every layer the verifier skips, and at
@@ -142,8 +147,9 @@ def check_draft_skip(skip: Sequence[int] | None, draft_skip: Sequence[int], num_
                         f"{','.join(map(str, sorted(missing, reverse=True)))}")
     if d == skipped:
         raise UserError("the draft skip set must skip more layers than --skip (the verifier)")
-    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 1:
-        raise UserError(f"lookahead must be an integer >= 1, got {lookahead!r}")
+    if isinstance(lookahead, bool) or not isinstance(lookahead, int):
+        raise UserError(f"lookahead must be an integer, got {lookahead!r}")
+    check_range("lookahead", lookahead, LOOKAHEAD)
     return d
 
 

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import random
 import shutil
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -94,13 +95,17 @@ def _read_json(path: Path) -> Any:
 
 
 def _read_rng(path: Path) -> dict[str, Any]:
+    """A rank's RNG states, checked by restoring them (then this process's own again): whatever set_rng_state would
+    refuse, a wrong shape or kind anywhere, fails here, while the checkpoint can still be skipped."""
     state = _read_json(path)
-    try:  # the shapes set_rng_state needs: a damaged file fails here, not halfway through restoring
-        assert len(state["python"]) == 3 and len(state["python"][1]) == 625
-        assert len(state["numpy"]) == 5 and len(state["numpy"][1]) == 624
-        assert all(isinstance(b, int) and 0 <= b < 256 for b in state["torch"])
-    except (AssertionError, KeyError, TypeError, IndexError):
+    mine = rng_state()
+    try:
+        assert all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 256 for b in state["torch"])
+        set_rng_state(state)
+    except Exception:  # noqa: BLE001 - any failure of a restore is damage
         raise CheckpointDamaged(f"{path.name} does not hold RNG states") from None
+    finally:
+        set_rng_state(mine)
     return state
 
 
@@ -168,8 +173,9 @@ def latest(folder: str | os.PathLike) -> Path | None:
     folder = Path(folder)
     pointer = folder / LATEST
     if pointer.is_file():
-        path = folder / pointer.read_text().strip()
-        if (path / "meta.json").is_file():
+        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+        path = folder / name
+        if Path(name).name == name and name.startswith(PREFIX) and (path / "meta.json").is_file():  # in `folder` only
             return path
     found = list_checkpoints(folder)
     return found[-1] if found else None
@@ -183,9 +189,10 @@ def verify(path: str | os.PathLike) -> str | None:
         if (path / "trainer.pt").exists() and not (path / TRAINER).exists():
             return "written by an older phi3skip as pickles (trainer.pt), which are not read: they could run code"
         saved = _read_json(path / TRAINER)
-        if not (isinstance(saved, dict) and {"trainer", "scheduler", "param_groups", "world_size"} <= saved.keys()):
-            return f"{TRAINER} lacks the run's state"
-        for rank in range(int(saved["world_size"])):
+        why = trainer_problem(saved)
+        if why is not None:
+            return f"{TRAINER}: {why}"
+        for rank in range(saved["world_size"]):
             _read_rng(path / f"rng-{rank}.json")
         need: dict[str, int] = {}
         for info in read_metadata(path).storage_data.values():
@@ -200,13 +207,62 @@ def verify(path: str | os.PathLike) -> str | None:
                 return f"{name} is truncated"
     except CheckpointDamaged as e:
         return str(e)
-    except (OSError, AttributeError, TypeError, ValueError) as e:
+    except (OSError, AttributeError, TypeError, ValueError, KeyError) as e:
         return f"unreadable ({type(e).__name__})"
     return None
 
 
+def _number(v: Any, low: float = -math.inf, positive: bool = False) -> bool:
+    """A finite JSON number (not a boolean) >= low (> 0 when positive)."""
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= low
+            and (v > 0 or not positive))
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def trainer_problem(saved: Any) -> str | None:
+    """What is missing or absurd in a trainer.json, or None: every field a resume reads, of the kind it needs, so
+    that a damaged file is found while the checkpoint can be skipped, not after the weights load."""
+    if not (isinstance(saved, dict) and {"trainer", "scheduler", "param_groups", "world_size"} <= saved.keys()):
+        return "lacks the run's state"
+    if not (_count(saved["world_size"]) and saved["world_size"] >= 1):
+        return f"world_size is {saved['world_size']!r:.40}"
+    t = saved["trainer"]
+    if not isinstance(t, dict) or not _count(t.get("step")) or not _count(t.get("total_steps")):
+        return "trainer lacks its step"
+    if t["step"] > t["total_steps"] or not (t.get("phase") is None or _count(t.get("phase"))):
+        return f"trainer's step {t['step']} of {t['total_steps']} or phase {t.get('phase')!r:.20} is absurd"
+    if not (t.get("teacher_ppl") is None or _number(t["teacher_ppl"], positive=True)):
+        return f"teacher_ppl is {t['teacher_ppl']!r:.40}"
+    why = RunSettings.problem(t.get("settings"))
+    if why is not None:
+        return why
+    groups, sched = saved["param_groups"], saved["scheduler"]
+    if not (isinstance(groups, list) and groups and all(
+            isinstance(g, dict) and _number(g.get("lr"), 0) and isinstance(g.get("params"), list) for g in groups)):
+        return "param_groups are not optimizer groups with a learning rate"
+    if not (isinstance(sched, dict) and all(
+            isinstance(sched.get(k, []), list) and all(_number(v, 0) for v in sched.get(k, []))
+            for k in ("base_lrs", "_last_lr"))):
+        return "scheduler is not a learning-rate schedule's state"
+    return None
+
+
+SAFE_TORCH = (2, 6)  # torch.load(weights_only=True), which DCP reads tensors with, can run code before 2.6
+
+
+def require_safe_torch() -> None:
+    """Refuse to read a checkpoint with a torch whose weights_only loads are not safe (CVE-2025-32434)."""
+    if torch.torch_version.TorchVersion(torch.__version__) < SAFE_TORCH:
+        raise UserError(f"torch {torch.__version__} cannot read checkpoints safely (its weights_only loads can run "
+                        f"code, CVE-2025-32434); install torch>={'.'.join(map(str, SAFE_TORCH))}")
+
+
 def resumable(folder: str | os.PathLike, env: Env) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest intact checkpoint, and the newer damaged ones with the reason (checked on rank 0, agreed by all)."""
+    require_safe_torch()
     found = None
     if env.is_main:
         damaged = []
@@ -253,15 +309,23 @@ def save(folder: str | os.PathLike, step: int, model: nn.Module, optimizer: torc
         summary = {"step": step, "world_size": env.world_size,
                    **{k: v for k, v in trainer.items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
         atomic_write_text(tmp / "meta.json", json.dumps(summary, indent=2) + "\n")
-        if final.exists():  # the same step saved again (e.g. a resumed run): replace it
-            shutil.rmtree(final)
+        if final.exists() or final.is_symlink():  # the same step saved again (e.g. a resumed run): replace it
+            _remove(final)
         os.replace(tmp, final)
         atomic_write_text(folder / LATEST, name + "\n")
         for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
             if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove(old)
     barrier(env)
     return final
+
+
+def _remove(path: Path) -> None:
+    """Remove a checkpoint; one that is a symlink loses the link only, never what it points at."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def read_trainer(path: str | os.PathLike) -> dict[str, Any]:
@@ -299,6 +363,7 @@ def load(path: str | os.PathLike, model: nn.Module, env: Env, optimizer: torch.o
     Every rank calls this. RNG states are restored when the checkpoint has one for this rank. `lr_scale`
     multiplies the restored learning rates (a run resumed with a lower --lr).
     """
+    require_safe_torch()
     path = Path(path)
     saved = broadcast_object(_read(path) if env.is_main else None, env)
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
@@ -309,21 +374,22 @@ def load(path: str | os.PathLike, model: nn.Module, env: Env, optimizer: torch.o
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, storage_reader=_SafeReader(path), planner=_TensorsOnly(), no_dist=not env.distributed)
         rng = _read_rng(path / f"rng-{env.rank}.json") if saved["world_size"] == env.world_size else None
+        set_model_state_dict(model, state["model"])
+        if optimizer is not None:
+            set_optimizer_state_dict(model, optimizer, {"state": state["optim"],
+                                                        "param_groups": _scaled(saved["param_groups"], lr_scale)})
+            if scheduler is not None:
+                sched = dict(saved["scheduler"])
+                for k in ("base_lrs", "_last_lr"):
+                    if k in sched:
+                        sched[k] = [lr * lr_scale for lr in sched[k]]
+                scheduler.load_state_dict(sched)
+        if rng is not None:
+            set_rng_state(rng)
     except (Exception, dcp.CheckpointException) as e:  # DCP gathers every rank's failure, raised on all of them
+        # verify() found nothing wrong, so this is damage it cannot see (e.g. the optimizer's groups)
         raise CheckpointDamaged(f"checkpoint {path} is damaged ({_reason(e)}); delete it to resume from the one "
                                 f"before, or start without --resume") from None
-    set_model_state_dict(model, state["model"])
-    if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer,
-                                 {"state": state["optim"], "param_groups": _scaled(saved["param_groups"], lr_scale)})
-        if scheduler is not None:
-            sched = dict(saved["scheduler"])
-            for k in ("base_lrs", "_last_lr"):
-                if k in sched:
-                    sched[k] = [lr * lr_scale for lr in sched[k]]
-            scheduler.load_state_dict(sched)
-    if rng is not None:
-        set_rng_state(rng)
     return saved["trainer"]
 
 
@@ -359,6 +425,28 @@ class RunSettings:
 
     def state_dict(self) -> dict[str, Any]:
         return {**asdict(self), "layers": list(self.layers)}  # as JSON holds it
+
+    @classmethod
+    def problem(cls, saved: Any) -> str | None:
+        """Why a checkpoint's settings cannot be compared with a run's (a field missing or of another kind, a learning
+        rate that is not positive), or None. Any other value only has to equal this run's (`mismatch`)."""
+        if not isinstance(saved, dict):
+            return "no settings"
+        for f in fields(cls):
+            kind = f.type.removesuffix(" | None")
+            if f.name not in saved:
+                if f.default is MISSING:
+                    return f"settings lack {f.name}"
+                continue
+            v = saved[f.name]
+            ok = {"str": lambda: isinstance(v, str), "int": lambda: _number(v) and isinstance(v, int),
+                  "float": lambda: _number(v), "tuple[int, ...]": lambda: isinstance(v, list) and all(
+                      _number(i) and isinstance(i, int) for i in v)}[kind]()
+            if not (ok or v is None and kind != f.type):
+                return f"settings field {f.name} is {v!r:.40}"
+        if not _number(saved["lr"], positive=True):
+            return f"settings field lr is {saved['lr']!r}"
+        return None
 
     def mismatch(self, saved: Mapping[str, Any]) -> str | None:
         """The first field whose value in `saved` (a checkpoint's settings) is not this run's, or None."""

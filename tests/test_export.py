@@ -214,7 +214,8 @@ def test_cli(tmp_path):
     (exists / "keep.txt").write_text("x")
     r = run_cli("--model", folder, "--num-skip", "1", "--out", exists)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == [f"error: {exists}: already exists; pass --overwrite to replace it"]
+    assert r.stderr.strip().splitlines() == [f"error: --out {exists}: already exists; pass --overwrite to "
+                                                  f"replace it, or choose another --out"]
     r = run_cli("--model", folder, "--skip", "3,1", "--out", exists, "--overwrite")
     assert r.returncode == 0, r.stderr
     assert "warning: --skip 3,1 is not a prefix of the trained order 2,0" in r.stderr
@@ -265,3 +266,17 @@ def test_serving_table_gives_each_trained_set_its_figures_and_export_command():
     assert rows[2].startswith("| 0 | none | 9.00 | 10.00 | 20.00 | 1.00x | `python scripts/export.py --model M --skip none")
     assert rows[3].startswith("| 1 | 2 | 9.50 | 10.50 | 21.00 | 1.10x | `python scripts/export.py --model M --num-skip 1")
     assert rows[4].startswith("| 2 | 2,0 | – | 11.25 | – | 1.25x |") and len(rows) == 5
+
+
+@pytest.mark.parametrize("dtype,student,outtype,says,never", [
+    (torch.float32, torch.float32, None, "computes exactly what the student computes", "round"),
+    (torch.bfloat16, torch.float32, None, "float32 weights cast to bfloat16", "exactly"),
+    (torch.float32, torch.float32, "f32", "the GGUF holds these weights exactly", "round"),
+    (torch.float32, torch.float32, "q8_0", "the GGUF's q8_0 weights round them further", "holds these weights"),
+    (torch.bfloat16, torch.bfloat16, "f16", "the GGUF's f16 weights round them further", "holds these weights"),
+])
+def test_the_model_card_promises_exactness_only_without_rounding(dtype, student, outtype, says, never):
+    from phi3skip.export import fidelity
+
+    text = fidelity(dtype, student, Path("m.gguf") if outtype else None, outtype)
+    assert says in text and never not in text.replace(says, "")

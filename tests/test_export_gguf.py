@@ -162,7 +162,7 @@ def test_outtypes(tmp_path, tokenizers, dtype, outtype):
         assert kinds == {outtype.upper(), "F32"} and diff <= 1e-4
 
 
-def test_refusals(tmp_path, tokenizers):
+def test_refusals(tmp_path, tokenizers, dead_pid):
     folder, _ = student(tmp_path, "gqa-tied", tokenizers["bpe"], head_dim=8)
     with pytest.raises(UserError, match="head_dim 8 x 4 heads != hidden_size 64"):
         export(folder, skip="2", gguf=tmp_path / "a.gguf", warn=lambda m: None)
@@ -180,9 +180,13 @@ def test_refusals(tmp_path, tokenizers):
     with torch.no_grad():
         w.model.layers[1].mlp.down_proj.weight[0, 0] = 1e5
     big = phi3skip.save_pretrained(w, tmp_path / "big2", extra_json={"skip.json": PROFILE})
+    from phi3skip.paths import _host
+
+    stale = tmp_path / f".c.gguf.tmp-{dead_pid}-{_host()}-0123abcd"  # a writer killed with -9 left it
+    stale.write_bytes(b"GGUF, half")
     with pytest.raises(UserError, match="beyond float16's range: use --outtype bf16"):
         export(big, skip="2", gguf=tmp_path / "c.gguf", outtype="f16")
-    assert not (tmp_path / "c.gguf").exists() and not list(tmp_path.glob(".c.gguf.tmp-*"))
+    assert not (tmp_path / "c.gguf").exists() and not list(tmp_path.glob(".c.gguf.tmp-*"))  # the stale one too
     (tmp_path / "d.gguf").write_text("keep")
     with pytest.raises(UserError, match="already exists; pass --overwrite"):
         export(folder, skip="2", gguf=tmp_path / "d.gguf")

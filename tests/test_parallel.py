@@ -76,8 +76,32 @@ def test_init_refuses_cuda_without_a_device(monkeypatch):
     from phi3skip import UserError, distributed
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(UserError, match="no CUDA device"):
+    with pytest.raises(UserError, match="--device cuda: CUDA is not available on this machine"):
         distributed.init("cuda")
+
+
+@pytest.mark.parametrize("device,torchrun,expect", [
+    ("cuda:1", False, "cuda:1"),  # one process: the GPU named is the one used
+    ("cuda", False, "cuda:0"),  # the current one
+    ("cuda:2", False, "this machine has 2 CUDA device"),
+    ("cuda:1", True, "under torchrun each process uses cuda:LOCAL_RANK"),
+])
+def test_init_uses_the_gpu_named(monkeypatch, device, torchrun, expect):
+    import torch
+
+    from phi3skip import UserError, distributed
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(distributed, "launched_by_torchrun", lambda: torchrun)
+    if expect.startswith("cuda"):
+        assert str(distributed.init(device).device) == expect and [str(d) for d in chosen] == [expect]
+    else:
+        with pytest.raises(UserError, match=expect):
+            distributed.init(device)
 
 
 def test_state_dict_and_clipping_in_one_process():

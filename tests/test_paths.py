@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from commands import entry
 from phi3skip.cli import UserError
+from phi3skip import paths
 from phi3skip.paths import check_apart, check_output, clean_stale, temp_sibling
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,23 +48,37 @@ def test_check_output_read_only_folder(tmp_path):
         ro.chmod(0o755)
 
 
-def test_check_apart(tmp_path):
-    model, data = tmp_path / "model", tmp_path / "data"
-    model.mkdir()
-    data.mkdir()
-    for out, how in ((model, "is"), (tmp_path, "holds"), (model / "x", "is inside")):
-        with pytest.raises(UserError, match=f"--out {out} {how} --model"):
-            check_apart(out, "--out", {"--model": model}, inside_too=True)
-    check_apart(data / "x", "--out", {"--data": data})  # beside or inside what is only read: fine
-    with pytest.raises(UserError, match="holds --data"):
-        check_apart(tmp_path, "--out", {"--data": data, "--none": None})
+@pytest.mark.parametrize("out,reads,keeps,how", [
+    ("model", {"--model": "model"}, {}, "is --model"),
+    (".", {"--model": "model"}, {}, "holds --model"),
+    ("model/x", {"--model": "model"}, {}, "is inside --model"),
+    ("link", {"--model": "model"}, {}, "is --model"),  # a symlink to it is it
+    ("data/x", {}, {"--data": "data"}, None),  # inside a folder only kept: fine
+    ("data", {}, {"--data": "data"}, "is --data"),
+    (".", {"--data": None}, {"--none": None}, None),
+    ("other", [("--text", "model/a.txt"), ("--text", "data")], {}, None),
+    ("data", [("--text", "model/a.txt"), ("--text", "data/b.txt")], {}, "holds --text"),
+])
+def test_check_apart(tmp_path, monkeypatch, out, reads, keeps, how):
+    monkeypatch.chdir(tmp_path)
+    for d in ("model", "data", "other"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "model")
+    if how is None:
+        check_apart({"--out": out}, reads, keeps)
+    else:
+        with pytest.raises(UserError, match=f"^--out {out} {how} "):
+            check_apart({"--out": out}, reads, keeps)
 
 
 def test_only_dead_processes_temporaries_are_removed(tmp_path, dead_pid):
-    host = socket.gethostname()
+    host = paths._host()
+    assert host.startswith(socket.gethostname())
     target = tmp_path / "out"
-    dead = [tmp_path / f".out.tmp-{dead_pid}-{host}-0123abcd", tmp_path / f".out.tmp-{dead_pid}"]
+    dead = [tmp_path / f".out.tmp-{dead_pid}-{host}-0123abcd", tmp_path / f".out.tmp-{dead_pid}",
+            tmp_path / f".out.tmp-{10**30}-{host}-0123abcd"]  # a PID no process can have
     alive = [tmp_path / f".out.tmp-{os.getpid()}-{host}-0123abcd", tmp_path / f".out.tmp-{dead_pid}-elsewhere-0123abcd",
+             tmp_path / f".out.tmp-{dead_pid}-{socket.gethostname()}.1-0123abcd",  # same name, another PID namespace
              tmp_path / f".other.tmp-{dead_pid}-{host}-0123abcd"]  # another target's: not this writer's business
     old = tmp_path / f".out.old-{dead_pid}-{host}-0123abcd"  # the previous folder, moved aside
     for p in dead + alive + [old]:
@@ -107,3 +123,94 @@ def test_every_command_checks_its_outputs_first(tiny_run, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "blocker is a file, not a folder" in lines[0], (name, r.stderr)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"], name  # no work started
+
+
+# Every command: no output may be, hold, or lie inside what it reads, with or without --overwrite -------------------
+def _workspace(tiny_run, w: Path) -> None:
+    """The tiny model and data, a source file, a text file and a (fake) GGUF, each in its own folder."""
+    import shutil
+
+    root, _ = tiny_run
+    shutil.copytree(root / "model", w / "model")
+    shutil.copytree(root / "data", w / "data")
+    for name, src in (("src/notes.txt", root / "notes.txt"), ("text/prose.txt", root / "notes.txt")):
+        (w / name).parent.mkdir(parents=True)
+        shutil.copy(src, w / name)
+    (w / "gguf").mkdir()
+    (w / "gguf" / "m.gguf").write_bytes(b"GGUF not really")
+
+
+# command -> (how to run it, its outputs {flag: kind}, its default argv as {flag: value}, what it reads {name: path
+# relative to the workspace}, with "whole": False for what is only kept, which an output may lie inside)
+_M, _D = "model", "data"
+COMMANDS = {
+    "prepare": ("prepare", {"--out": "folder"}, {"--dataset": "src/notes.txt", "--model": _M, "--out": "o/p"},
+                {"--model": _M, "--dataset src/notes.txt": "src/notes.txt", "--dataset src": "src",
+                 "--dataset src/**/*.txt": "src", "--dataset src/*.txt": ("src", False)}),
+    "train": ("train", {"--out": "folder", "--ckpt-dir": "dir", "--log-dir": "dir"},
+              {"--model": _M, "--data": _D, "--out": "o/s", "--ckpt-dir": "o/c", "--log-dir": "o/l", "--device": "cpu"},
+              {"--model": _M, "--data": _D}),
+    "evaluate": ("evaluate", {"--out": "dir"}, {"--model": _M, "--teacher": _M + "2", "--data": _D,
+                                                "--text": "text/prose.txt", "--out": "o/e", "--no-plot": None},
+                 {"--teacher": _M + "2", "--data": _D, "--text": "text/prose.txt", "--model": (_M, False)}),
+    "export": ("export", {"--out": "folder", "--gguf": "file"}, {"--model": _M, "--num-skip": "1", "--out": "o/x",
+                                                                 "--gguf": "o/x.gguf"}, {"--model": _M}),
+    "convert_gguf": ("convert_gguf", {"OUT_DIR": "folder"}, {"GGUF": "gguf/m.gguf", "OUT_DIR": "o/g"},
+                     {"GGUF": "gguf/m.gguf"}),
+    "random_model": ("random_model", {"out": "folder"}, {"like": _M, "out": "o/r"}, {"like": _M}),
+    "rank_layers": ("rank_layers", {"--json": "file"}, {"--model": _M, "--data": _D, "--json": "o/r.json"},
+                    {"--model": _M, "--data": _D}),
+    # generate writes nothing but stdout and stderr: it has no output to check
+}
+OVERWRITE = {"prepare", "train", "export", "convert_gguf", "random_model"}
+
+
+def _path_cases():
+    for command, (_, outputs, _, reads, *_) in COMMANDS.items():
+        for flag, kind in outputs.items():
+            for name, spec in reads.items():
+                path, whole = spec if isinstance(spec, tuple) else (spec, True)
+                for how in ("is", "holds", "is inside") if whole else ("is", "holds"):
+                    if how == "is inside" and "." in Path(path).name:
+                        continue  # nothing lies inside a file
+                    for overwrite in (False, True) if command in OVERWRITE else (False,):
+                        yield command, flag, kind, name, path, how, overwrite
+
+
+def _argv(command: str, values: dict) -> list[str]:
+    positional = {"convert_gguf": ("GGUF", "OUT_DIR"), "random_model": ("like", "out")}.get(command, ())
+    argv = [str(values[k]) for k in positional]
+    for flag, value in values.items():
+        if flag not in positional:
+            argv += [flag] if value is None else [flag, str(value)]
+    return argv
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"" for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("command,flag,kind,name,path,how,overwrite", list(_path_cases()))
+def test_no_output_is_holds_or_lies_inside_an_input(tiny_run, tmp_path, monkeypatch, command, flag, kind, name, path,
+                                                    how, overwrite):
+    w = tmp_path / "w"
+    _workspace(tiny_run, w)
+    import shutil
+
+    shutil.copytree(w / _M, w / (_M + "2"))  # evaluate's teacher
+    monkeypatch.chdir(w)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    module, outputs, defaults, _ = COMMANDS[command]
+    values = dict(defaults)
+    if name.startswith("--dataset "):
+        values["--dataset"] = name.split(" ", 1)[1]
+    target = Path(path)
+    # a file output inside a folder takes the name of a file already there: the most it could destroy
+    values[flag] = str({"is": target, "holds": target.parent,
+                        "is inside": target / ("meta.json" if kind == "file" else "new")}[how])
+    argv = _argv(command, values) + (["--overwrite"] if overwrite else [])
+    before = _snapshot(w)
+    with pytest.raises(UserError) as e:
+        entry(module)(argv)
+    assert "\n" not in str(e.value)
+    assert _snapshot(w) == before, f"{command} {' '.join(argv)} changed the workspace"

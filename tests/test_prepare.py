@@ -277,7 +277,8 @@ def test_text_field_named_but_missing(tmp_path, tok_dir):
 
 def test_tokenizer_not_found(tmp_path, docs_dir):
     with pytest.raises(UserError, match=r"no tokenizer\.json in this folder"):
-        run("--dataset", docs_dir, "--model", tmp_path, "--out", tmp_path / "o")
+        (tmp_path / "m").mkdir()
+        run("--dataset", docs_dir, "--model", tmp_path / "m", "--out", tmp_path / "o")
 
 
 def test_output_exists_and_overwrite(tmp_path, docs_dir, tok_dir):
@@ -293,9 +294,9 @@ def test_output_exists_and_overwrite(tmp_path, docs_dir, tok_dir):
 
 
 def test_killed_runs_temporaries_are_removed_by_the_next_run(tmp_path, docs_dir, tok_dir, dead_pid):
-    import socket
+    from phi3skip.paths import _host
 
-    host = socket.gethostname()
+    host = _host()  # this machine and PID namespace
     stale = [tmp_path / f".o.tmp-{dead_pid}", tmp_path / f".o.tmp-{dead_pid}-{host}-0123abcd"]
     kept = [tmp_path / f".o.tmp-{os.getpid()}-{host}-0123abcd",  # a live process: still writing
             tmp_path / f".o.tmp-{dead_pid}-another-host-0123abcd"]  # a PID of another node means nothing here

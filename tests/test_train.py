@@ -3,6 +3,7 @@ is exact in both, a non-finite loss stops the run, the output loads in transform
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -319,14 +320,21 @@ def _other_data(tiny: Path, tmp_path: Path, n: int = 20000, tokenizer_sha256: st
     (("--layers", "4"), "out of range"),
     (("--layers", "2,2"), "more than once"),
     (("--schedule", "random"), "unknown"),
-    (("--max-seq-len", "100"), "exceeds the model's 64 positions"),
+    (("--max-seq-len", "100"), r"--max-seq-len must be in 1\.\.64 \(the model's positions\), got 100"),
+    (("--adapter-rank", "65"), r"--adapter-rank must be in 1\.\.64 \(the model's hidden size\), got 65"),
+    (("--schedule", "nested", "--adapter-mlp", "129"), r"--adapter-mlp must be in 0\.\.128 \("),
+    (("--layers", "auto", "--num-skip", "5"), r"--num-skip must be in 1\.\.4 \(the number of candidate layers\)"),
+    (("--layers", "2,0", "--num-skip", "3"), r"--num-skip must be in 1\.\.2"),
+    (("--num-skip", "0"), "--num-skip must be at least 1, got 0"),
+    (("--seed", "-1"), "--seed must be 0 or more"),
+    (("--lr", "inf"), "--lr must be a finite number, got inf"),
     (("--train-scope", "2", "--layers", "2"), "no gradient from the skip term"),
     (("--resume",), "no intact checkpoint"),
     (("--bogus",), "unrecognized arguments"),
     (("--stop-at", "-3"), "--stop-at must be at least 1"),
     (("--save-every", "-1"), "--save-every must be 0 or more"),
     (("--kd-weight", "-1"), "--kd-weight must be 0 or more"),
-    (("--ce-weight", "nan"), "--ce-weight must be 0 or more"),
+    (("--ce-weight", "nan"), "--ce-weight must be a finite number, got nan"),
     (("--align-weight", "1"), "--align-weight aligns the bypasses of --train-scope adapters"),
     (("--schedule", "nested", "--align-weight", "-1"), "--align-weight must be 0 or more"),
     (("--min-lr-ratio", "2"), "--min-lr-ratio must be between 0 and 1"),
@@ -417,3 +425,19 @@ def test_skip_json_describes_the_saved_weights(tiny, tmp_path):
     val = val_batches(tiny / "data" / "val.bin", 4, 32, 512, V)
     assert perplexity(saved, val) == pytest.approx(skip["perplexity"]["student"], rel=1e-6)
     assert perplexity(saved, val, [2]) == pytest.approx(skip["perplexity"]["prefixes"][0]["perplexity"], rel=1e-6)
+
+
+def test_adapters_save_the_teacher_as_stored_whatever_its_config_says(tiny, tmp_path):
+    """A teacher stored in float32 whose config.json says bfloat16: with --train-scope adapters the saved base is
+    still the teacher bit for bit (not rounded to the config's dtype), so skip.json's student = teacher is true."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny / "model", teacher)
+    cfg = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "bfloat16"}))
+    out = train.main(args(tiny, tmp_path / "run", "--model", str(teacher), "--schedule", "nested", "--layers", "2",
+                          "--max-steps", "1", "--adapter-rank", "8", "--lsq-tokens", "64", "--lsq-check-tokens", "0",
+                          "--save-every", "0"))
+    stored = load_file(teacher / "model.safetensors")
+    assert all(torch.equal(v, stored[k]) for k, v in load_file(out / "model.safetensors").items())
+    skip = json.loads((out / "skip.json").read_text())
+    assert skip["weights_dtype"] == "float32" and skip["perplexity"]["student"] == skip["perplexity"]["teacher"]

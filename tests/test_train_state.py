@@ -34,7 +34,8 @@ def setup(seed: int = 0):
 
 
 def save(folder: Path, step: int, model, opt, sched, keep: int = 2) -> Path:
-    return train_state.save(folder, step, model, opt, sched, {"step": step, "note": "x"}, Env(), keep=keep)
+    trainer = {**TrainState(SETTINGS, total_steps=9, batches_per_epoch=5, step=step).state_dict(), "note": "x"}
+    return train_state.save(folder, step, model, opt, sched, trainer, Env(), keep=keep)
 
 
 def test_save_writes_a_complete_checkpoint_and_points_latest_at_it(tmp_path):
@@ -91,7 +92,7 @@ def test_load_restores_weights_optimizer_and_trainer(tmp_path):
     other, opt2, sched2 = setup(1)
     assert not torch.equal(other.lm_head.weight, model.lm_head.weight)
     trainer = train_state.load(path, other, Env(), opt2, sched2, lr_scale=0.5)
-    assert trainer == {"step": 7, "note": "x"} == train_state.read_trainer(path)
+    assert trainer["step"] == 7 and trainer["note"] == "x" and trainer == train_state.read_trainer(path)
     for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), k
     assert opt2.param_groups[0]["lr"] == pytest.approx(0.5e-3)
@@ -242,3 +243,131 @@ def test_manager_saves_resumes_and_restores(tmp_path):
         CheckpointManager(tmp_path, env).resume(TrainState(dataclasses.replace(SETTINGS, grad_accum=3), 6, 5))
     with pytest.raises(UserError, match="no intact checkpoint"):
         CheckpointManager(tmp_path / "none", env).resume(TrainState(SETTINGS, 6, 5))
+
+
+# Damaged side files: found by verify, so the checkpoint is skipped with the reason, never a traceback -----------------
+def _edit_json(name: str, edit):
+    def damage(path: Path) -> None:
+        obj = json.loads((path / name).read_text())
+        (path / name).write_text(json.dumps(edit(obj)))
+    return damage
+
+
+def _settings(**kw):
+    return lambda t: {**t, "trainer": {**t["trainer"], "settings": {**t["trainer"]["settings"], **kw}}}
+
+
+def _without_lr(t):
+    t["trainer"]["settings"].pop("lr")
+    return t
+
+
+DAMAGE = {
+    "rng: python state of the wrong shape": _edit_json("rng-0.json", lambda s: {**s, "python": s["python"][:2]}),
+    "rng: python state of the wrong kind": _edit_json("rng-0.json", lambda s: {**s, "python": [3, ["x"] * 625, None]}),
+    "rng: numpy state of the wrong kind": _edit_json("rng-0.json", lambda s: {**s, "numpy": ["PCG64", *s["numpy"][1:]]}),
+    "rng: torch state too short": _edit_json("rng-0.json", lambda s: {**s, "torch": s["torch"][:100]}),
+    "rng: torch state not bytes": _edit_json("rng-0.json", lambda s: {**s, "torch": [True] * len(s["torch"])}),
+    "rng: not an object": _edit_json("rng-0.json", lambda s: [1, 2, 3]),
+    "rng: missing": lambda path: (path / "rng-0.json").unlink(),
+    "trainer: no settings": _edit_json("trainer.json", lambda t: {**t, "trainer": {"step": 2, "total_steps": 9}}),
+    "trainer: no lr": _edit_json("trainer.json", _without_lr),
+    "trainer: lr 0": _edit_json("trainer.json", _settings(lr=0)),
+    "trainer: lr a string": _edit_json("trainer.json", _settings(lr="fast")),
+    "trainer: layers not integers": _edit_json("trainer.json", _settings(layers=["a"])),
+    "trainer: step negative": _edit_json("trainer.json", lambda t: {**t, "trainer": {**t["trainer"], "step": -1}}),
+    "trainer: step past the end": _edit_json("trainer.json", lambda t: {**t, "trainer": {**t["trainer"], "step": 99}}),
+    "trainer: teacher_ppl a string": _edit_json("trainer.json",
+                                                lambda t: {**t, "trainer": {**t["trainer"], "teacher_ppl": "x"}}),
+    "trainer: world_size 0": _edit_json("trainer.json", lambda t: {**t, "world_size": 0}),
+    "trainer: world_size a string": _edit_json("trainer.json", lambda t: {**t, "world_size": "1"}),
+    "trainer: no optimizer groups": _edit_json("trainer.json", lambda t: {**t, "param_groups": []}),
+    "trainer: a group without lr": _edit_json("trainer.json", lambda t: {**t, "param_groups": [{"params": [0]}]}),
+    "trainer: scheduler lrs not numbers": _edit_json("trainer.json",
+                                                     lambda t: {**t, "scheduler": {**t["scheduler"], "base_lrs": ["x"]}}),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_side_file_skips_the_checkpoint(tmp_path, damage, caplog, monkeypatch):
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("phi3skip"), "propagate", True)  # train.py's logging may have cut it off
+    model, opt, sched = setup()
+    good = save(tmp_path, 1, model, opt, sched)
+    bad = save(tmp_path, 2, model, opt, sched)
+    DAMAGE[damage](bad)
+    rng_before = torch.get_rng_state()
+    path, damaged = train_state.resumable(tmp_path, Env())
+    assert path == good and [p for p, _ in damaged] == [bad], damage
+    assert "\n" not in damaged[0][1] and ("rng-0.json" if damage.startswith("rng") else "trainer.json") in damaged[0][1]
+    assert torch.equal(torch.get_rng_state(), rng_before)  # checking a state restores this process's own
+    state = TrainState(SETTINGS, total_steps=9, batches_per_epoch=5)
+    manager = CheckpointManager(tmp_path, Env())
+    manager.resume(state)  # resumes from the good one, saying why the newer one is skipped
+    assert manager.resume_from == good and state.step == 1
+    assert f"checkpoint {bad} is damaged" in caplog.text
+    manager.restore(model, *trained(model))
+
+
+def test_latest_never_points_outside_its_folder(tmp_path):
+    model, opt, sched = setup()
+    elsewhere = save(tmp_path / "elsewhere", 5, model, opt, sched)
+    mine = save(tmp_path / "run", 1, model, opt, sched)
+    for pointer in (f"../elsewhere/{elsewhere.name}", "\udcff\x00garbage", ""):
+        (tmp_path / "run" / "latest").write_text(pointer, errors="surrogateescape")
+        assert train_state.latest(tmp_path / "run") == mine
+
+
+def test_a_symlinked_checkpoint_is_replaced_as_a_link(tmp_path):
+    model, opt, sched = setup()
+    target = save(tmp_path / "elsewhere", 2, model, opt, sched)
+    before = sorted(p.name for p in target.iterdir())
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / target.name).symlink_to(target)
+    save(tmp_path / "run", 2, model, opt, sched)  # the same step again: the link is replaced, not its target
+    assert not (tmp_path / "run" / target.name).is_symlink() and sorted(p.name for p in target.iterdir()) == before
+    (tmp_path / "run" / "step-00000001").symlink_to(target)
+    for step in (3, 4):
+        save(tmp_path / "run", step, model, opt, sched, keep=2)  # step-1, the oldest, goes: the link only
+    assert not (tmp_path / "run" / "step-00000001").exists() and sorted(p.name for p in target.iterdir()) == before
+
+
+def test_metrics_are_never_written_through_a_symlink(tmp_path):
+    from phi3skip.metrics import Metrics
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text('{"step": 1}\nprecious\n')
+    run = tmp_path / "run"
+    run.mkdir()
+    for resume_step in (None, 5):
+        (run / "metrics.jsonl").unlink(missing_ok=True)
+        (run / "metrics.jsonl").symlink_to(outside)
+        m = Metrics(run / "metrics.jsonl", Env(), resume_step)
+        m.write(step=6, loss=1.0)
+        m.close()
+        assert outside.read_text() == '{"step": 1}\nprecious\n'
+        assert not (run / "metrics.jsonl").is_symlink()
+        assert (run / "metrics.jsonl").read_text() == '{"step": 6, "loss": 1.0}\n'
+
+
+def test_metrics_resume_drops_damaged_lines(tmp_path):
+    from phi3skip.metrics import Metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\nnot json\n[1]\n{"step": "2"}\n{"step": 3}\n{"step": 9}\n\n')
+    Metrics(path, Env(), 3).close()
+    assert path.read_text() == '{"step": 1}\n{"step": 3}\n'
+
+
+@pytest.mark.parametrize("version,refused", [("2.5.1+cu124", True), ("2.6.0", False), ("2.13.0+cpu", False)])
+def test_checkpoints_are_read_only_with_a_safe_torch(tmp_path, monkeypatch, version, refused):
+    model, opt, sched = setup()
+    path = save(tmp_path, 1, model, opt, sched)
+    monkeypatch.setattr(torch, "__version__", version)
+    for read in (lambda: train_state.resumable(tmp_path, Env()), lambda: train_state.load(path, model, Env())):
+        if refused:
+            with pytest.raises(UserError, match="CVE-2025-32434"):
+                read()
+        else:
+            read()

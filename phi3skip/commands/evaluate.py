@@ -16,17 +16,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-from phi3skip import from_pretrained
-from phi3skip.cli import ArgumentParser, UserError, run_main
+from phi3skip import from_pretrained, load_config
+from phi3skip.cli import ArgumentParser, Range, UserError, check_range, check_ranges, run_main
 from phi3skip.data import eval_batches
 from phi3skip.devices import pick_device, pick_dtype
 from phi3skip.evaluate import evaluate_skip_sets, markdown_table, plot, pyplot, val_batches
 from phi3skip.corpus import read_text_file
 from phi3skip.io import atomic_write_text, dtype_name, read_skip_profile, resolve
-from phi3skip.paths import check_output, writable
+from phi3skip.paths import check_apart, check_output, local, writable
 from phi3skip.skipsets import default_layers, parse_skip_sets, validate_skip
 from phi3skip.tokenizer import check_data_tokenizer, eos_token_id, load_tokenizer
 
+# every numeric flag's range, checked before any work (--seq-len's upper bound, the model's positions, once its
+# config is read)
+NUMBERS = {"--max-tokens": Range(1), "--seq-len": Range(1), "--batch-size": Range(1), "--speed-tokens": Range(0)}
 SPEED_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 
 
@@ -73,6 +76,7 @@ def run(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default float32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cuda when available)")
     args = p.parse_args(argv)
+    check_ranges(args, NUMBERS)
     if not args.data and not args.text:
         raise UserError("nothing to score: give --data (a prepare.py folder) and/or --text FILES")
     if not args.no_plot:
@@ -84,11 +88,16 @@ def run(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     folder = resolve(args.model)
     out = check_output(Path(args.out) if args.out else folder / "eval", "--out", "dir")
+    check_range("--seq-len", args.seq_len, Range(1, load_config(folder).max_position_embeddings,
+                                                 note="the model's positions"))
+    profile = read_skip_profile(folder)
+    teacher_src = args.teacher or profile.get("teacher")
+    # The student's folder is kept, not only read: evaluate records into it (skip.json; <model>/eval by default).
+    check_apart({"--out": out}, [("--teacher", local(teacher_src)), ("--data", args.data),
+                                 *(("--text", t) for t in args.text)], {"--model": folder})
     # A local student gets the measured profile in its skip.json, when its folder can be written.
     record = Path(args.model).exists() and writable(folder)
     student = from_pretrained(folder, dtype=dtype, device=device)
-    profile = read_skip_profile(folder)
-    teacher_src = args.teacher or profile.get("teacher")
     teacher = from_pretrained(teacher_src, dtype=dtype, device=device) if teacher_src else None
     if teacher is not None and teacher.config.num_hidden_layers != student.config.num_hidden_layers:
         raise UserError(f"--teacher {teacher_src} has {teacher.config.num_hidden_layers} layers, the student "

@@ -17,7 +17,7 @@ import shlex
 import sys
 import time
 
-from phi3skip.cli import ArgumentParser, UserError, run_main
+from phi3skip.cli import ArgumentParser, Range, UserError, check_range, run_main
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # phi3skip.gguf_writer.OUTTYPES, without importing torch for --help
 
@@ -36,6 +36,7 @@ def run(argv: list[str] | None = None) -> None:
                    help="GGUF tensor type (default: the one that holds the exported weights exactly: f32, bf16, f16)")
     p.add_argument("--overwrite", action="store_true", help="replace --out and --gguf if they exist")
     args = p.parse_args(argv)
+    check_range("--num-skip", args.num_skip, Range(1))  # its upper bound, skip.json's order, before the model loads
     if args.outtype and not args.gguf:
         raise UserError("--outtype needs --gguf FILE")
 

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from phi3skip import io
-from phi3skip.cli import ArgumentParser, UserError, run_main
+from phi3skip.cli import ArgumentParser, Range, UserError, check_ranges, run_main
 from phi3skip.generate import COMPILE_MODES
-from phi3skip.skipsets import default_draft_skip, measured_speculative, parse_skip
+from phi3skip.skipsets import LOOKAHEAD, default_draft_skip, measured_speculative, parse_skip
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -100,6 +100,11 @@ def trained_order(folder: Path) -> list[int]:
         return []
 
 
+# every numeric flag's range, checked before any work
+NUMBERS = {"--max-new-tokens": Range(1), "--lookahead": LOOKAHEAD, "--temperature": Range(0),
+           "--top-k": Range(1), "--top-p": Range(0.0, 1.0, above=True), "--seed": Range(0)}
+
+
 def run(argv: list[str] | None = None) -> None:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="data/llm_cache/student_model",
@@ -126,16 +131,14 @@ def run(argv: list[str] | None = None) -> None:
                    help="layers the draft skips, including those of --skip (default: --skip plus skip.json's "
                         "layers, else every other layer of the upper half)")
     p.add_argument("--lookahead", type=int, default=None,
-                   help="tokens drafted per round (default: skip.json's measured best, else 4)")
+                   help=f"tokens drafted per round, {LOOKAHEAD.low}..{LOOKAHEAD.high} (default: skip.json's measured "
+                        f"best, else 4)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU, the "
                                                  "checkpoint's dtype on CUDA)")
     args = p.parse_args(argv)
 
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.lookahead is not None and args.lookahead < 1:
-        raise UserError(f"--lookahead must be >= 1, got {args.lookahead}")
+    check_ranges(args, NUMBERS)
     if args.draft_skip is not None and not args.speculative:
         raise UserError("--draft-skip needs --speculative")
     folder = model_folder(args.model)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from phi3skip import Phi3ForCausalLM, load_config, save_pretrained
-from phi3skip.cli import ArgumentParser, run_main
+from phi3skip.cli import ArgumentParser, Range, check_ranges, run_main
 from phi3skip.io import resolve
 from phi3skip.paths import check_apart, check_output
 
@@ -23,9 +23,11 @@ def run(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
+    check_ranges(args, {"--layers": Range(1), "--hidden": Range(1), "--heads": Range(1), "--kv-heads": Range(1),
+                        "--seed": Range(0)})
     check_output(args.out, "out", "folder", args.overwrite)
     like = resolve(args.like)
-    check_apart(args.out, "out", {"like": like})
+    check_apart({"out": args.out}, {"like": like})
     cfg = load_config(like).replace(num_hidden_layers=args.layers, hidden_size=args.hidden,
                                     intermediate_size=2 * args.hidden, num_attention_heads=args.heads,
                                     num_key_value_heads=args.kv_heads, head_dim=None, torch_dtype="float32")

@@ -14,14 +14,19 @@ import json
 import sys
 from pathlib import Path
 
-from phi3skip import from_pretrained
-from phi3skip.cli import ArgumentParser, UserError, run_main
+from phi3skip import from_pretrained, load_config
+from phi3skip.cli import ArgumentParser, Range, check_ranges, run_main
 from phi3skip.devices import pick_device, pick_dtype
 from phi3skip.evaluate import val_batches
 from phi3skip.importance import SHORTLIST, format_table, greedy_order, rank_layers, recommended_order
 from phi3skip.io import atomic_write_text
-from phi3skip.paths import check_output
+from phi3skip.paths import check_apart, check_output, local
 from phi3skip.tokenizer import check_data_tokenizer
+
+
+# every numeric flag's range, checked before any work (upper bounds from the model's config, once it is read)
+NUMBERS = {"--max-tokens": Range(1), "--seq-len": Range(1), "--batch-size": Range(1), "--num-skip": Range(1),
+           "--greedy": Range(0), "--shortlist": Range(0)}
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -41,10 +46,15 @@ def run(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cuda when available)")
     p.add_argument("--json", help="write the ranking here as JSON")
     args = p.parse_args(argv)
-    if args.shortlist < 0:
-        raise UserError(f"--shortlist must be 0 (every layer) or more, got {args.shortlist}")
+    check_ranges(args, NUMBERS)
     if args.json:
         check_output(args.json, "--json", "file")
+        check_apart({"--json": args.json}, {"--model": local(args.model), "--data": args.data})
+    config = load_config(args.model)  # the ranges that depend on the model, before it loads
+    L = config.num_hidden_layers
+    check_ranges(args, {"--seq-len": Range(1, config.max_position_embeddings, note="the model's positions"),
+                        "--num-skip": Range(1, L, note="the model's layers"),
+                        "--greedy": Range(0, L, note="the model's layers; 0: none")})
 
     device = pick_device(args.device)
     model = from_pretrained(args.model, dtype=pick_dtype(args.dtype, device, "rank_layers"), device=device)
@@ -59,8 +69,6 @@ def run(argv: list[str] | None = None) -> None:
     print(format_table(full, ranking))
     greedy = []
     if args.greedy:
-        if not 1 <= args.greedy <= n:
-            raise UserError(f"--greedy {args.greedy}: must be in 1..{n}")
         greedy = greedy_order(model, batches, args.greedy, shortlist=args.shortlist or None,
                               progress=lambda b: print(f"  greedy: + layer {b[0]} (KL {b[1]:.4f})", file=sys.stderr))
         print("\n| k | layer added | KL(full || skipping the first k) |\n|---|---|---|")

@@ -1,0 +1,125 @@
+"""One rule for numbers: every numeric flag of every command has a range (phi3skip.cli.Range), checked before any
+work. Each flag is tried at the values just outside its range (refused with one line naming the flag, and the work
+never starts) and at its edges (accepted: the command gets as far as its work, which the test stops)."""
+from __future__ import annotations
+
+import pytest
+
+from commands import entry, module
+from phi3skip.cli import Range, UserError, check_range
+
+
+class Started(Exception):
+    """The command got past its checks to its work."""
+
+
+# command -> (the function its work starts with, where the command looks it up; its arguments but the flag)
+BASE = {
+    "prepare": ("prepare_script.tokenize", ["--dataset", "{root}/notes.txt", "--model", "{model}", "--out", "{tmp}/o"]),
+    "train": ("train_script.Batches", ["--model", "{model}", "--data", "{data}", "--out", "{tmp}/s", "--ckpt-dir", "{tmp}/c",
+                          "--log-dir", "{tmp}/l", "--device", "cpu", "--max-seq-len", "32"]),
+    "evaluate": ("phi3skip.commands.evaluate.from_pretrained", ["--model", "{model}", "--data", "{data}", "--out", "{tmp}/e", "--no-plot",
+                                                 "--seq-len", "32"]),
+    "rank_layers": ("phi3skip.commands.rank_layers.from_pretrained", ["--model", "{model}", "--data", "{data}", "--seq-len", "32"]),
+    "generate": ("phi3skip.generate.Generator", ["--model", "{model}", "--prompt", "t1 t2", "--max-new-tokens", "8", "--speculative",
+                               "--draft-skip", "2"]),
+    "export": ("phi3skip.export.from_pretrained", ["--model", "{model}", "--out", "{tmp}/x"]),
+    "random_model": ("phi3skip.commands.random_model.save_pretrained", ["{model}", "{tmp}/r"]),
+}
+# The tiny model: 4 layers, hidden size 32, MLP width 64, 64 positions, skip.json's order 2,0 (train's default
+# candidates on 4 layers: 2, 0).
+NUMBERS = [  # command, flag, refused, accepted
+    ("prepare", "--max-tokens", ["0", "-1"], ["1"]),
+    ("prepare", "--val-tokens", ["-1"], ["0"]),
+    ("prepare", "--val-fraction", ["-0.1", "1", "nan"], ["0", "0.99"]),
+    ("prepare", "--workers", ["0"], ["1"]),
+    ("prepare", "--seed", ["-1"], ["0"]),
+    ("train", "--batch-size", ["0"], ["1"]),
+    ("train", "--grad-accum", ["0"], ["1"]),
+    ("train", "--max-seq-len", ["0", "65"], ["1", "64"]),
+    ("train", "--adapter-rank", ["0", "33"], ["1", "32"]),
+    ("train", "--adapter-mlp", ["-1", "65"], ["0", "64"]),
+    ("train", "--num-skip", ["0", "3"], ["1", "2"]),
+    ("train --layers auto", "--num-skip", ["0", "5"], ["4"]),
+    ("train", "--lr", ["0", "-1e-3", "inf", "nan"], ["1e-9"]),
+    ("train", "--temperature", ["0"], ["0.5"]),
+    ("train", "--min-lr-ratio", ["-0.1", "1.1"], ["0", "1"]),
+    ("train", "--save-every", ["-1"], ["0"]),
+    ("train", "--grad-clip", ["-1"], ["0"]),
+    ("train", "--lsq-tokens", ["-1"], ["0"]),
+    ("train", "--rank-shortlist", ["-1"], ["0"]),
+    ("train", "--seed", ["-1"], ["0"]),
+    ("evaluate", "--seq-len", ["0", "65"], ["1", "64"]),
+    ("evaluate", "--batch-size", ["0"], ["1"]),
+    ("evaluate", "--max-tokens", ["0"], ["1"]),
+    ("evaluate", "--speed-tokens", ["-1"], ["0"]),
+    ("rank_layers", "--seq-len", ["0", "65"], ["1", "64"]),
+    ("rank_layers", "--batch-size", ["0"], ["1"]),
+    ("rank_layers", "--max-tokens", ["0"], ["1"]),
+    ("rank_layers", "--num-skip", ["0", "5"], ["1", "4"]),
+    ("rank_layers", "--greedy", ["-1", "5"], ["0", "4"]),
+    ("rank_layers", "--shortlist", ["-1"], ["0"]),
+    ("generate", "--max-new-tokens", ["0"], ["1"]),
+    ("generate", "--lookahead", ["0", "33"], ["1", "32"]),
+    ("generate", "--temperature", ["-0.1", "nan"], ["0"]),
+    ("generate", "--top-k", ["0"], ["1"]),
+    ("generate", "--top-p", ["0", "1.1"], ["1"]),
+    ("generate", "--seed", ["-1"], ["0"]),
+    ("export", "--num-skip", ["0", "3"], ["1", "2"]),
+    ("random_model", "--layers", ["0"], ["1"]),
+    ("random_model", "--hidden", ["0"], []),
+    ("random_model", "--heads", ["0"], []),
+    ("random_model", "--kv-heads", ["0"], []),
+]
+
+
+def _cases():
+    for command, flag, refused, accepted in NUMBERS:
+        for value in refused:
+            yield command, flag, value, False
+        for value in accepted:
+            yield command, flag, value, True
+
+
+@pytest.mark.parametrize("command,flag,value,accepted", list(_cases()))
+def test_every_numeric_flag_is_checked_before_any_work(tiny_run, tmp_path, monkeypatch, command, flag, value,
+                                                       accepted):
+    root, _ = tiny_run
+    monkeypatch.setenv("STDOUT", "1")  # train.py: no log file
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    name, *extra = command.split(" ")
+    work, base = BASE[name]
+
+    def started(*args, **kwargs):
+        raise Started
+
+    module(name)  # prepare.py and train.py: imported (by path) before their names are patched
+    monkeypatch.setattr(work, started)
+    fill = dict(root=root, model=root / "model", data=root / "data", tmp=tmp_path)
+    argv = [a.format(**fill) for a in base] + extra + [f"{flag}={value}"]
+    if accepted:
+        with pytest.raises(Started):
+            entry(name)(argv)
+    else:
+        with pytest.raises(UserError, match=f"^{flag}") as e:
+            entry(name)(argv)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("allowed,good,bad,words", [
+    (Range(1), [1, 10**9], [0, -1, float("nan"), float("inf"), True, "1"], "at least 1"),
+    (Range(0), [0, 0.5], [-1e-9], "0 or more"),
+    (Range(0, above=True), [1e-12], [0, float("inf")], "positive"),
+    (Range(1, 4, note="the model's layers"), [1, 4], [0, 5], "in 1..4"),
+    (Range(0.0, 1.0), [0.0, 1.0], [-0.1, 1.1], "between 0 and 1"),
+    (Range(0.0, 1.0, below=True), [0.0, 0.999], [1.0], "at least 0 and below 1"),
+    (Range(0.0, 1.0, above=True), [1.0, 1e-9], [0.0], "above 0 and at most 1"),
+])
+def test_range(allowed, good, bad, words):
+    for v in good:
+        check_range("--x", v, allowed)
+    check_range("--x", None, allowed)  # not given
+    for v in bad:
+        with pytest.raises(UserError, match=r"^--x must be "):
+            check_range("--x", v, allowed)
+    assert allowed.describe() == words
