@@ -1,14 +1,16 @@
-"""Export a skip set of the student as an ordinary, shallower model: a Phi3ForCausalLM folder and/or a GGUF.
+"""Export a skip set of the student for other engines: a checkpoint folder and/or a GGUF.
 
     python scripts/export.py --model data/llm_cache/student_model --skip 28,26 --out exported/ [--dtype bfloat16]
     python scripts/export.py --num-skip 2 --out exported/ --gguf exported.gguf --outtype q8_0
     python scripts/export.py --model DIR --skip 28,26 --gguf model-f32.gguf          # the GGUF alone
 
-The skipped layers are removed and the rest renumbered: transformers, vLLM, TGI (the folder) and llama.cpp or
-Ollama (the GGUF) then run exactly what `model(x, skip=...)` runs in phi3skip. The folder carries the tokenizer,
-generation config and a model card (README.md) with the measured perplexity of that skip set from skip.json.
---skip defaults to the first --num-skip K layers of skip.json's trained order; another set is allowed, with a
-warning that says what its quality was measured to be (or that it never was).
+Layers skipped without a bypass are removed and the rest renumbered: a Phi3ForCausalLM that transformers, vLLM,
+TGI (the folder) and llama.cpp or Ollama (the GGUF) run exactly as `model(x, skip=...)` runs in phi3skip. Layers
+that run a trained bypass become blocks of llama.cpp's deci architecture (a linear attention with no KV cache, then
+the bypass's FFN), which llama.cpp runs exactly (the folder has NVIDIA's Nemotron-NAS layout). The folder carries
+the tokenizer, generation config and a model card (README.md) naming the engines and the measured perplexity of
+that skip set from skip.json. --skip defaults to the first --num-skip K layers of skip.json's trained order;
+another set is allowed, with a warning that says what its quality was measured to be (or that it never was).
 """
 from __future__ import annotations
 
@@ -49,8 +51,14 @@ def run(argv: list[str] | None = None) -> None:
     command = "python scripts/export.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     res = export(args.model, skip=args.skip, num_skip=args.num_skip, out=args.out, dtype=args.dtype, gguf=args.gguf,
                  outtype=args.outtype, overwrite=args.overwrite, command=command, warn=warn)
-    L = res.config.num_hidden_layers
-    what = f"{L} of {L + len(res.skip)} layers (removed {','.join(map(str, res.skip)) or 'none'})"
+    if res.slots is None:
+        L = res.config.num_hidden_layers
+        what = f"{L} of {L + len(res.skip)} layers (removed {','.join(map(str, res.skip)) or 'none'})"
+    else:
+        bypassed = [s.layer for s in res.slots if s.bypass]
+        removed = [i for i in res.skip if i not in bypassed]
+        what = (f"{len(res.slots)} blocks, layers {','.join(map(str, bypassed))} as bypass blocks (deci)"
+                + (f", {','.join(map(str, removed))} removed" if removed else ""))
     for path in (res.folder, res.gguf):
         if path is not None:
             files = [path] if path.is_file() else [f for f in path.iterdir() if f.suffix == ".safetensors"]
