@@ -111,15 +111,18 @@ def test_evaluate_cli_bad_input(tiny_run, tmp_path):
     latin1.write_bytes("t1 café t2 ".encode("latin-1") * 100)
     short.write_text("t1 t2")
     blocker.write_text("a file where a folder should be")
-    for argv, msg in [((), "nothing to score"), (("--data", str(tmp_path)), "meta.json"),
+    (tmp_path / "nodata").mkdir()
+    for argv, msg in [((), "nothing to score"), (("--data", str(tmp_path / "nodata")), "meta.json"),
                       (("--data", str(root / "data"), "--skip-sets", "a;b"), "--skip-sets"),
                       (("--data", str(root / "data"), "--skip-sets", "9"), "out of range"),
                       (("--text", str(tmp_path / "absent.txt")), "no such file"),
                       (("--text", str(binary)), "binary.txt: a binary file"),
                       (("--text", str(latin1)), "latin1.txt: not UTF-8 text"),
                       (("--text", str(short)), f"--text {short}: 3 tokens are too few"),
-                      (("--data", str(root / "data"), "--out", str(blocker / "eval")), "is a file, not a folder")]:
-        r = run_cli("--model", str(root / "model"), "--no-plot", "--speed-tokens", "0", *argv)
+                      (("--data", str(root / "data"), "--out", str(blocker / "eval")), "is a file, not a folder"),
+                      (("--data", str(root / "data"), "--seq-len", "65"), "--seq-len must be in 1..64")]:
+        r = run_cli("--model", str(root / "model"), "--no-plot", "--speed-tokens", "0", "--seq-len", "32",
+                    "--out", str(tmp_path / "eval"), *argv)
         assert r.returncode == 2, (argv, r.stderr)
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr
 
