@@ -24,12 +24,27 @@ import numpy as np
 from .cli import UserError
 
 
+_ERRORS: list[str] = []  # llama.cpp's error lines since the last load, for the one-line message
+_LOGGER = None  # the installed log callback (kept alive: llama.cpp holds a pointer to it)
+
+
 def require() -> object:
+    """The binding, with llama.cpp's log kept off the terminal (its warnings would interleave with ours) and its
+    errors kept for `load`'s message."""
+    global _LOGGER
     try:
         import llama_cpp
     except ImportError:
         raise UserError("llama.cpp's Python binding is needed: pip install llama-cpp-python (it builds llama.cpp "
                         "from source with cmake and a C++ compiler, ~5 minutes on 2 cores; pip keeps the wheel)") from None
+    if _LOGGER is None:
+        @llama_cpp.llama_log_callback
+        def log(level, text, user_data):  # ggml levels: 4 is an error
+            if level == 4 and text:
+                _ERRORS.append(text.decode("utf-8", "replace").strip())
+
+        _LOGGER = log
+        llama_cpp.llama_log_set(_LOGGER, None)
     return llama_cpp
 
 
@@ -54,12 +69,14 @@ def load(path: str | os.PathLike, n_ctx: int, threads: int = 1, all_logits: bool
         return p
 
     low.llama_model_default_params = params  # the binding has no argument for it; restored below
+    _ERRORS.clear()
     try:
         llm = llama_cpp.Llama(model_path=os.fspath(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                               logits_all=all_logits, n_threads=threads, n_threads_batch=threads, verbose=False,
                               type_k=0, type_v=0)  # GGML_TYPE_F32
     except (ValueError, RuntimeError) as e:
-        raise UserError(f"{path}: llama.cpp cannot load it ({e})") from None
+        why = next((m for m in _ERRORS if "error loading" in m), _ERRORS[-1] if _ERRORS else str(e))
+        raise UserError(f"{path}: llama.cpp cannot load it ({why})") from None
     finally:
         low.llama_model_default_params = defaults
     try:

@@ -154,3 +154,26 @@ def test_smollm2_student_in_llama_cpp(smollm2_dir, tmp_path):
                          gguf=tmp_path / f"{len(skip)}-{outtype}.gguf", outtype=outtype, warn=lambda m: None)
             theirs = llamacpp.perplexity(res.gguf, [w for x, y in windows for w in torch.cat([x, y[:, -1:]], 1).tolist()])
             assert abs(theirs / mine - 1) <= tolerance, (skip, outtype, theirs, mine)
+
+
+def test_check_gguf_bad_input_is_one_line(tmp_path, tokenizers):
+    """scripts/check_gguf.py: a mistake is one line and exit 2, before any model loads; a file llama.cpp cannot
+    load says llama.cpp's own reason."""
+    import subprocess
+    import sys
+
+    folder, _ = student(tmp_path, "gqa-tied", tokenizers["bpe"])
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(60))
+    data = tmp_path / "t.txt"
+    data.write_text("w " * 400)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "check_gguf.py"
+    for argv, msg in [(["--gguf", str(bad)], "give one of --data"),
+                      (["--gguf", str(tmp_path / "no.gguf"), "--text", str(data)], "no such file"),
+                      (["--gguf", str(bad), "--text", str(data), "--threads", "0"], "--threads"),
+                      (["--gguf", str(bad), "--text", str(data), "--skip", "2"], "llama.cpp cannot load it (")]:
+        r = subprocess.run([sys.executable, str(script), "--model", str(folder), "--seq-len", "32", *argv],
+                           capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr

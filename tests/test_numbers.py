@@ -25,6 +25,8 @@ BASE = {
                                "--draft-skip", "2"]),
     "export": ("phi3skip.export.from_pretrained", ["--model", "{model}", "--out", "{tmp}/x"]),
     "random_model": ("phi3skip.commands.random_model.save_pretrained", ["{model}", "{tmp}/r"]),
+    "check_gguf": ("phi3skip.commands.check_gguf.from_pretrained", ["--model", "{model}", "--gguf", "{model}/config.json",
+                                                                    "--data", "{data}", "--seq-len", "32", "--num-skip", "1"]),
 }
 # The tiny model: 4 layers, hidden size 32, MLP width 64, 64 positions, skip.json's order 2,0 (train's default
 # candidates on 4 layers: 2, 0).
@@ -66,6 +68,12 @@ NUMBERS = [  # command, flag, refused, accepted
     ("generate", "--top-p", ["0", "1.1"], ["1"]),
     ("generate", "--seed", ["-1"], ["0"]),
     ("export", "--num-skip", ["0", "3"], ["1", "2"]),
+    ("check_gguf", "--max-tokens", ["0"], ["1"]),
+    ("check_gguf", "--seq-len", ["0", "65"], ["1", "64"]),
+    ("check_gguf", "--speed-tokens", ["-1"], ["0"]),
+    ("check_gguf", "--repeats", ["0"], ["1"]),
+    ("check_gguf", "--threads", ["0"], ["1"]),
+    ("check_gguf", "--num-skip", ["0", "3"], ["1", "2"]),
     ("random_model", "--layers", ["0"], ["1"]),
     ("random_model", "--hidden", ["0"], []),
     ("random_model", "--heads", ["0"], []),

@@ -12,9 +12,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from phi3skip.cli import ArgumentParser, UserError, run_main
+from phi3skip import from_pretrained, llamacpp, load_config
+from phi3skip.cli import ArgumentParser, Range, UserError, check_range, check_ranges, run_main
+from phi3skip.commands.evaluate import SPEED_PROMPT, read_texts, text_batches
+from phi3skip.evaluate import val_batches
+from phi3skip.export import choose_skip
+from phi3skip.io import read_skip_profile, resolve
+from phi3skip.tokenizer import check_data_tokenizer, load_tokenizer
 
-SPEED_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+# every numeric flag's range, checked before any work (--seq-len's upper bound, the model's positions, once its
+# config is read; --num-skip's, skip.json's order, by export.choose_skip)
+NUMBERS = {"--max-tokens": Range(1), "--seq-len": Range(1), "--speed-tokens": Range(0), "--repeats": Range(1),
+           "--threads": Range(1)}
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -34,31 +43,22 @@ def run(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if (args.data is None) == (args.text is None):
         raise UserError("give one of --data (a prepare.py folder) or --text FILE: the held-out tokens to score")
-    for flag, value, low in (("--max-tokens", args.max_tokens, 1), ("--seq-len", args.seq_len, 1),
-                             ("--speed-tokens", args.speed_tokens, 0), ("--repeats", args.repeats, 1),
-                             ("--threads", args.threads, 1)):
-        if value < low:
-            raise UserError(f"{flag} {value}: must be at least {low}")
+    check_ranges(args, NUMBERS)
     for flag, path in (("--gguf", args.gguf), ("--against", args.against)):
         if path is not None and not Path(path).is_file():
             raise UserError(f"{flag} {path}: no such file")
-
-    from phi3skip import from_pretrained, llamacpp
-    from phi3skip.commands.evaluate import read_texts, text_batches
-    from phi3skip.evaluate import val_batches
-    from phi3skip.export import choose_skip
-    from phi3skip.io import read_skip_profile, resolve
-    from phi3skip.tokenizer import check_data_tokenizer, load_tokenizer
-
     llamacpp.require()  # before any model loads
     texts = read_texts([args.text]) if args.text else {}
     folder = resolve(args.model)
-    student = from_pretrained(folder, dtype="float32")
-    skip = choose_skip(read_skip_profile(folder), student.config.num_hidden_layers, args.skip, args.num_skip)
+    config = load_config(folder)
+    check_range("--seq-len", args.seq_len, Range(1, config.max_position_embeddings, note="the model's positions"))
+    skip = choose_skip(read_skip_profile(folder), config.num_hidden_layers, args.skip, args.num_skip)
     if args.data:
         check_data_tokenizer(args.data, folder)
+    student = from_pretrained(folder, dtype="float32")
+    if args.data:
         batches = val_batches(Path(args.data) / "val.bin", 4, args.seq_len, args.max_tokens,
-                              vocab_size=student.config.vocab_size)
+                              vocab_size=config.vocab_size)
     else:
         batches = text_batches(texts, folder, 4, args.seq_len, args.max_tokens)
     prompt = load_tokenizer(str(folder)).encode(SPEED_PROMPT).ids
