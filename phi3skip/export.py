@@ -112,7 +112,8 @@ def serving_table(profile: Mapping[str, Any], num_layers: int, model: str) -> st
     results = {tuple(sorted(r.get("skip") or [])): r for r in ev.get("results") or [] if isinstance(r, dict)}
     texts = list((results.get((), {}).get("student") or {}))
     full_speed = results.get((), {}).get("tokens_per_s")
-    head = ["k", "skip", "validation ppl (train.py)", *(f"{t} ppl (evaluate.py)" for t in texts), "speedup", "export"]
+    head = ["k", "skip", "validation ppl (train.py)", *(f"{t} ppl (evaluate.py)" for t in texts), "speedup (phi3skip)",
+            "export"]
     rows = []
     for k in range(len(order) + 1):
         skip = order[:k]

@@ -262,7 +262,7 @@ def test_serving_table_gives_each_trained_set_its_figures_and_export_command():
                    {"skip": [0, 2], "student": {"code": {"ppl": 11.25}}, "tokens_per_s": 50.0}]}}
     rows = serving_table(profile, 4, "M").splitlines()
     assert rows[0] == ("| k | skip | validation ppl (train.py) | code ppl (evaluate.py) | prose ppl (evaluate.py) | "
-                       "speedup | export |")
+                       "speedup (phi3skip) | export |")
     assert rows[2].startswith("| 0 | none | 9.00 | 10.00 | 20.00 | 1.00x | `python scripts/export.py --model M --skip none")
     assert rows[3].startswith("| 1 | 2 | 9.50 | 10.50 | 21.00 | 1.10x | `python scripts/export.py --model M --num-skip 1")
     assert rows[4].startswith("| 2 | 2,0 | – | 11.25 | – | 1.25x |") and len(rows) == 5
