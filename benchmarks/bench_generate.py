@@ -141,11 +141,6 @@ def cpu(args: argparse.Namespace) -> None:
         return {(s, t): export(folder, skip=",".join(map(str, s)) or "none", gguf=tmp / f"{len(s)}-{t}.gguf",
                                outtype=t, warn=lambda m: None).gguf for s in sets for t in outtypes}
 
-    def llama_rate(path: Path) -> float:
-        from phi3skip import llamacpp
-
-        return llamacpp.decode_speed(path, ids, N, torch.get_num_threads(), repeats=1).tokens_per_s
-
     def vs_transformers() -> None:
         import transformers
 
@@ -164,15 +159,21 @@ def cpu(args: argparse.Namespace) -> None:
                     run(name, gens[name])  # compiles
                     print(f"  compiled ({mode}) in {results[name].compile_s:.0f} s", flush=True)
                     rates[name].clear()
-            ggufs = {f"llama.cpp {t}": p for (_, t), p in llama_ggufs([()], ("f32", "q8_0")).items()}
+            from phi3skip.llamacpp import Decoder
+
+            # the CPU peer, loaded and warmed up once: same model, prompt, length and threads
+            ggufs = {f"llama.cpp {t}": Decoder(p, ids, N, torch.get_num_threads())
+                     for (_, t), p in llama_ggufs([()], ("f32", "q8_0")).items()}
             for _ in range(rounds):
                 r, toks = hf_decode_rate(hf, x, N)
                 rates.setdefault("transformers", []).append(r)
                 ref_tokens[:] = toks
                 for name, g in gens.items():
                     run(name, g)
-                for name, path in ggufs.items():  # the CPU peer: same model, prompt, length and threads
-                    rates.setdefault(name, []).append(llama_rate(path))
+                for name, dec in ggufs.items():
+                    rates.setdefault(name, []).append(dec.run())
+            for dec in ggufs.values():
+                dec.close()
         base = median(rates["transformers"])
         same = results["phi3skip"].tokens[0] == ref_tokens
         print(f"\nvs transformers' generate (same tokens: {'yes' if same else 'NO'}; llama.cpp: the model exported "
@@ -203,7 +204,7 @@ def cpu(args: argparse.Namespace) -> None:
     def llama_skip_sets() -> None:
         # The exported skip sets in llama.cpp (bypassed sets as deci blocks) against the exported full model, and
         # the ratio their weights' multiply-adds per token predict (llamacpp.weight_macs).
-        from phi3skip.llamacpp import weight_macs
+        from phi3skip.llamacpp import decode_speeds, weight_macs
 
         cands = candidate_layers(L, folder)
         sets = [()] + [tuple(cands[:k]) for k in (1, 2, 4, 6) if k <= len(cands)]
@@ -211,10 +212,8 @@ def cpu(args: argparse.Namespace) -> None:
             paths = llama_ggufs(sets, (t,))
             if not paths:
                 return
-            times: dict[tuple, list[float]] = {}
-            for _ in range(rounds):
-                for (s, _), path in paths.items():
-                    times.setdefault(s, []).append(1 / llama_rate(path))
+            speeds = decode_speeds(list(paths.values()), ids, N, torch.get_num_threads(), rounds)
+            times = {s: [1 / r for r in sp.runs] for (s, _), sp in zip(paths, speeds)}
             full = median(times[()])
             print(f"\nllama.cpp {t}, {torch.get_num_threads()} thread(s): exported skip sets against the exported "
                   "full model; ideal = the full model's weight multiply-adds per token / the set's")

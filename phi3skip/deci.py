@@ -48,9 +48,10 @@ def bypassed(model: Phi3ForCausalLM, skip: Sequence[int]) -> list[int]:
     return sorted(i for i in skip if adapters is not None and i in adapters)
 
 
-def check(config: Phi3Config, form: str) -> None:
-    """Refuse, in one line, what llama.cpp's deci architecture cannot compute exactly."""
-    if form != "sequential":
+def check(config: Phi3Config, form: str | None = None) -> None:
+    """Refuse, in one line, what llama.cpp's deci architecture cannot compute exactly: bypasses of another `form`
+    than a block's (when given), LongRoPE, partial rotary."""
+    if form is not None and form != "sequential":
         raise UserError(f"the student's bypasses are of the {form} form (saved by an earlier phi3skip): no engine's "
                         "block computes it; retrain the student (its bypasses are then blocks of llama.cpp's deci "
                         "architecture), or serve this skip set with phi3skip")
@@ -60,9 +61,6 @@ def check(config: Phi3Config, form: str) -> None:
     if config.rotary_dim != config.hd:
         raise UserError(f"partial rotary ({config.rotary_dim} of {config.hd} head dimensions) is not implemented "
                         "by llama.cpp's deci architecture; serve this skip set with phi3skip")
-    if config.hd * config.num_attention_heads != config.hidden_size:
-        raise UserError(f"head_dim {config.hd} x {config.num_attention_heads} heads != hidden_size "
-                        f"{config.hidden_size}: llama.cpp's deci linear-attention block cannot hold it")
 
 
 def context_length(config: Phi3Config) -> int:
@@ -77,7 +75,7 @@ def export_state(model: Phi3ForCausalLM, skip: Sequence[int]) -> tuple[dict[str,
     `self_attn.linear_attn.weight` for a bypass's map) and its blocks."""
     cfg, adapters = model.config, model.skip_adapters
     skipped = validate_skip(skip, cfg.num_hidden_layers)
-    check(cfg, adapters.form if adapters is not None else "sequential")
+    check(cfg, adapters.form if adapters is not None else None)
     base = model.base_state_dict()
     q, kv = cfg.num_attention_heads * cfg.hd, cfg.num_key_value_heads * cfg.hd
     out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": base["model.embed_tokens.weight"]}
@@ -141,14 +139,4 @@ def config_dict(config: Phi3Config, slots: Sequence[Slot], dtype: str) -> dict[s
             "phi3skip": {"layers": [s.layer for s in slots], "bypass": [s.layer for s in slots if s.bypass]}}
 
 
-def flops(config: Phi3Config, slots: Sequence[Slot]) -> int:
-    """Multiply-adds per token of the exported model's weights (attention scores excluded), lm_head included."""
-    H, hd = config.hidden_size, config.hd
-    block_attn = H * (config.num_attention_heads + 2 * config.num_key_value_heads) * hd + config.num_attention_heads * hd * H
-    total = H * config.vocab_size
-    for s in slots:
-        total += (H * H if s.bypass else block_attn) + 3 * H * s.ffn
-    return total
-
-
-__all__ = ["Slot", "bypassed", "check", "context_length", "export_state", "config_dict", "flops", "ZERO_FFN"]
+__all__ = ["Slot", "bypassed", "check", "context_length", "export_state", "config_dict", "ZERO_FFN"]

@@ -292,7 +292,8 @@ def write_deci_gguf(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, 
     permuted for its interleaved RoPE as llama.cpp's own converter does. Same outtypes and rules as write_gguf."""
     from .deci import check, context_length
 
-    check(config, "sequential")
+    check(config)
+    check_config(config)
     nH, nKV = config.num_attention_heads, config.num_key_value_heads
     plan = []
     for hf, t in state_dict.items():

@@ -1,5 +1,5 @@
 """Run a GGUF in llama.cpp itself (through `llama-cpp-python`, an optional dependency): every position's logits,
-perplexity on token windows, greedy decode speed. What the tests, scripts/check_gguf.py and the benchmarks use to
+perplexity on token windows, greedy decode speed (several models alternated). What the tests, scripts/check_gguf.py and the benchmarks use to
 hold our GGUF writer to the engine it writes for.
 
     from phi3skip import llamacpp
@@ -118,25 +118,49 @@ class Speed:
     runs: list[float]
 
 
-def decode_speed(path: str | os.PathLike, prompt: Sequence[int], new_tokens: int, threads: int = 1,
-                 repeats: int = 3, repack: bool = True) -> Speed:
-    """Greedy decoding in llama.cpp, one token per call after the prompt: tokens/s of the decode steps alone
-    (the prompt, fed a token at a time, untimed), median of `repeats` runs. repack: llama.cpp's default kernels
-    (see `load`), which decode one token at a time without fault."""
-    runs = []
-    with load(path, len(prompt) + new_tokens + 1, threads, all_logits=False, repack=repack) as llm:
-        for _ in range(repeats + 1):  # the first run warms caches and pages the weights in
-            llm.reset()
-            for t in prompt:
-                llm.eval([int(t)])
+class Decoder:
+    """A GGUF loaded in llama.cpp for greedy decoding, one token per call (llama.cpp's default kernels, which
+    decode one token at a time without fault: see `load`); each `run` times the decode steps after the prompt (fed
+    a token at a time, untimed). Opened once and warmed up, so alternated runs of several models time decoding only."""
+
+    def __init__(self, path: str | os.PathLike, prompt: Sequence[int], new_tokens: int, threads: int = 1):
+        self.prompt, self.new_tokens = [int(t) for t in prompt], new_tokens
+        self._ctx = load(path, len(self.prompt) + new_tokens + 1, threads, all_logits=False, repack=True)
+        self.llm = self._ctx.__enter__()
+        self.run()  # warm-up: pages the weights in
+
+    def run(self) -> float:
+        llm = self.llm
+        llm.reset()
+        for t in self.prompt:
+            llm.eval([t])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t0 = time.perf_counter()
+        for _ in range(self.new_tokens):
+            llm.eval([tok])
             tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            t0 = time.perf_counter()
-            for _ in range(new_tokens):
-                llm.eval([tok])
-                tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            runs.append(new_tokens / (time.perf_counter() - t0))
-    runs = runs[1:]
-    return Speed(float(np.median(runs)), runs)
+        return self.new_tokens / (time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self._ctx.__exit__(None, None, None)
+
+
+def decode_speeds(paths: Sequence[str | os.PathLike], prompt: Sequence[int], new_tokens: int, threads: int = 1,
+                  repeats: int = 3) -> list[Speed]:
+    """Greedy decode tokens/s of each GGUF in llama.cpp: all loaded and warmed up once, then `repeats` runs of
+    each, alternated so that a drift of the machine's speed hits all alike; medians."""
+    decoders: list[Decoder] = []
+    try:
+        for p in paths:
+            decoders.append(Decoder(p, prompt, new_tokens, threads))
+        runs = [[] for _ in decoders]
+        for _ in range(repeats):
+            for d, r in zip(decoders, runs):
+                r.append(d.run())
+    finally:
+        for d in decoders:
+            d.close()
+    return [Speed(float(np.median(r)), r) for r in runs]
 
 
 def weight_macs(path: str | os.PathLike) -> int:
@@ -183,13 +207,10 @@ def check(student, skip: Sequence[int], gguf: str | os.PathLike, batches: Sequen
     res = Check(perplexity(gguf, windows, threads), perplexity_ci(student, batches, skip).ppl,
                 sum(len(w) - 1 for w in windows))
     if against is not None and new_tokens:
-        mine, ref = [], []
-        for _ in range(repeats):  # alternated, so a drift of the machine's speed hits both alike
-            mine += decode_speed(gguf, prompt, new_tokens, threads, repeats=1).runs
-            ref += decode_speed(against, prompt, new_tokens, threads, repeats=1).runs
-        res.speed, res.speed_against = Speed(float(np.median(mine)), mine), Speed(float(np.median(ref)), ref)
+        res.speed, res.speed_against = decode_speeds([gguf, against], prompt, new_tokens, threads, repeats)
         res.ideal = weight_macs(against) / weight_macs(gguf)
     return res
 
 
-__all__ = ["require", "load", "logits", "perplexity", "decode_speed", "Speed", "weight_macs", "check", "Check"]
+__all__ = ["require", "load", "logits", "perplexity", "Decoder", "decode_speeds", "Speed", "weight_macs", "check",
+           "Check"]

@@ -25,9 +25,11 @@ T = 20
 NO_DECI = {"mini-128k-su": "LongRoPE", "phi3.5-longrope": "LongRoPE", "phi4-mini": "LongRoPE"}
 
 
-def with_bypasses(tmp_path: Path, variant: str, tok: Path, mlp: int = 16, seed: int = 0) -> tuple[Path, object]:
+def with_bypasses(tmp_path: Path, variant: str, tok: Path, mlp: int = 16, seed: int = 0,
+                  tied: bool | None = None) -> tuple[Path, object]:
     """A student whose layers 2 and 0 run random (nonzero) sequential bypasses when skipped."""
-    folder, _ = student(tmp_path, variant, tok, seed=seed)
+    folder, _ = student(tmp_path, variant, tok, seed=seed,
+                        **({} if tied is None else {"tie_word_embeddings": tied}))
     model = phi3skip.from_pretrained(folder)
     bypass.attach(model, [2, 0], rank=8, mlp=mlp)
     g = torch.Generator().manual_seed(seed + 1)
@@ -100,15 +102,17 @@ def test_deci_context_is_the_sliding_window(tmp_path, tokenizers):
 
 @pytest.mark.parametrize("outtype,tolerance", [("f16", 0.002), ("bf16", 0.01), ("q8_0", 0.01)])
 @pytest.mark.parametrize("kind", ["plain", "bypassed"])
-def test_quantized_ggufs_keep_the_perplexity(tmp_path, tokenizers, outtype, tolerance, kind):
-    """f16, bf16 and q8_0: llama.cpp's perplexity on held-out windows within `tolerance` (relative) of phi3skip's
-    fp32 model skipping the same layers."""
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantized_ggufs_keep_the_perplexity(tmp_path, tokenizers, outtype, tolerance, kind, tied):
+    """f16, bf16 and q8_0, tied and untied embeddings: llama.cpp's perplexity on held-out windows within
+    `tolerance` (relative) of phi3skip's fp32 model skipping the same layers."""
     if kind == "plain":
-        folder, model = student(tmp_path, "gqa-tied", tokenizers["bpe"])
+        folder, model = student(tmp_path, "gqa-tied", tokenizers["bpe"], tie_word_embeddings=tied)
         skip = (2,)
     else:
-        folder, model = with_bypasses(tmp_path, "gqa-tied", tokenizers["bpe"], mlp=32)
+        folder, model = with_bypasses(tmp_path, "gqa-tied", tokenizers["bpe"], mlp=32, tied=tied)
         skip = (2, 0)
+    assert model.config.tie_word_embeddings == tied
     res = export(folder, skip=",".join(map(str, skip)), gguf=tmp_path / "m.gguf", outtype=outtype, warn=lambda m: None)
     windows = torch.cat([inputs(model.config, 33, seed=s) for s in range(4)])
     theirs = llamacpp.perplexity(res.gguf, windows.tolist())
