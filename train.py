@@ -26,7 +26,7 @@ import torch
 from phi3skip import bypass, distributed, parallel
 from phi3skip.cli import ArgumentParser, Range, UserError, check_ranges, run_main
 from phi3skip.config import Phi3Config
-from phi3skip.data import Batches
+from phi3skip.data import Batches, Mixture
 from phi3skip.distill import (K_DISTS, SCHEDULES, STATS, LossConfig, Schedule, adapter_step,
                               distill_step, set_trainable, step_flops_per_token, trainable_blocks)
 from phi3skip.evaluate import distributed_perplexity, val_batches
@@ -43,15 +43,15 @@ log = logging.getLogger("phi3skip.train")
 
 POSITIVE, COUNT, AT_LEAST_1 = Range(0, above=True), Range(0), Range(1)
 # Every numeric flag's range, checked before any work; bounds that depend on the model (--adapter-rank, --adapter-mlp,
-# --num-skip, --max-seq-len) are checked by `check_model_numbers` as soon as its config is read.
+# --depth-rank, --num-skip, --max-seq-len) are checked by `check_model_numbers` as soon as its config is read.
 NUMBERS = {
     **dict.fromkeys(("--batch-size", "--grad-accum", "--max-seq-len", "--eval-tokens", "--log-every",
                      "--keep-checkpoints", "--rank-tokens", "--steps-per-layer", "--max-steps", "--kl-chunk",
                      "--adapter-rank", "--stop-at", "--num-skip"), AT_LEAST_1),
     **dict.fromkeys(("--lsq-tokens", "--lsq-check-tokens", "--adapter-mlp", "--rank-shortlist", "--save-every",
                      "--eval-every", "--warmup", "--kd-weight", "--ce-weight", "--align-weight", "--weight-decay",
-                     "--grad-clip", "--seed"), COUNT),
-    **dict.fromkeys(("--lr", "--temperature", "--num-epochs"), POSITIVE),
+                     "--grad-clip", "--seed", "--depth-rank"), COUNT),
+    **dict.fromkeys(("--lr", "--temperature", "--num-epochs", "--data-weights"), POSITIVE),
     "--min-lr-ratio": Range(0.0, 1.0),
 }
 
@@ -60,7 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--model", default="microsoft/Phi-3-mini-4k-instruct", help="Hub id or checkpoint folder (the teacher)")
-    a("--data", required=True, help="data folder made by prepare.py (train.bin, val.bin, meta.json)")
+    a("--data", required=True, nargs="+", metavar="FOLDER",
+      help="data folder(s) made by prepare.py (train.bin, val.bin, meta.json); several are blended (--data-weights) "
+           "for training, the order and the least-squares fit, and the first one's val.bin is what train.py evaluates")
+    a("--data-weights", type=float, nargs="+", default=None, metavar="W",
+      help="share of each --data folder in the training sequences (default: equal shares)")
     a("--out", default="data/llm_cache/student_model", help="where the student and skip.json are saved")
     a("--overwrite", action="store_true", help="replace an existing --out folder")
     a("--layers", default=None, help="candidate layers in order, e.g. 30,28,26 (default: L-2, L-4, ...), or 'auto': "
@@ -85,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--adapter-mlp", type=int, default=None,
       help="MLP channels of each bypass, started from the skipped block's most active ones (adapters; 0: a "
            "linear map only; default: 3/4 of the bypass's compute, 128 for SmolLM2)")
+    a("--depth-rank", type=int, default=0,
+      help="adapters: rank q of each skip depth's own low-rank corrections B A of every bypass weight (the bypasses "
+           "are shared by all depths; these are not), merged into the bypasses on export (0, the default: none)")
     a("--lsq-tokens", type=int, default=16384,
       help="adapters: training tokens for the least-squares initialisation of the bypasses (0: start at zero)")
     a("--lsq-check-tokens", type=int, default=2048,
@@ -136,12 +143,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--schedule {args.schedule!r}: unknown; use one of {', '.join(SCHEDULES)}")
     resolve_recipe(args)
     check_ranges(args, NUMBERS)
+    if args.data_weights is not None and len(args.data_weights) != len(args.data):
+        raise UserError(f"--data-weights: {len(args.data_weights)} weight(s) for {len(args.data)} --data folder(s); "
+                        f"give one per folder")
     if args.k_dist not in K_DISTS:
         raise UserError(f"--k-dist {args.k_dist!r}: unknown; use one of {', '.join(K_DISTS)}")
     if adapters_scope(args) and args.ce_weight:
         raise UserError("--ce-weight: with --train-scope adapters the full model is the frozen teacher; drop it")
     if args.align_weight and not adapters_scope(args):
         raise UserError("--align-weight aligns the bypasses of --train-scope adapters; drop it or train adapters")
+    if args.depth_rank and not adapters_scope(args):
+        raise UserError("--depth-rank gives the bypasses of --train-scope adapters per-depth deltas; drop it or train "
+                        "adapters")
     if args.dtype is not None and parse_dtype(args.dtype) not in (torch.bfloat16, torch.float32):
         raise UserError(f"--dtype {args.dtype}: training runs in bfloat16 or float32 (float16 would need a loss "
                         f"scaler, and its gradients underflow without one)")
@@ -189,6 +202,23 @@ def setup_logging(log_dir: str, env: distributed.Env) -> Path | None:
 
 
 # Checks -----------------------------------------------------------------------------------------------------------
+def data_setting(folders: list[str], weights: list[float] | None) -> str:
+    """The training data as the run's settings hold it: one folder as its path (as runs always recorded it),
+    a blend as each folder with its share."""
+    paths = [str(Path(f).resolve()) for f in folders]
+    if len(paths) == 1:
+        return paths[0]
+    weights = weights or [1.0] * len(paths)
+    return " + ".join(f"{w / sum(weights):.6g} x {p}" for p, w in zip(paths, weights))
+
+
+def train_batches(folders: list[Path], weights: list[float] | None, args, env, vocab_size: int) -> Batches | Mixture:
+    """The training sequences: one folder's train.bin, or several blended in proportion to --data-weights."""
+    parts = [Batches(f / "train.bin", args.batch_size, args.max_seq_len, args.seed, env.rank, env.world_size,
+                     vocab_size=vocab_size) for f in folders]
+    return parts[0] if len(parts) == 1 else Mixture(parts, weights or [1.0] * len(parts))
+
+
 def check_data_folder(folder: str) -> Path:
     path = Path(folder)
     if not path.is_dir():
@@ -207,7 +237,7 @@ def check_outputs(args: argparse.Namespace, ckpt_dir: Path) -> None:
     if os.environ.get("STDOUT", "") in ("", "0"):
         check_output(args.log_dir, "--log-dir", "dir")
     outputs = {"--out": args.out, "--ckpt-dir": ckpt_dir, "--log-dir": args.log_dir}
-    check_apart(outputs, {"--model": local(args.model), "--data": args.data})
+    check_apart(outputs, [("--model", local(args.model))] + [("--data", d) for d in args.data])
     check_apart({"--out": args.out}, {}, {"--ckpt-dir": ckpt_dir, "--log-dir": args.log_dir})
 
 
@@ -266,7 +296,7 @@ def auto_layers(args, model_dir: Path, config: Phi3Config, batches: Batches, env
     return ",".join(map(str, distributed.broadcast_object(order, env)))
 
 
-def teacher_config(args, data: Path, env: distributed.Env) -> tuple[Path, Phi3Config]:
+def teacher_config(args, folders: list[Path], env: distributed.Env) -> tuple[Path, Phi3Config]:
     """The teacher's folder (downloaded once per node) and config, checked against the data and --max-seq-len."""
     if env.is_main or env.local_rank == 0:
         resolve(args.model)  # downloads once per node first
@@ -275,7 +305,8 @@ def teacher_config(args, data: Path, env: distributed.Env) -> tuple[Path, Phi3Co
     check_apart({"--out": args.out, "--ckpt-dir": args.ckpt_dir, "--log-dir": args.log_dir},
                 {"--model": model_dir})  # a Hub model's cached folder too
     config = Phi3Config.from_json(model_dir / "config.json")
-    check_data_tokenizer(data, model_dir)
+    for data in folders:
+        check_data_tokenizer(data, model_dir)
     check_model_numbers(args, config)
     return model_dir, config
 
@@ -288,6 +319,7 @@ def check_model_numbers(args, config: Phi3Config) -> None:
     check_ranges(args, {"--max-seq-len": Range(1, config.max_position_embeddings, note="the model's positions"),
                         "--adapter-rank": Range(1, config.hidden_size, note="the model's hidden size"),
                         "--adapter-mlp": Range(0, config.intermediate_size, note="the model's MLP width"),
+                        "--depth-rank": Range(0, config.hidden_size, note="the model's hidden size"),
                         "--num-skip": Range(1, candidates, note="the number of candidate layers")})
 
 
@@ -325,14 +357,15 @@ def adapters_scope(args) -> bool:
 
 
 def run_settings(args, env: distributed.Env, schedule: Schedule, warmup: int, kd_weight: float) -> RunSettings:
-    return RunSettings(model=str(args.model), data=str(Path(args.data).resolve()), layers=schedule.layers,
+    return RunSettings(model=str(args.model), data=data_setting(args.data, args.data_weights), layers=schedule.layers,
                        schedule=schedule.kind, lr=args.lr, steps_per_phase=schedule.steps_per_phase,
                        global_batch=args.batch_size * env.world_size * args.grad_accum, max_seq_len=args.max_seq_len,
                        grad_accum=args.grad_accum, temperature=args.temperature, kd_weight=kd_weight,
                        ce_weight=args.ce_weight, train_scope=args.train_scope, warmup=warmup,
                        min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                        seed=args.seed, k_dist=args.k_dist, adapter_rank=args.adapter_rank, adapter_mlp=args.adapter_mlp,
-                       lsq_tokens=args.lsq_tokens, align_weight=args.align_weight or None)
+                       lsq_tokens=args.lsq_tokens, align_weight=args.align_weight or None,
+                       depth_rank=args.depth_rank or None)
 
 
 def load_adapter_student(model_dir: Path, config: Phi3Config, env, dtype: torch.dtype, args, layers, batches,
@@ -343,10 +376,12 @@ def load_adapter_student(model_dir: Path, config: Phi3Config, env, dtype: torch.
     d_rank, d_mlp = bypass.default_sizes(config)
     rank = args.adapter_rank or d_rank
     mlp = d_mlp if args.adapter_mlp is None else args.adapter_mlp
+    # per-depth deltas start at zero: the least-squares bypass is every depth's start
+    shape = dict(rank=rank, mlp=mlp, depth_rank=args.depth_rank)
     model = None
     if env.is_main or not env.distributed:
         model = from_pretrained(model_dir, dtype=torch.float32, device=env.device)
-        bypass.attach(model, layers, rank, mlp)
+        bypass.attach(model, layers, **shape)
         per_batch = args.batch_size * args.max_seq_len
         n = math.ceil(args.lsq_tokens / per_batch) if fit else 0
         if n:
@@ -354,14 +389,15 @@ def load_adapter_student(model_dir: Path, config: Phi3Config, env, dtype: torch.
             calib = [batches.get(i, env.device)[0] for i in range(n)]
             check = [batches.get(n + i, env.device)[0] for i in range(math.ceil(args.lsq_check_tokens / per_batch))]
             forms = bypass.fit_lstsq(model, calib, layers, check=check)
-            log.info(f"bypasses of layers {layers} (rank {rank}, {mlp} MLP channels) fitted by least squares on "
-                     f"{sum(x.numel() for x in calib)} training tokens in {time.perf_counter() - t0:.1f}s" +
+            deltas = f", per-depth deltas of rank {args.depth_rank}" if args.depth_rank else ""
+            log.info(f"bypasses of layers {layers} (rank {rank}, {mlp} MLP channels{deltas}) fitted by least squares "
+                     f"on {sum(x.numel() for x in calib)} training tokens in {time.perf_counter() - t0:.1f}s" +
                      (f"; kept, by KL on {sum(x.numel() for x in check)} others: " +
                       ", ".join(f"{i}: {f}" for i, f in forms.items()) if check else ""))
     if env.distributed:
         sd = model.state_dict() if env.is_main else None
         model = parallel.build_sharded(config, sd, env, dtype=torch.float32, ac=args.activation_checkpointing,
-                                       prepare=lambda m: bypass.attach(m, layers, rank, mlp), **kw)
+                                       prepare=lambda m: bypass.attach(m, layers, **shape), **kw)
     else:
         parallel.parallelize(model, env, ac=args.activation_checkpointing, **kw)
     return model.train()
@@ -402,10 +438,10 @@ class Trainer:
         log_path = setup_logging(args.log_dir, env)
         torch.manual_seed(args.seed)
         self.dtype = parse_dtype(args.dtype, default=torch.bfloat16 if env.device.type == "cuda" else torch.float32)
-        data = check_data_folder(args.data)
-        self.model_dir, self.config = teacher_config(args, data, env)
-        self.batches = Batches(data / "train.bin", args.batch_size, args.max_seq_len, args.seed, env.rank,
-                               env.world_size, vocab_size=self.config.vocab_size)
+        folders = [check_data_folder(d) for d in args.data]
+        data = folders[0]
+        self.model_dir, self.config = teacher_config(args, folders, env)
+        self.batches = train_batches(folders, args.data_weights, args, env, self.config.vocab_size)
         self.val = val_batches(data / "val.bin", args.batch_size, args.max_seq_len, args.eval_tokens,
                                self.config.vocab_size)
         if args.layers == "auto":

@@ -30,6 +30,7 @@ import torch
 
 from phi3skip import Phi3Config, Phi3ForCausalLM
 from phi3skip.cli import ArgumentParser, UserError, run_main
+from phi3skip.cost import kv_bytes, model_cost
 from phi3skip.generate import COMPILE_MODES, GenerationResult, Generator, set_weight_layout
 from phi3skip.sampling import Sampling
 
@@ -110,12 +111,13 @@ def cpu(args: argparse.Namespace) -> None:
     L = model.config.num_hidden_layers
     x = torch.tensor([ids])
     bw = read_bandwidth()
-    limit = bw / weight_bytes_per_token(model)
+    wbytes = model_cost(model).weight_bytes
+    limit = bw / wbytes
     print(f"CPU decode benchmark: {folder.name}, {L} layers, fp32, batch 1, greedy, prompt {len(ids)} tokens, "
           f"{N} new tokens, {torch.get_num_threads()} threads, torch {torch.__version__}; medians of {rounds} "
           f"alternated runs", flush=True)
     print(f"  memory read bandwidth {bw / 1e9:.1f} GB/s; weights read per token "
-          f"{weight_bytes_per_token(model) / 1e6:.0f} MB -> limit {limit:.1f} tokens/s", flush=True)
+          f"{wbytes / 1e6:.0f} MB -> limit {limit:.1f} tokens/s", flush=True)
     failures: list[str] = []
     rates: dict[str, list[float]] = {}
     results: dict[str, GenerationResult] = {}
@@ -186,12 +188,9 @@ def cpu(args: argparse.Namespace) -> None:
     def skip_sets() -> None:
         cands = candidate_layers(L, folder)
         sets = [tuple(cands[:k]) for k in (1, 2, 4, 6) if k <= len(cands)]
-        gens = {(): Generator(model)} | {s: Generator(model, s) for s in sets}
-        times: dict[tuple, list[float]] = {}
-        with torch.no_grad():
-            for _ in range(rounds):
-                for s, g in gens.items():
-                    times.setdefault(s, []).append(1 / g.generate([ids], N).decode_tokens_per_s)
+        import benchutil
+
+        times = benchutil.decode_seconds(model, [(), *sets], ids, N, rounds)
         full = median(times[()])
         print("\nskip sets (eager): speedup against the full model and against the ideal L/(L-k)")
         for s in sets:
@@ -402,24 +401,6 @@ def build_random(config: dict, device: torch.device, dtype: torch.dtype) -> Phi3
     return model.eval()
 
 
-def weight_bytes_per_token(model: Phi3ForCausalLM, skip: tuple[int, ...] = ()) -> int:
-    """Bytes of weights a decode step reads: every running layer, the final norm and the lm_head (the
-    embedding table is read one row at a time unless it is the tied lm_head)."""
-    total = 0
-    for i, layer in enumerate(model.model.layers):
-        if i not in skip:
-            total += sum(p.numel() * p.element_size() for p in layer.parameters())
-    total += model.model.norm.weight.numel() * model.model.norm.weight.element_size()
-    total += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-    return total
-
-
-def kv_bytes_per_token(gen: Generator, max_len: int) -> int:
-    """Bytes of KV cache a decode step reads (the static cache is attended over all its slots, masked)."""
-    cfg = gen.model.config
-    return 2 * len(gen.layers) * cfg.num_key_value_heads * cfg.hd * max_len * gen.dtype.itemsize
-
-
 def gpu(args: argparse.Namespace) -> None:
     if not torch.cuda.is_available():
         raise UserError("--gpu needs a CUDA device")
@@ -446,7 +427,7 @@ def gpu(args: argparse.Namespace) -> None:
     model, bw = state["model"], state.get("bw", float("nan"))
     L = model.config.num_hidden_layers
     ids = torch.randint(100, 32000, (16,), generator=torch.Generator().manual_seed(0)).tolist()
-    wbytes = weight_bytes_per_token(model)
+    wbytes = model_cost(model).weight_bytes
     limit = bw / wbytes
     print(f"GPU decode benchmark: {torch.cuda.get_device_name()}, torch {torch.__version__}; Phi-3-mini shape "
           f"({model.config.num_params() / 1e9:.2f}B params, bf16), batch 1, greedy, prompt {len(ids)}, "
@@ -461,8 +442,9 @@ def gpu(args: argparse.Namespace) -> None:
 
     def row(name: str, rate: float, gen: Generator, extra: str = "") -> None:
         max_len = -(-(len(ids) + N + (gen.lookahead + 1 if gen.draft_skip else 0)) // 64) * 64
-        w = weight_bytes_per_token(model, gen.skip)
-        kv = kv_bytes_per_token(gen, max_len)
+        w = model_cost(model, gen.skip).weight_bytes
+        # the static cache is attended over all its slots, masked: max_len keys a step, whatever the window
+        kv = kv_bytes(model.config, len(gen.layers), max_len, gen.dtype.itemsize)
         frac = rate * w / bw
         frac_kv = rate * (w + kv) / bw
         line = (f"  {name:34s} {rate:8.1f} tokens/s   {frac:6.1%} of the bandwidth limit "

@@ -6,7 +6,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -47,6 +47,23 @@ def alternate(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1
     for _ in range(rounds):
         for k, fn in fns.items():
             times[k].append(timed(fn, device))
+    return times
+
+
+def decode_seconds(model: torch.nn.Module, sets: Sequence[tuple[int, ...]], prompt: Sequence[int], new_tokens: int,
+                   rounds: int) -> dict[tuple[int, ...], list[float]]:
+    """Seconds per decoded token of phi3skip's batch-1 greedy decode (static cache), per skip set: one warm-up
+    each, then the sets in turn every round, so drift in machine speed hits all of them alike."""
+    from phi3skip.generate import Generator
+
+    gens = {s: Generator(model, s) for s in dict.fromkeys(sets)}
+    times: dict[tuple[int, ...], list[float]] = {s: [] for s in gens}
+    with torch.no_grad():
+        for g in gens.values():
+            g.generate([list(prompt)], 2)
+        for _ in range(rounds):
+            for s, g in gens.items():
+                times[s].append(1 / g.generate([list(prompt)], new_tokens).decode_tokens_per_s)
     return times
 
 

@@ -6,10 +6,13 @@
         --layers auto --num-skip 6
 
 Everything after `--` goes to train.py on top of the demo's settings (teacher data/smollm2, data data/stdlib,
-nested schedule, 4 x 256 tokens a step); `--no-train` builds the student without training (the candidate order,
+nested schedule, 4 x 256 tokens a step; `--data A B --data-weights 1 1` trains on a blend, and code is scored on
+A's val.bin); `--no-train` builds the student without training (the candidate order,
 and least-squares bypasses when --lsq-tokens > 0). Each run is scored the same way: perplexity on 8,192 held-out
-tokens of the training corpus (val.bin, code: the selection metric) and of the Python docs (prose: a report),
-windows of 256, for the full student and each prefix of its trained order, as a ratio to the teacher.
+tokens of the training corpus (val.bin, code: the selection metric), of the Python docs (prose: never trained on)
+and, where data/pkgdocs exists, of the package READMEs held out from it (docs), windows of 256, for the full
+student and each prefix of its trained order, as a ratio to the teacher. `--rescore RUN` scores an earlier
+run again (e.g. on a text added since), into its results.json.
 Wall-clock is train.py's whole run (order ranking, least squares and evaluations included), on this machine as
 it was: the row says whether anything else ran.
 """
@@ -44,7 +47,7 @@ HEADER = """# Quality of skipped inference: recipes tried
 
 One row per run of `benchmarks/quality.py` (its docstring says how each is scored). Ratios are student
 perplexity / teacher perplexity on held-out text, code (stdlib val.bin, the selection metric) / prose (Python
-docs, a report only), at skip depth k = a prefix of the run's trained order. Teacher: SmolLM2-135M-Instruct
+docs) / docs (package READMEs, pkgdocs' val.bin; rows from 2026-12-05 on), at skip depth k = a prefix of the run's trained order. Teacher: SmolLM2-135M-Instruct
 (30 layers) converted to Phi-3. Wall-clock: the whole train.py run on 2 CPU cores.
 
 | run | recipe | order | train tokens | wall-clock | k=0 | k=1 | k=2 | k=3 | k=4 | k=5 | k=6 | k=7 | k=8 | command |
@@ -52,11 +55,35 @@ docs, a report only), at skip depth k = a prefix of the run's trained order. Tea
 """
 
 
-def scoring_sets(teacher_dir: Path, data: Path, prose: Path, tokens: int = 8192) -> dict[str, list]:
+def scoring_sets(teacher_dir: Path, data: Path, prose: Path, docs: Path | None, tokens: int = 8192
+                 ) -> dict[str, list]:
+    """code: the training corpus's held-out documents; prose: the Python docs (never in any training set);
+    docs: the package READMEs' held-out documents (pkgdocs' val.bin), when that folder exists."""
     tok = load_tokenizer(str(teacher_dir))
     ids = np.asarray(tok.encode(prose.read_text(encoding="utf-8")).ids, dtype=np.int64)
-    return {"code": val_batches(data / "val.bin", 4, 256, tokens),
+    sets = {"code": val_batches(data / "val.bin", 4, 256, tokens),
             "prose": list(eval_batches(ids, 4, 256, max_tokens=tokens))}
+    if docs is not None and (docs / "val.bin").is_file():
+        sets["docs"] = val_batches(docs / "val.bin", 4, 256, tokens)
+    return sets
+
+
+def score(run: Path, teacher_dir: Path, sets: dict[str, list]) -> tuple[list[int], list[dict[str, float]], dict]:
+    """(trained order, ratios to the teacher per prefix k = 0.., the teacher's perplexities) of a run's student."""
+    layers = read_skip_profile(run / "student")["layers"]
+    student = from_pretrained(run / "student", dtype=torch.float32)
+    teacher = from_pretrained(teacher_dir, dtype=torch.float32)
+    base = {name: perplexity_ci(teacher, b).ppl for name, b in sets.items()}
+    ratios = []
+    for s in skip_prefixes(layers):
+        r = {name: perplexity_ci(student, b, s).ppl / base[name] for name, b in sets.items()}
+        ratios.append(r)
+        print(f"k={len(s)} skip {list(s)}: " + " ".join(f"{n} {v:.3f}" for n, v in r.items()), flush=True)
+    return layers, ratios, base
+
+
+def cell(r: dict[str, float]) -> str:
+    return " / ".join(f"{r[n]:.3f}" for n in ("code", "prose", "docs") if n in r)
 
 
 def build_untrained(args, teacher_dir: Path, out: Path, extra: list[str]) -> None:
@@ -73,7 +100,7 @@ def build_untrained(args, teacher_dir: Path, out: Path, extra: list[str]) -> Non
                    help="greedy order scored with least-squares bypasses fitted on this many other train tokens")
     a = p.parse_args(extra)
     model = from_pretrained(teacher_dir, dtype=torch.float32)
-    train = Batches(Path(args.data) / "train.bin", 4, 256, seed=0)
+    train = Batches(Path(args.data[0]) / "train.bin", 4, 256, seed=0)  # the first folder only
     if a.layers == "auto":
         n = -(-a.rank_tokens // 1024)
         t0 = time.perf_counter()
@@ -98,6 +125,12 @@ def build_untrained(args, teacher_dir: Path, out: Path, extra: list[str]) -> Non
                                                           "steps": 0}})
 
 
+def data_flags(args) -> str:
+    """The row's command: --data (and --data-weights) when not the default."""
+    out = "" if args.data == ["data/stdlib"] else " --data " + shlex.join(args.data)
+    return out + (" --data-weights " + shlex.join(args.data_weights) if args.data_weights else "")
+
+
 def step_tokens(train_args: list[str]) -> int:
     """Training tokens a step under these train.py arguments (DEMO sets the batch and length; the last value of
     each flag wins, as in train.py; one process)."""
@@ -115,46 +148,54 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--name", required=True, help="the recipe, in a few words (the row's label)")
     p.add_argument("--teacher", default="data/smollm2")
-    p.add_argument("--data", default="data/stdlib")
+    p.add_argument("--data", nargs="+", default=["data/stdlib"],
+                   help="train.py's --data: one folder, or several blended (--data-weights); code is scored on the "
+                        "first one's val.bin")
+    p.add_argument("--data-weights", nargs="+", default=None, help="train.py's --data-weights")
     p.add_argument("--prose", default="data/prose/python-docs.txt")
+    p.add_argument("--docs", default="data/pkgdocs", help="a prepare.py folder of prose whose val.bin is scored too "
+                                                          "(skipped when it does not exist)")
+    p.add_argument("--rescore", metavar="RUN", default=None,
+                   help="score an earlier run's student again (adds texts to its results.json; no row, no training)")
     p.add_argument("--runs", default="data/quality", help="where each run's student and results go")
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--note", default="", help="said in the row, e.g. that the machine was shared")
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     teacher_dir = Path(args.teacher)
+    docs = Path(args.docs) if args.docs else None
+    if args.rescore:
+        run = Path(args.runs) / args.rescore
+        results = json.loads((run / "results.json").read_text())
+        sets = scoring_sets(teacher_dir, Path(args.data[0]), Path(args.prose), docs)
+        _, ratios, base = score(run, teacher_dir, sets)
+        results.update(ratios=ratios, teacher_ppl=base)
+        atomic_write_text(run / "results.json", json.dumps(results, indent=2) + "\n")
+        print(" | ".join(cell(r) for r in ratios))
+        return
     slug = time.strftime("%Y%m%d-%H%M%S")
     run = Path(args.runs) / slug
     out = run / "student"
     t0 = time.perf_counter()
     if args.no_train:
         build_untrained(args, teacher_dir, out, extra)
-        cmd = f"python benchmarks/quality.py --name {shlex.quote(args.name)} --no-train -- {shlex.join(extra)}"
+        cmd = f"python benchmarks/quality.py --name {shlex.quote(args.name)}{data_flags(args)} --no-train -- {shlex.join(extra)}"
     else:
-        train_cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(teacher_dir), "--data", args.data,
+        blend = ["--data-weights", *args.data_weights] if args.data_weights else []
+        train_cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(teacher_dir), "--data", *args.data, *blend,
                      "--out", str(out), "--ckpt-dir", str(run / "ckpt"), "--log-dir", str(run / "logs"), *DEMO, *extra]
         r = subprocess.run(train_cmd, env={**__import__("os").environ, "STDOUT": "1"})
         if r.returncode != 0:
             sys.exit(f"train.py failed (exit {r.returncode}); no row written")
-        cmd = f"python benchmarks/quality.py --name {shlex.quote(args.name)} -- {shlex.join(extra)}"
+        cmd = f"python benchmarks/quality.py --name {shlex.quote(args.name)}{data_flags(args)} -- {shlex.join(extra)}"
     wall = time.perf_counter() - t0
 
-    profile = read_skip_profile(out)
-    layers = profile["layers"]
-    steps = int(profile.get("steps", 0))
-    student = from_pretrained(out, dtype=torch.float32)
-    teacher = from_pretrained(teacher_dir, dtype=torch.float32)
-    sets = scoring_sets(teacher_dir, Path(args.data), Path(args.prose))
-    base = {name: perplexity_ci(teacher, b).ppl for name, b in sets.items()}
-    ratios = []
-    for s in skip_prefixes(layers):
-        r = {name: perplexity_ci(student, b, s).ppl / base[name] for name, b in sets.items()}
-        ratios.append(r)
-        print(f"k={len(s)} skip {list(s)}: code {r['code']:.3f} prose {r['prose']:.3f}", flush=True)
+    steps = int(read_skip_profile(out).get("steps", 0))
+    layers, ratios, base = score(run, teacher_dir, scoring_sets(teacher_dir, Path(args.data[0]), Path(args.prose), docs))
     tokens = steps * step_tokens(DEMO + extra)
     (run / "results.json").write_text(json.dumps({"name": args.name, "command": cmd, "layers": layers,
                                                   "steps": steps, "wall_s": wall, "teacher_ppl": base,
                                                   "ratios": ratios, "train_tokens": tokens}, indent=2) + "\n")
-    cells = [f"{r['code']:.3f} / {r['prose']:.3f}" for r in ratios] + ["–"] * max(0, DEPTHS - len(ratios))
+    cells = [cell(r) for r in ratios] + ["–"] * max(0, DEPTHS - len(ratios))
     row = (f"| {slug} | {args.name}{' (' + args.note + ')' if args.note else ''} | {','.join(map(str, layers))} | "
            f"{tokens:,} | {wall / 60:.1f} min | " + " | ".join(cells[:DEPTHS]) + f" | `{cmd}` |\n")
     text = TABLE.read_text() if TABLE.exists() else HEADER

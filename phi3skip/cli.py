@@ -69,7 +69,12 @@ class Range(NamedTuple):
 
 
 def check_range(flag: str, value: Any, allowed: Range) -> None:
-    """The one rule for a number a user gives: None (not given) passes; anything outside `allowed` is one line."""
+    """The one rule for a number a user gives: None (not given) passes; anything outside `allowed` is one line.
+    A flag that takes several numbers (nargs) is checked number by number."""
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            check_range(flag, v, allowed)
+        return
     if value is not None and not allowed.holds(value):
         what = allowed.describe() if not isinstance(value, float) or math.isfinite(value) else "a finite number"
         raise UserError(f"{flag} must be {what}{f' ({allowed.note})' if allowed.note else ''}, got {value}")

@@ -2,6 +2,9 @@
 
 A source is one of:
 - `stdlib`: the .py files of the running interpreter's standard library (offline, real Python code);
+- `pkgdocs`: the long descriptions (their READMEs) of the Python packages installed here (offline prose about
+  software, one document per distribution; what they hold depends on what is installed, and prepare.py records
+  how many there were);
 - a local file, folder (searched recursively) or glob: .txt .md .rst .py are one document per file,
   .jsonl/.json/.parquet hold records with a text field; any of them may be gzipped (.gz);
 - a Hub dataset id `org/name`, optionally `org/name@revision` and `:glob` on the repo's file paths
@@ -22,6 +25,7 @@ import json
 import os
 import queue
 import re
+import sys
 import sysconfig
 import threading
 from dataclasses import dataclass, field
@@ -71,7 +75,7 @@ class Filters:
 @dataclass(frozen=True)
 class Source:
     spec: str  # as the user wrote it
-    kind: str  # "stdlib" | "local" | "hub"
+    kind: str  # "stdlib" | "pkgdocs" | "local" | "hub"
     files: tuple[str, ...]  # local paths, or file names inside the Hub repo
     repo_id: str | None = None
     revision: str | None = None
@@ -101,6 +105,45 @@ def stdlib_files() -> list[str]:
         dirs[:] = sorted(d for d in dirs if d not in _STDLIB_SKIP)
         files += [os.path.join(folder, n) for n in sorted(names) if n.endswith(".py")]
     return files
+
+
+def site_dirs() -> list[str]:
+    """Where installed distributions are looked for: the import path."""
+    return list(sys.path)
+
+
+def pkgdoc_files() -> list[str]:
+    """The metadata file of every installed distribution (`*.dist-info/METADATA`, `*.egg-info/PKG-INFO` on
+    sys.path), one per name (the first on sys.path wins, as for imports), sorted by name. phi3skip's own is left
+    out: its README reports held-out figures and names the texts they come from."""
+    from email.parser import HeaderParser
+
+    seen: dict[str, str] = {}
+    for entry in site_dirs():
+        if not entry or not os.path.isdir(entry):
+            continue
+        for path in sorted(glob.glob(os.path.join(entry, "*.dist-info", "METADATA"))
+                           + glob.glob(os.path.join(entry, "*.egg-info", "PKG-INFO"))):
+            try:
+                name = HeaderParser().parsestr(read_text_file(path)).get("Name") or ""
+            except CorpusError:
+                continue  # unreadable or not text: not a distribution we can describe
+            name = re.sub(r"[-_.]+", "-", name).lower()
+            if name and name != "phi3skip" and name not in seen:
+                seen[name] = path
+    return [seen[n] for n in sorted(seen)]
+
+
+def _description(path: str, stats: Stats) -> Iterator[str]:
+    """A distribution's long description: the body of its METADATA file (core metadata 2.1+), or its
+    Description header (older ones)."""
+    from email.parser import Parser
+
+    msg = Parser().parsestr(read_text_file(path))
+    text = msg.get_payload() or ""
+    if not text.strip() and msg.get("Description", "UNKNOWN").strip() != "UNKNOWN":
+        text = re.sub(r"\n {7,8}\|?", "\n", msg["Description"])  # continuation lines are indented
+    yield text.strip()
 
 
 def _local_files(spec: str) -> list[str] | None:
@@ -133,6 +176,8 @@ def local_root(spec: str) -> tuple[Path, bool] | None:
     output inside it would be read back. None for a Hub dataset."""
     if spec == "stdlib":
         return Path(sysconfig.get_paths()["stdlib"]), True
+    if spec == "pkgdocs":
+        return Path(sysconfig.get_paths()["purelib"]), True
     path = Path(spec).expanduser()
     if path.exists():
         return path, True
@@ -175,12 +220,14 @@ def resolve(spec: str, offline: bool | Callable[[], bool] | None = None) -> Sour
     """
     if spec == "stdlib":
         return Source(spec, "stdlib", tuple(stdlib_files()))
+    if spec == "pkgdocs":
+        return Source(spec, "pkgdocs", tuple(pkgdoc_files()))
     files = _local_files(spec)
     if files is not None:
         return Source(spec, "local", tuple(files))
     m = _HUB_ID.match(spec)
     if m is None or spec.startswith((".", "/", "~")):
-        raise CorpusError(f"unknown dataset source {spec!r}: not 'stdlib', an existing file, folder or glob, "
+        raise CorpusError(f"unknown dataset source {spec!r}: not 'stdlib' or 'pkgdocs', an existing file, folder or glob, "
                           f"nor a Hub dataset id (org/name[@revision][:pattern])")
     if callable(offline):
         offline = offline()
@@ -344,7 +391,8 @@ def documents(sources: Iterable[Source], filters: Filters = Filters(), stats: St
             path = _fetch(source, name) if source.kind == "hub" else name
             stats.files += 1
             try:
-                for text in file_documents(path, filters, stats):
+                docs = _description(path, stats) if source.kind == "pkgdocs" else file_documents(path, filters, stats)
+                for text in docs:
                     if not text:
                         stats.empty += 1
                         continue

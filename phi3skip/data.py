@@ -23,7 +23,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -280,6 +280,76 @@ class Batches:
     def get(self, step: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = _stack(self.tokens, self.window_ids(step) * self.seq_len, self.seq_len)
         return _to(x, device), _to(y, device)
+
+
+class Mixture:
+    """Training batches blended from several token files in fixed proportions (a data blend, as Megatron's
+    --data-path weights): `get(step)` -> (x, y) like Batches.
+
+    Sequence n of the run (step * global batch + rank * B + i) takes its source from a fixed pattern of PERIOD
+    sequences that interleaves the sources smoothly in their proportions (so a batch of two from a 1:1 blend
+    holds one of each), and the next window of that source's own shuffled order: what any step reads is a
+    function of the step alone, so a run resumes exactly. An epoch is the steps until the source read fastest
+    for its size comes round.
+    """
+
+    PERIOD = 240  # sequences a pattern repeats over: proportions are kept to 1/240
+
+    def __init__(self, parts: Sequence[Batches], weights: Sequence[float]):
+        if len(parts) != len(weights) or not parts:
+            raise UserError(f"{len(parts)} token files and {len(weights)} weights: give one weight per file")
+        if any(not w > 0 for w in weights):
+            raise UserError(f"data weights {list(weights)}: each must be > 0")
+        self.parts = list(parts)
+        first = self.parts[0]
+        self.batch_size, self.seq_len, self.seed = first.batch_size, first.seq_len, first.seed
+        self.rank, self.world_size = first.rank, first.world_size
+        self.pattern = blend_pattern(weights, self.PERIOD)
+        counts = np.bincount(self.pattern, minlength=len(parts))
+        # sequences of source m before position j of the pattern
+        self._before = np.stack([np.concatenate([[0], np.cumsum(self.pattern == m)[:-1]]) for m in range(len(parts))])
+        self._per_period = counts
+        g = self.batch_size * self.world_size
+        self.steps_per_epoch = max(1, min(int(b.n_windows * self.PERIOD / (c * g)) for b, c in zip(parts, counts)))
+
+    def _window(self, n: int) -> tuple[int, int]:
+        """(source, window index) of sequence n."""
+        period, j = divmod(n, self.PERIOD)
+        m = int(self.pattern[j])
+        count = period * int(self._per_period[m]) + int(self._before[m, j])  # this source's sequences before n
+        part = self.parts[m]
+        epoch, i = divmod(count, part.n_windows)
+        return m, int(part._perm(epoch)[i])
+
+    def get(self, step: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        first = (step * self.world_size + self.rank) * self.batch_size
+        rows = [self._window(n) for n in range(first, first + self.batch_size)]
+        buf = np.stack([self.parts[m].tokens[w * self.seq_len:(w + 1) * self.seq_len + 1] for m, w in rows])
+        t = torch.from_numpy(buf.astype(np.int64))
+        return _to(t[:, :-1].contiguous(), device), _to(t[:, 1:].contiguous(), device)
+
+
+def blend_pattern(weights: Sequence[float], period: int) -> np.ndarray:
+    """Source indices for `period` sequences in the weights' proportions (largest remainder, each source at least
+    once), interleaved by smooth weighted round robin: every prefix stays within one sequence of its share."""
+    w = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+    counts = np.maximum(1, np.floor(w * period)).astype(np.int64)
+    for m in np.argsort(-(w * period - np.floor(w * period)), kind="stable"):
+        if counts.sum() >= period:
+            break
+        counts[m] += 1
+    while counts.sum() > period:  # the at-least-one rule overshot: take from the largest
+        counts[np.argmax(counts)] -= 1
+    credit = np.zeros(len(w))
+    out = np.empty(period, dtype=np.int64)
+    for j in range(period):
+        credit += counts
+        m = int(np.argmax(credit))
+        credit[m] -= period
+        out[j] = m
+    return out
 
 
 def eval_batches(tokens: str | os.PathLike | np.ndarray, batch_size: int, seq_len: int,

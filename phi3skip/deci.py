@@ -7,7 +7,8 @@ which llama.cpp runs as its `deci` architecture.
 A kept layer stays an ordinary block. A skipped layer with a trained bypass (phi3skip.bypass, sequential form)
 becomes a block whose attention is DeciLM's "linear attention" — `wo · attn_norm(x)` added to the residual, no
 keys, no values, no KV cache — with wo = up · down, followed by its narrow SwiGLU FFN on its own norm: exactly
-`h = x + up(down(norm(x))); x = h + mlp(mlp_norm(h))`. A skipped layer without a bypass is removed. A bypass
+`h = x + up(down(norm(x))); x = h + mlp(mlp_norm(h))`, with the skip set's per-depth deltas folded in
+(`phi3skip.bypass.merged`). A skipped layer without a bypass is removed. A bypass
 without MLP channels gets an FFN of ZERO_FFN channels whose down projection is zero (adds exactly 0): llama.cpp's
 deci graph drops the attention output of a block with no FFN.
 
@@ -24,6 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .bypass import merged
 from .cli import UserError
 from .config import Phi3Config
 from .model import Phi3ForCausalLM
@@ -76,6 +78,7 @@ def export_state(model: Phi3ForCausalLM, skip: Sequence[int]) -> tuple[dict[str,
     cfg, adapters = model.config, model.skip_adapters
     skipped = validate_skip(skip, cfg.num_hidden_layers)
     check(cfg, adapters.form if adapters is not None else None)
+    bypasses = merged(adapters, skipped) if adapters is not None else {}  # the weights this set runs with
     base = model.base_state_dict()
     q, kv = cfg.num_attention_heads * cfg.hd, cfg.num_key_value_heads * cfg.hd
     out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": base["model.embed_tokens.weight"]}
@@ -92,8 +95,8 @@ def export_state(model: Phi3ForCausalLM, skip: Sequence[int]) -> tuple[dict[str,
                         p + "post_attention_layernorm.weight": base[src + "post_attention_layernorm.weight"],
                         **_ffn(p, gate_up, base[src + "mlp.down_proj.weight"])})
             slots.append(Slot(i, False, cfg.intermediate_size))
-        elif adapters is not None and i in adapters:
-            byp = adapters.bypass[str(i)]
+        elif i in bypasses:
+            byp = bypasses[i]
             w = byp.up.weight.detach().float() @ byp.down.weight.detach().float()  # [H, H], rounded once
             out.update({p + "input_layernorm.weight": byp.norm.weight.detach(),
                         p + "self_attn.linear_attn.weight": w.to(byp.up.weight.dtype)})

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .cli import UserError
+from .cost import block_weights, head_weights
 
 SCHEDULES = ("sequential", "nested")
 K_DISTS = ("uniform", "sandwich", "harmonic")
@@ -375,10 +376,8 @@ def forward_flops(config, seq_len: int, blocks: int, heads: int) -> float:
 
     Matmuls count 2 per weight; attention 4 * heads * head_dim * T per block (PaLM's 12*L*H*Q*T over fwd+bwd).
     """
-    H, hd = config.hidden_size, config.hd
-    nh, nkv = config.num_attention_heads, config.num_key_value_heads
-    block = (nh + 2 * nkv) * hd * H + nh * hd * H + 3 * H * config.intermediate_size
-    return blocks * (2 * block + 4 * nh * hd * seq_len) + heads * 2 * H * config.vocab_size
+    return blocks * (2 * block_weights(config) + 4 * config.num_attention_heads * config.hd * seq_len) \
+        + heads * 2 * head_weights(config)
 
 
 def step_flops_per_token(config, seq_len: int, skip: Sequence[int]) -> float:

@@ -304,6 +304,12 @@ def plot(results: Sequence[SkipSetResult], path: str | os.PathLike) -> Path:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Write a matplotlib figure through a temporary sibling and a rename (format from the suffix), and close it."""
+    plt = pyplot()
     path = Path(path)
     tmp = temp_sibling(path)
     try:

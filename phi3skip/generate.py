@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .bypass import merged
 from .cli import UserError
 from .config import Phi3Config
 from .kv_cache import KVCache
@@ -131,11 +132,12 @@ class _Step:
         self.tokens = torch.zeros(ws.batch, T, dtype=torch.long, device=dev)
         self.input_pos = torch.arange(T, device=dev)
         self.positions = torch.zeros(ws.batch, T, dtype=torch.long, device=dev) if ws.padded else None
-        model, skip, cache = gen.model, gen.skip_sets[kind], ws.caches[kind]
+        model, skip, cache, bypasses = gen.model, gen.skip_sets[kind], ws.caches[kind], gen.bypasses[kind]
 
         def step() -> tuple:
             h = model.hidden_states(self.tokens, skip, input_pos=self.input_pos, cache=cache,
-                                    positions=self.positions, key_mask=ws.key_mask, long_rope=long, blocks=blocks)
+                                    positions=self.positions, key_mask=ws.key_mask, long_rope=long, blocks=blocks,
+                                    bypasses=bypasses)
             if kind == "verify":
                 logits = model.lm_head(h)
                 return (logits if s.greedy else logits_to_probs(logits, s),)
@@ -236,7 +238,8 @@ def set_weight_layout(model: nn.Module, column_major: bool) -> None:
 
 class Generator:
     """Generation for one model, skip set and (optionally) draft skip set. On the CPU it stores the model's
-    Linear weights column-major (`set_weight_layout`; column_major=False keeps them as they are)."""
+    Linear weights column-major (`set_weight_layout`; column_major=False keeps them as they are). Bypasses with
+    per-depth deltas run merged, as made at construction (`_merged_bypasses`)."""
 
     def __init__(self, model: Phi3ForCausalLM, skip: Sequence[int] | None = (), *,
                  draft_skip: Sequence[int] | None = None, lookahead: int = 4, compile: bool | str = False,
@@ -254,7 +257,9 @@ class Generator:
             d = check_draft_skip(skipped, draft_skip, L, lookahead)
             self.draft_skip = tuple(sorted(d, reverse=True))
             self.draft_layers = [i for i in range(L) if i not in d]
-            first_diff = min(d - skipped)  # layers below it see the same inputs in draft and verifier
+            # layers below it see the same inputs in draft and verifier: below it, the same slots (a bypass too
+            # runs the same only at the same depth, `SkipAdapters.variant`)
+            first_diff = next(i for i in range(L) if model.slot(i, skipped) != model.slot(i, d))
             self.shared_layers = [i for i in self.draft_layers if i < first_diff]
         self.skip_sets = {"decode": self.skip, "verify": self.skip, "draft": self.draft_skip}
         self.lookahead = lookahead
@@ -270,6 +275,7 @@ class Generator:
             column_major = not cuda
         if column_major:
             set_weight_layout(model, column_major=True)
+        self.bypasses = self._merged_bypasses(column_major)
         self.cuda_graphs = bool(self.compile == "blocks" and cuda) if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not cuda:
             raise UserError("CUDA graphs need a CUDA device")
@@ -288,6 +294,18 @@ class Generator:
         rot = model.rotary
         self.has_long = rot.has_long
         self.original_max = rot.original_max
+
+    def _merged_bypasses(self, column_major: bool) -> dict[str, dict[int, nn.Module] | None]:
+        """Each kind's skip set's bypasses with their per-depth deltas folded in (`bypass.merged`, the same
+        numbers, without recomputing W + B A at every step), made once: a Generator serves the weights it was
+        built with. None (the model's own, as the block loop finds them) without per-depth deltas."""
+        adapters = self.model.skip_adapters
+        if adapters is None or not adapters.depth_rank:
+            return dict.fromkeys(self.skip_sets)
+        out = {kind: None if s is None else merged(adapters, s) for kind, s in self.skip_sets.items()}
+        for b in (b for bs in out.values() if bs for b in bs.values()):
+            set_weight_layout(b, column_major)
+        return out
 
     # Public API -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -346,7 +364,7 @@ class Generator:
         skip = self.skip_sets[kind]
         h = self.model.hidden_states(ws.seq[:, :T], skip, input_pos=torch.arange(T, device=self.device),
                                      cache=ws.caches[kind], positions=ws.positions(T), key_mask=ws.key_mask,
-                                     long_rope=long)
+                                     long_rope=long, bypasses=self.bypasses[kind])
         logits = self.model.lm_head(h[:, -1])
         if not bool(torch.isfinite(logits).all()):  # one check per prefill; NaN would decode as garbage or nothing
             raise NonFiniteLogits(f"the model gives non-finite logits (NaN/Inf) on this prompt"

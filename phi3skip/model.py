@@ -6,7 +6,7 @@ with a cache, no KV memory.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -101,8 +101,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(width, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(up * F.silu(gate))
+        return swiglu(x, self.gate_up_proj.weight, self.down_proj.weight)
+
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Phi-3's MLP on given weights (gate and up fused in one [2m, H] matrix): `MLP` and a skip bypass's MLP."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(up * F.silu(gate), down)
 
 
 class Block(nn.Module):
@@ -152,8 +157,8 @@ class Phi3ForCausalLM(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, skip: Iterable[int] | None = (), *,
                       input_pos: torch.Tensor | None = None, cache: KVCache | None = None,
                       positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                      long_rope: bool | None = None, blocks: Sequence[Callable[..., torch.Tensor]] | None = None
-                      ) -> torch.Tensor:
+                      long_rope: bool | None = None, blocks: Sequence[Callable[..., torch.Tensor]] | None = None,
+                      bypasses: Mapping[int, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> torch.Tensor:
         """Final normed hidden states [B, T, H] (the distillation loss projects them in chunks).
 
         input_pos: [T] slots of these tokens in the sequence and the cache (default 0..T-1).
@@ -162,6 +167,8 @@ class Phi3ForCausalLM(nn.Module):
         long_rope: LongRoPE factor choice; None decides from the largest position, as transformers does.
         blocks:    callables run in place of `self.model.layers` (same signature and order), e.g. the layers
                    wrapped by torch.compile for decoding; None runs the layers themselves.
+        bypasses:  what runs in skipped slots, {layer: callable}, e.g. a Generator's merged bypasses of its skip
+                   set; None: the skip adapters' for this set (`SkipAdapters.for_skip`).
         """
         skipped = validate_skip(skip, self.num_layers)
         if input_pos is None:
@@ -170,14 +177,15 @@ class Phi3ForCausalLM(nn.Module):
         if long_rope is None and (cache is not None or positions is not None):
             long_rope = self.rotary.use_long(int(pos.max()))  # else the prologue's T - 1: no device sync
         x, cos, sin = self._prologue(input_ids, pos, long_rope)
-        x = self.run_layers(x, cos, sin, input_pos, skipped, cache=cache, key_mask=key_mask, blocks=blocks)
+        x = self.run_layers(x, cos, sin, input_pos, skipped, cache=cache, key_mask=key_mask, blocks=blocks,
+                            bypasses=bypasses)
         return self.model.norm(x)
 
     def forward_branches(self, input_ids: torch.Tensor, skips: Sequence[Iterable[int]]) -> list[torch.Tensor]:
         """Final normed hidden states [B, T, H] for several skip sets in one pass (consecutive positions).
 
-        Sets that agree on every block so far share one activation: the blocks before the first layer where two
-        sets differ run once for both, and autograd sums the gradients of the branches. Equal, up to float
+        Sets that agree on every slot so far (`slot`) share one activation: the blocks before the first layer where
+        two sets differ run once for both, and autograd sums the gradients of the branches. Equal, up to float
         rounding, to `[self.hidden_states(input_ids, s) for s in skips]`.
         """
         sets = [validate_skip(s, self.num_layers) for s in skips]
@@ -187,9 +195,10 @@ class Phi3ForCausalLM(nn.Module):
         for i in range(self.num_layers):  # breadth first: each block runs for every group before the next
             split = []
             for h, members in groups:
-                for side in ([j for j in members if i not in sets[j]], [j for j in members if i in sets[j]]):
-                    if side:  # the sets on one side agree on layer i: any of them gates it
-                        split.append((self.run_layers(h, cos, sin, slots, sets[side[0]], start=i, stop=i + 1), side))
+                kinds = {j: self.slot(i, sets[j]) for j in members}
+                for kind in sorted(set(kinds.values())):  # the block first, then a skip (a bypass by depth)
+                    side = [j for j in members if kinds[j] == kind]  # layer i computes the same for these sets
+                    split.append((self.run_layers(h, cos, sin, slots, sets[side[0]], start=i, stop=i + 1), side))
             groups = split
         out: list[torch.Tensor] = [x] * len(sets)
         for h, members in groups:
@@ -198,19 +207,31 @@ class Phi3ForCausalLM(nn.Module):
                 out[j] = h
         return out
 
+    def slot(self, i: int, skipped: frozenset[int]) -> int:
+        """What layer i's slot computes under a skip set: -1 its block, 0 nothing or a bypass every set shares,
+        k > 0 a bypass at depth k (per-depth deltas, phi3skip.bypass). Sets with equal slots below a layer reach it
+        with the same residual stream."""
+        if i not in skipped:
+            return -1
+        adapters = self.skip_adapters
+        return adapters.variant(skipped) if adapters is not None and i in adapters else 0
+
     def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                    skipped: frozenset[int], *, start: int = 0, stop: int | None = None,
                    cache: KVCache | None = None,
                    key_mask: torch.Tensor | None = None, blocks: Sequence[Callable[..., torch.Tensor]] | None = None,
-                   trace: list[torch.Tensor] | None = None) -> torch.Tensor:
+                   trace: list[torch.Tensor] | None = None,
+                   bypasses: Mapping[int, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> torch.Tensor:
         """The block loop over layers `start` to `stop` (default: the last), `x` being the residual stream entering
         layer `start`: the skip gates.
 
         A skipped layer costs no compute and no cache; when the model carries skip adapters trained for this
-        skip set, the skipped slot runs their small bypass instead. `trace` collects the residual entering
-        each layer (and the last block's output).
+        skip set, the skipped slot runs their small bypass instead (`bypasses`, when given: see `hidden_states`).
+        `trace` collects the residual entering each layer (and the last block's output).
         """
-        bypass = self.skip_adapters.for_skip(skipped) if self.skip_adapters is not None and skipped else None
+        bypass = bypasses
+        if bypass is None and self.skip_adapters is not None and skipped:
+            bypass = self.skip_adapters.for_skip(skipped)
         layers = self.model.layers if blocks is None else blocks
         for i in range(start, len(layers) if stop is None else stop):
             if trace is not None:
@@ -232,7 +253,7 @@ class Phi3ForCausalLM(nn.Module):
     def residuals(self, input_ids: torch.Tensor, skip: Iterable[int] | None = ()) -> list[torch.Tensor]:
         """The residual stream entering every layer, then the last block's output (L + 1 tensors [B, T, H]),
         of the model skipping `skip`, over consecutive positions: what `hidden_from` restarts from. Entry i
-        depends only on the layers below i, so it serves any skip set that agrees with `skip` below i."""
+        depends only on the slots below i, so it serves any skip set whose slots there are `skip`'s (`slot`)."""
         trace: list[torch.Tensor] = []
         slots = torch.arange(input_ids.shape[1], device=input_ids.device)
         x, cos, sin = self._prologue(input_ids, slots)

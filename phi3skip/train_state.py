@@ -40,7 +40,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from .cli import UserError
@@ -356,6 +356,14 @@ def _scaled(groups: list[dict[str, Any]], scale: float) -> list[dict[str, Any]]:
     return [{**g, **{k: g[k] * scale for k in ("lr", "initial_lr") if k in g}} for g in groups]
 
 
+def held_states(template: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The parameters of an optimizer state dict (FQN -> its states) whose states the checkpoint at `path` holds.
+    A parameter that had never had a gradient when it was saved (a skip depth the schedule had not drawn yet,
+    a bypass a sequential phase does not reach) has none, and resumes with none, as in the run that went on."""
+    keys = read_metadata(path).state_dict_metadata.keys()
+    return {fqn: s for fqn, s in template.items() if any(f"optim.{fqn}.{k}" in keys for k in s)}
+
+
 def load(path: str | os.PathLike, model: nn.Module, env: Env, optimizer: torch.optim.Optimizer | None = None,
          scheduler: Any = None, lr_scale: float = 1.0) -> dict[str, Any]:
     """Restore model weights (and optimizer, scheduler, RNG when given) from a checkpoint; returns `trainer`.
@@ -367,9 +375,9 @@ def load(path: str | os.PathLike, model: nn.Module, env: Env, optimizer: torch.o
     path = Path(path)
     saved = broadcast_object(_read(path) if env.is_main else None, env)
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
-    if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)["state"]
     try:
+        if optimizer is not None:
+            state["optim"] = held_states(get_optimizer_state_dict(model, optimizer)["state"], path)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, storage_reader=_SafeReader(path), planner=_TensorsOnly(), no_dist=not env.distributed)
@@ -377,7 +385,8 @@ def load(path: str | os.PathLike, model: nn.Module, env: Env, optimizer: torch.o
         set_model_state_dict(model, state["model"])
         if optimizer is not None:
             set_optimizer_state_dict(model, optimizer, {"state": state["optim"],
-                                                        "param_groups": _scaled(saved["param_groups"], lr_scale)})
+                                                        "param_groups": _scaled(saved["param_groups"], lr_scale)},
+                                     options=StateDictOptions(strict=False))  # stateless parameters: held_states
             if scheduler is not None:
                 sched = dict(saved["scheduler"])
                 for k in ("base_lrs", "_last_lr"):
@@ -422,6 +431,7 @@ class RunSettings:
     adapter_mlp: int | None
     lsq_tokens: int
     align_weight: float | None = None  # None: no alignment (so runs saved before it existed match)
+    depth_rank: int | None = None  # None: no per-depth deltas (likewise)
 
     def state_dict(self) -> dict[str, Any]:
         return {**asdict(self), "layers": list(self.layers)}  # as JSON holds it

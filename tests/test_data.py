@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from phi3skip.cli import UserError
-from phi3skip.data import (HEADER_BYTES, Batches, TokenWriter, eval_batches, open_tokens, read_header, read_meta,
+from phi3skip.data import (HEADER_BYTES, Batches, Mixture, blend_pattern, TokenWriter, eval_batches, open_tokens, read_header, read_meta,
                            token_dtype, write_tokens)
 
 
@@ -158,6 +158,69 @@ def test_ranks_disjoint_and_epoch_covers_once(tokens):
         assert torch.equal(x[:, 0], torch.from_numpy(readers[1].window_ids(s) * T).long())
     next_epoch = np.concatenate([r.window_ids(spe) for r in readers])
     assert not np.array_equal(next_epoch, seen[: B * world])  # a new permutation each epoch
+
+
+# A blend: two sources told apart by their token ids (code: 0..N-1, prose: 50000 + 0..M-1)
+M = 1601  # 100 windows
+
+
+def _mixture(tokens, weights=(1, 1), seed=0, rank=0, world=1, batch=B):
+    prose = np.arange(M, dtype=np.uint16) + 50000
+    return Mixture([Batches(tokens, batch, T, seed, rank, world), Batches(prose, batch, T, seed, rank, world)], weights)
+
+
+def _source(x: torch.Tensor) -> list[int]:
+    return [int(row[0] >= 50000) for row in x]
+
+
+def test_blend_pattern_keeps_the_proportions_in_every_prefix():
+    for weights in ([1, 1], [3, 1], [0.7, 0.2, 0.1], [1, 1000]):
+        pat = blend_pattern(weights, 240)
+        want = np.asarray(weights, float) / sum(weights)
+        counts = np.bincount(pat, minlength=len(weights))
+        assert counts.sum() == 240 and counts.min() >= 1
+        assert np.all(np.abs(counts - want * 240) <= 1.0)
+        for j in range(1, 241):  # smooth: no prefix runs ahead of a source's share by a whole sequence
+            assert np.all(np.abs(np.bincount(pat[:j], minlength=len(weights)) - counts * j / 240) < 1.0 + 1e-9)
+    assert blend_pattern([1, 1], 8).tolist() == [0, 1] * 4
+
+
+def test_mixture_draws_sources_in_proportion_each_window_once(tokens):
+    mix = _mixture(tokens, (3, 1))
+    xs = [mix.get(s)[0] for s in range(60)]  # 240 sequences: one period
+    sources = [src for x in xs for src in _source(x)]
+    assert sum(sources) == 60  # a quarter prose
+    starts = [int(row[0]) for x in xs for row in x]
+    code = [v for v in starts if v < 50000]
+    assert len(set(code)) == len(code) and all(v % T == 0 for v in code)  # each code window once, whole windows
+    prose = [v - 50000 for v in starts if v >= 50000]
+    assert len(set(prose)) == len(prose) == 60 and all(v % T == 0 for v in prose)
+    x, y = mix.get(7)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_mixture_is_resumable_and_rank_disjoint(tokens):
+    a = _mixture(tokens, seed=5)
+    first = [a.get(s) for s in range(40)]  # past prose's 100 windows: its second epoch
+    b = _mixture(tokens, seed=5)
+    for s in (37, 2, 25):
+        assert all(torch.equal(u, v) for u, v in zip(b.get(s), first[s]))
+    assert not torch.equal(_mixture(tokens, seed=6).get(0)[0], first[0][0])
+    world = 2
+    readers = [_mixture(tokens, rank=r, world=world, batch=2) for r in range(world)]
+    for s in range(10):
+        rows = torch.cat([r.get(s)[0][:, 0] for r in readers]).tolist()
+        assert len(set(rows)) == len(rows)  # the ranks read different windows
+        single = _mixture(tokens, batch=2 * world).get(s)[0][:, 0].tolist()
+        assert rows == single  # and together the global batch one process of that batch would read
+    assert readers[0].steps_per_epoch == 100 * 240 // (120 * 4)  # prose comes round first
+
+
+def test_mixture_errors(tokens):
+    with pytest.raises(UserError, match="2 token files and 1 weights"):
+        _mixture(tokens, (1,))
+    with pytest.raises(UserError, match="each must be > 0"):
+        _mixture(tokens, (1, 0))
 
 
 def test_from_array_and_errors(tokens):

@@ -139,6 +139,7 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     demo = tmp_path / "demo"
     assert json.loads((demo / "llm_cache" / "student_model" / "skip.json").read_text())["evaluation"]
     assert (demo / "eval" / "ppl_vs_speed.png").is_file() and (demo / "stdlib" / "train.bin").is_file()
+    assert (demo / "pkgdocs" / "train.bin").is_file() and "distil on code + prose 1:1" in r.stdout
     student = json.loads((demo / "llm_cache" / "student_model" / "skip.json").read_text())
     assert student["adapters"]["layers"] == student["layers"] and len(student["layers"]) == 2
     assert f"layers run 3/4 (skip {student['layers'][0]})" in r.stderr and "not trained to skip" not in r.stderr

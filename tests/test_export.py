@@ -280,3 +280,28 @@ def test_the_model_card_promises_exactness_only_without_rounding(dtype, student,
 
     text = fidelity(dtype, student, Path("m.gguf") if outtype else None, outtype)
     assert says in text and never not in text.replace(says, "")
+
+
+@torch.no_grad()
+def test_bypassed_set_with_per_depth_deltas_exports_its_depth_merged(tmp_path):
+    """Per-depth deltas: each exported set's bypass blocks hold W + B_k A_k of its depth k, so a prefix, a
+    deeper prefix and a set that is no prefix (run at the depth of the smallest prefix holding it) each give
+    phi3skip's logits for that set."""
+    from phi3skip import bypass
+
+    folder, _ = student(tmp_path, "medium-gqa")
+    model = phi3skip.from_pretrained(folder)
+    bypass.attach(model, [2, 1], rank=8, depth_rank=2)
+    for name, p in model.skip_adapters.named_parameters():
+        p.copy_(torch.rand_like(p) + 0.5 if "norm" in name else torch.randn_like(p) * 0.3)
+    withad = tmp_path / "with-deltas"
+    phi3skip.save_pretrained(model, withad, extra_json={"skip.json": {**PROFILE, "layers": [2, 1]}})
+    x = tokens(9)[:1]
+    for skip in ((2,), (2, 1), (1,)):
+        out = export(withad, skip=",".join(map(str, skip)), out=tmp_path / f"deci-{'-'.join(map(str, skip))}",
+                     warn=lambda m: None)
+        assert [s.layer for s in out.slots if s.bypass] == sorted(skip)
+        ref = model(x, skip=skip)
+        torch.testing.assert_close(deci_reference(out.folder, x), ref, rtol=1e-4, atol=1e-4)
+        shared = {i: model.skip_adapters.bypass[str(i)] for i in skip}  # the deltas matter: without them, other logits
+        assert (model.lm_head(model.hidden_states(x, skip, bypasses=shared)) - ref).abs().max() > 1e-2

@@ -41,9 +41,11 @@ NUMBERS = [  # command, flag, refused, accepted
     ("train", "--max-seq-len", ["0", "65"], ["1", "64"]),
     ("train", "--adapter-rank", ["0", "33"], ["1", "32"]),
     ("train", "--adapter-mlp", ["-1", "65"], ["0", "64"]),
+    ("train --schedule nested", "--depth-rank", ["-1", "33"], ["0", "32"]),  # per-depth deltas: adapters only
     ("train", "--num-skip", ["0", "3"], ["1", "2"]),
     ("train --layers auto", "--num-skip", ["0", "5"], ["4"]),
     ("train", "--lr", ["0", "-1e-3", "inf", "nan"], ["1e-9"]),
+    ("train", "--data-weights", ["0", "-1", "nan"], ["1"]),
     ("train", "--temperature", ["0"], ["0.5"]),
     ("train", "--min-lr-ratio", ["-0.1", "1.1"], ["0", "1"]),
     ("train", "--save-every", ["-1"], ["0"]),

@@ -107,6 +107,34 @@ def test_round_trip_and_counts(tmp_path, docs_dir, tok_dir, tok):
     assert "prepare.py --dataset" in meta["command"]
 
 
+def _dist(site: Path, folder: str, text: str) -> None:
+    (site / folder).mkdir(parents=True)
+    (site / folder / ("PKG-INFO" if folder.endswith(".egg-info") else "METADATA")).write_text(text)
+
+
+def test_pkgdocs_are_the_installed_distributions_descriptions(tmp_path, tok_dir, tok, monkeypatch):
+    site, shadowed = tmp_path / "site", tmp_path / "later"
+    _dist(site, "zeta_pkg-1.0.dist-info", "Metadata-Version: 2.1\nName: Zeta_Pkg\n\nZeta does *everything*.\n")
+    _dist(site, "alpha-2.0.dist-info", "Metadata-Version: 2.1\nName: alpha\n\n# Alpha\n\nReads files.\n")
+    _dist(site, "old-0.1.egg-info", "Metadata-Version: 1.1\nName: old\nDescription: Old style.\n        "
+                                    "Second line.\n")
+    _dist(site, "bare-1.0.dist-info", "Metadata-Version: 2.1\nName: bare\n")  # no description: no document
+    _dist(site, "phi3skip-0.1.dist-info", "Metadata-Version: 2.1\nName: phi3skip\n\nOur own README.\n")
+    _dist(shadowed, "alpha-1.0.dist-info", "Metadata-Version: 2.1\nName: Alpha\n\nAn older alpha.\n")
+    monkeypatch.setattr(corpus, "site_dirs", lambda: [str(site), str(shadowed), str(tmp_path / "missing")])
+    source = corpus.resolve("pkgdocs")
+    assert source.kind == "pkgdocs" and [Path(f).parent.name for f in source.files] == [
+        "alpha-2.0.dist-info", "bare-1.0.dist-info", "old-0.1.egg-info", "zeta_pkg-1.0.dist-info"]  # by name
+    stats = corpus.Stats()
+    docs = list(corpus.documents([source], stats=stats))
+    assert docs == ["# Alpha\n\nReads files.", "Old style.\nSecond line.", "Zeta does *everything*."]
+    assert stats.empty == 1 and stats.per_source == {"pkgdocs": 3}
+    out = tmp_path / "docs"
+    meta = run("--dataset", "pkgdocs", "--model", tok_dir, "--out", out, "--val-tokens", "1")
+    assert meta["documents"] == 3 and meta["sources"][0]["kind"] == "pkgdocs"
+    assert sorted(decoded(out, tok, "train") + decoded(out, tok, "val")) == sorted(docs)
+
+
 def test_stdlib_with_max_tokens(tmp_path, tok_dir, tok):
     out = tmp_path / "std"
     meta = run("--dataset", "stdlib", "--model", tok_dir, "--out", out, "--max-tokens", "20000", "--val-tokens", "1")

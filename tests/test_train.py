@@ -336,9 +336,13 @@ def _other_data(tiny: Path, tmp_path: Path, n: int = 20000, tokenizer_sha256: st
     (("--kd-weight", "-1"), "--kd-weight must be 0 or more"),
     (("--ce-weight", "nan"), "--ce-weight must be a finite number, got nan"),
     (("--align-weight", "1"), "--align-weight aligns the bypasses of --train-scope adapters"),
+    (("--depth-rank", "2"), "--depth-rank gives the bypasses of --train-scope adapters per-depth deltas"),
+    (("--schedule", "nested", "--depth-rank", "65"), r"--depth-rank must be in 0\.\.64 \(the model's hidden size\)"),
     (("--schedule", "nested", "--align-weight", "-1"), "--align-weight must be 0 or more"),
     (("--min-lr-ratio", "2"), "--min-lr-ratio must be between 0 and 1"),
     (("--dtype", "float16"), "loss scaler"),
+    (("--data-weights", "1", "1"), r"--data-weights: 2 weight\(s\) for 1 --data folder\(s\)"),
+    (("--data-weights", "0"), "--data-weights must be positive, got 0.0"),
 ])
 def test_bad_input(tiny, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
@@ -409,6 +413,25 @@ def test_adapters_keep_the_teacher_exact_and_resume_bitwise(tiny, tmp_path):
     assert model.skip_adapters is not None and model.skip_adapters.layers == (2, 1)
 
 
+def test_a_data_blend_trains_resumes_bitwise_and_is_held_to(tiny, tmp_path):
+    """Two --data folders blended 3:1: the run resumes bit for bit, and its checkpoints refuse another blend."""
+    from phi3skip import bypass
+
+    other = _other_data(tiny, tmp_path)
+    blend = ("--data", str(tiny / "data"), str(other), "--data-weights", "3", "1")
+    extra = ("--schedule", "nested", "--layers", "2,1", "--max-steps", "4", "--adapter-rank", "8",
+             "--lsq-tokens", "256", "--save-every", "2", *blend)
+    straight = train.main(args(tiny, tmp_path / "a", *extra))
+    train.main(args(tiny, tmp_path / "b", *extra, "--stop-at", "2"))
+    resumed = train.main(args(tiny, tmp_path / "b", *extra, "--resume"))
+    a, b = load_file(straight / bypass.FILE), load_file(resumed / bypass.FILE)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    single = train.main(args(tiny, tmp_path / "c", *extra[:-len(blend)]))
+    assert not torch.equal(load_file(single / bypass.FILE)["layers.2.up.weight"], a["layers.2.up.weight"])
+    with pytest.raises(UserError, match="data"):
+        train.main(args(tiny, tmp_path / "b", *extra[:-2], "1", "1", "--resume"))
+
+
 def test_skip_json_describes_the_saved_weights(tiny, tmp_path):
     """A bfloat16 teacher: the student is saved in bfloat16, and skip.json's perplexities are those of the saved
     files (measured after the fp32 master weights were rounded), not of the in-memory fp32 weights."""
@@ -441,3 +464,23 @@ def test_adapters_save_the_teacher_as_stored_whatever_its_config_says(tiny, tmp_
     assert all(torch.equal(v, stored[k]) for k, v in load_file(out / "model.safetensors").items())
     skip = json.loads((out / "skip.json").read_text())
     assert skip["weights_dtype"] == "float32" and skip["perplexity"]["student"] == skip["perplexity"]["teacher"]
+
+
+def test_depth_deltas_train_every_depth_and_resume_bitwise(tiny, tmp_path):
+    """--depth-rank: the deltas of every depth train; a checkpoint saved before the sandwich first drew a depth
+    holds no optimizer state for its deltas and still resumes bit for bit; skip.json records the rank."""
+    from phi3skip import bypass
+    from phi3skip.distill import Schedule
+
+    extra = ("--schedule", "nested", "--layers", "2,1,0", "--max-steps", "6", "--adapter-rank", "8",
+             "--depth-rank", "2", "--lsq-tokens", "256", "--save-every", "2")
+    drawn = [len(Schedule("nested", (2, 1, 0), 6, k_dist="sandwich").skip_sets(i)[1]) for i in range(6)]
+    assert drawn[:4] == [2, 2, 2, 2] and 1 in drawn  # depth 1 first trains after the checkpoints
+    straight = train.main(args(tiny, tmp_path / "a", *extra))
+    train.main(args(tiny, tmp_path / "b", *extra, "--stop-at", "3"))
+    resumed = train.main(args(tiny, tmp_path / "b", *extra, "--resume"))
+    a, b = load_file(straight / bypass.FILE), load_file(resumed / bypass.FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(a[f"layers.{i}.depth.{k}.up.B"].any() for i, ks in ((2, (1, 2, 3)), (1, (2, 3)), (0, (3,))) for k in ks)
+    assert json.loads((straight / "skip.json").read_text())["adapters"]["depth_rank"] == 2
+    assert from_pretrained(straight).skip_adapters.depth_rank == 2

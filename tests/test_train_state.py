@@ -100,6 +100,22 @@ def test_load_restores_weights_optimizer_and_trainer(tmp_path):
     assert torch.equal(opt.state[p]["exp_avg"], opt2.state[next(other.parameters())]["exp_avg"])
 
 
+def test_a_parameter_that_never_had_a_gradient_resumes_without_optimizer_state(tmp_path):
+    """A parameter with no gradient before the save (a skip depth the schedule had not drawn yet) has no optimizer
+    state in the checkpoint: it resumes with none, as in the run that went on, and the others with theirs."""
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config.from_dict(CFG))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model.model.norm(torch.randn(2, 32)).sum().backward()  # only the final norm gets a gradient
+    opt.step()
+    path = save(tmp_path, 1, model, opt, sched)
+    other, opt2, sched2 = setup(1)
+    train_state.load(path, other, Env(), opt2, sched2)
+    assert [n for n, q in other.named_parameters() if q in opt2.state] == ["model.norm.weight"]
+    assert torch.equal(opt2.state[other.model.norm.weight]["exp_avg"], opt.state[model.model.norm.weight]["exp_avg"])
+
+
 def test_resumable_skips_a_damaged_checkpoint(tmp_path):
     model, opt, sched = setup()
     good = save(tmp_path, 1, model, opt, sched)
