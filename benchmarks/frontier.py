@@ -97,7 +97,7 @@ def speed_key(run: Run) -> tuple:
     runs, and its sliding window; not which layers (a model's blocks are alike) nor the trained weights. Runs
     that share it share one measurement."""
     b = run.bypass
-    return (run.config.to_dict().__repr__(), len(run.layers), None if b is None else (b.rank, b.mlp))
+    return (repr(run.config.to_dict()), len(run.layers), None if b is None else (b.rank, b.mlp))
 
 
 def rows_of(run: Run, context: int, speedups: Mapping[tuple[int, ...], float] | None = None) -> list[Row]:

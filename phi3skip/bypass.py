@@ -47,6 +47,7 @@ from safetensors.torch import save
 from torch import nn
 
 from .cli import UserError
+from .cost import block_weights
 from .model import MLP, Phi3ForCausalLM, RMSNorm, swiglu
 
 FILE = "skip_adapters.safetensors"
@@ -209,10 +210,7 @@ MLP_SHARE = 0.75
 def default_sizes(config) -> tuple[int, int]:
     """(rank, MLP channels), multiples of 64, whose (2 r + 3 m) H multiply-adds are about SLOT_COST of a block's,
     MLP_SHARE of it in MLP channels: (64, 128) for SmolLM2-135M, (320, 768) for Phi-3-mini."""
-    H, hd = config.hidden_size, config.hd
-    block = H * (config.num_attention_heads + 2 * config.num_key_value_heads) * hd \
-        + config.num_attention_heads * hd * H + 3 * H * config.intermediate_size
-    budget = SLOT_COST * block / H  # in multiply-adds per residual dimension
+    budget = SLOT_COST * block_weights(config) / config.hidden_size  # in multiply-adds per residual dimension
     mlp = min(config.intermediate_size, round(MLP_SHARE * budget / 3 / 64) * 64)
     return max(8, round((budget - 3 * mlp) / 2 / 64) * 64), mlp
 
