@@ -14,7 +14,6 @@ import functools
 import json
 import os
 import shlex
-import shutil
 import signal
 import sys
 import time
@@ -24,13 +23,12 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from phi3skip import corpus
-from phi3skip.cli import ArgumentParser, Range, UserError, check_ranges, run_main
-from phi3skip.data import HEADER_BYTES, META_FILE, TokenWriter, read_header, token_dtype
-from phi3skip.hub import hub_offline
-from phi3skip.io import replace_dir
-from phi3skip.paths import check_apart, check_output, local, temp_sibling
-from phi3skip.tokenizer import eos_token_id, read_tokenizer, tokenizer_file, tokenizer_hash, vocab_size
+from phi3skip.data import corpus
+from phi3skip.core.cli import ArgumentParser, Range, UserError, check_ranges, run_main
+from phi3skip.data.tokens import HEADER_BYTES, META_FILE, TokenWriter, read_header, token_dtype
+from phi3skip.core.hub import hub_offline
+from phi3skip.core.paths import atomic_output, check_apart, check_output, local
+from phi3skip.data.tokenizer import eos_token_id, read_tokenizer, tokenizer_file, tokenizer_hash, vocab_size
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
 DEFAULT_VAL_FRACTION = 0.01
@@ -237,12 +235,6 @@ def tokenize(tok, docs: Iterable[str], eos_id: int, tokens_out: TokenWriter, len
 
 
 # The command -----------------------------------------------------------------------------------------------
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Put the finished folder under its final name; an old one (--overwrite) is moved aside first."""
-    check_output(out, "--out", "folder", overwrite)  # it may have appeared while we were tokenizing
-    replace_dir(tmp, out)
-
-
 def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C
 
@@ -266,27 +258,24 @@ def main(argv: list[str] | None = None) -> dict:
     stats = corpus.Stats()
     corpus.set_threads(args.workers)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(out)
-    tmp.mkdir()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     try:
-        with TokenWriter(tmp / "all.bin", vocab, eos) as all_out, open(tmp / "lengths.i64", "wb") as len_out:
-            done = tokenize(tok, corpus.documents(sources, filters, stats), eos, all_out, len_out, args.max_tokens)
-        if done.documents == 0:
-            raise UserError(_no_documents(args, stats))
-        lengths = tmp / "lengths.i64"
-        threshold = val_threshold(lengths, args.seed, args.val_tokens, args.val_fraction)
-        with TokenWriter(tmp / "train.bin", vocab, eos) as train, TokenWriter(tmp / "val.bin", vocab, eos) as val:
-            splits = write_split(tmp / "all.bin", lengths, args.seed, threshold, train, val)
-        (tmp / "all.bin").unlink()
-        lengths.unlink()
-        meta = _meta(args, argv, tok_path, vocab, eos, tok.id_to_token(eos), dtype, splits, sources, filters,
-                     stats, done)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _publish(tmp, out, args.overwrite)
+        with atomic_output(out, "folder") as tmp:
+            with TokenWriter(tmp / "all.bin", vocab, eos) as all_out, open(tmp / "lengths.i64", "wb") as len_out:
+                done = tokenize(tok, corpus.documents(sources, filters, stats), eos, all_out, len_out, args.max_tokens)
+            if done.documents == 0:
+                raise UserError(_no_documents(args, stats))
+            lengths = tmp / "lengths.i64"
+            threshold = val_threshold(lengths, args.seed, args.val_tokens, args.val_fraction)
+            with TokenWriter(tmp / "train.bin", vocab, eos) as train, TokenWriter(tmp / "val.bin", vocab, eos) as val:
+                splits = write_split(tmp / "all.bin", lengths, args.seed, threshold, train, val)
+            (tmp / "all.bin").unlink()
+            lengths.unlink()
+            meta = _meta(args, argv, tok_path, vocab, eos, tok.id_to_token(eos), dtype, splits, sources, filters,
+                         stats, done)
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            check_output(out, "--out", "folder", args.overwrite)  # it may have appeared while we were tokenizing
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     t, v = splits["train"], splits["val"]

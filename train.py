@@ -23,20 +23,24 @@ from pathlib import Path
 
 import torch
 
-from phi3skip import bypass, distributed, parallel
-from phi3skip.cli import ArgumentParser, Range, UserError, check_ranges, run_main
-from phi3skip.config import Phi3Config
-from phi3skip.data import Batches, Mixture
-from phi3skip.distill import (K_DISTS, SCHEDULES, STATS, LossConfig, Schedule, adapter_step,
-                              distill_step, set_trainable, step_flops_per_token, trainable_blocks)
-from phi3skip.evaluate import distributed_perplexity, val_batches
-from phi3skip.importance import SHORTLIST, greedy_order
-from phi3skip.io import dtype_name, from_pretrained, parse_dtype, resolve, save_checkpoint, stored_dtype
-from phi3skip.metrics import Metrics, Progress, memory_gb, peak_flops
-from phi3skip.paths import check_apart, check_output, local
-from phi3skip.skipsets import default_layers, parse_layers
-from phi3skip.tokenizer import check_data_tokenizer
-from phi3skip.train_state import CheckpointManager, RunSettings, TrainState
+from phi3skip.model import bypass
+from phi3skip.train import bypass_init
+from phi3skip.core import distributed
+from phi3skip.train import parallel
+from phi3skip.core.cli import ArgumentParser, Range, UserError, check_ranges, run_main
+from phi3skip.model.config import Phi3Config
+from phi3skip.data.tokens import Batches, Mixture
+from phi3skip.train.distill import (K_DISTS, SCHEDULES, STATS, LossConfig, Schedule, adapter_step, distill_step,
+                                    set_trainable, step_flops_per_token, trainable_blocks)
+from phi3skip.eval.evaluate import distributed_perplexity, val_batches
+from phi3skip.eval.importance import SHORTLIST, greedy_order
+from phi3skip.formats.checkpoints import from_pretrained, resolve, save_checkpoint, stored_dtype
+from phi3skip.core.devices import dtype_name, parse_dtype
+from phi3skip.train.metrics import Metrics, Progress, memory_gb, peak_flops
+from phi3skip.core.paths import check_apart, check_output, local
+from phi3skip.model.skipsets import default_layers, parse_layers
+from phi3skip.data.tokenizer import check_data_tokenizer
+from phi3skip.train.train_state import CheckpointManager, RunSettings, TrainState
 
 log = logging.getLogger("phi3skip.train")
 
@@ -388,7 +392,7 @@ def load_adapter_student(model_dir: Path, config: Phi3Config, env, dtype: torch.
             t0 = time.perf_counter()
             calib = [batches.get(i, env.device)[0] for i in range(n)]
             check = [batches.get(n + i, env.device)[0] for i in range(math.ceil(args.lsq_check_tokens / per_batch))]
-            forms = bypass.fit_lstsq(model, calib, layers, check=check)
+            forms = bypass_init.fit_lstsq(model, calib, layers, check=check)
             deltas = f", per-depth deltas of rank {args.depth_rank}" if args.depth_rank else ""
             log.info(f"bypasses of layers {layers} (rank {rank}, {mlp} MLP channels{deltas}) fitted by least squares "
                      f"on {sum(x.numel() for x in calib)} training tokens in {time.perf_counter() - t0:.1f}s" +

@@ -15,8 +15,8 @@ import benchutil
 import torch
 
 from phi3skip import Phi3Config, Phi3ForCausalLM, from_pretrained
-from phi3skip.cli import ArgumentParser, run_main
-from phi3skip.io import parse_dtype
+from phi3skip.core.cli import ArgumentParser, run_main
+from phi3skip.core.devices import parse_dtype
 
 PHI3_MINI = dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,

@@ -29,10 +29,10 @@ from typing import Callable
 import torch
 
 from phi3skip import Phi3Config, Phi3ForCausalLM
-from phi3skip.cli import ArgumentParser, UserError, run_main
-from phi3skip.cost import kv_bytes, model_cost
-from phi3skip.generate import COMPILE_MODES, GenerationResult, Generator, set_weight_layout
-from phi3skip.sampling import Sampling
+from phi3skip.core.cli import ArgumentParser, UserError, run_main
+from phi3skip.model.cost import kv_bytes, model_cost
+from phi3skip.serve.generate import COMPILE_MODES, GenerationResult, Generator, set_weight_layout
+from phi3skip.serve.sampling import Sampling
 
 PHI3_MINI = dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
@@ -64,7 +64,7 @@ def section(name: str, fn: Callable[[], None], failures: list[str]) -> None:
 
 def candidate_layers(L: int, folder: Path | None = None) -> list[int]:
     """A trained student's order (skip.json), else the project's default skip order: L-2, L-4, ..."""
-    from phi3skip.io import read_skip_profile
+    from phi3skip.formats.checkpoints import read_skip_profile
 
     trained = read_skip_profile(folder).get("layers") if folder is not None else None
     return list(trained) if trained else list(range(L - 2, 0, -2))
@@ -90,8 +90,8 @@ def hf_decode_rate(hf, ids: torch.Tensor, n: int) -> tuple[float, list[int]]:
 
 def cpu(args: argparse.Namespace) -> None:
     from phi3skip import from_pretrained
-    from phi3skip.chat import format_chat
-    from phi3skip.tokenizer import load_tokenizer
+    from phi3skip.data.chat import format_chat
+    from phi3skip.data.tokenizer import load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -134,7 +134,7 @@ def cpu(args: argparse.Namespace) -> None:
         import importlib.util
         import tempfile
 
-        from phi3skip.export import export
+        from phi3skip.formats.export import export
 
         if importlib.util.find_spec("llama_cpp") is None:
             print("  llama.cpp: not measured (pip install -e \".[llama]\")", flush=True)
@@ -161,7 +161,7 @@ def cpu(args: argparse.Namespace) -> None:
                     run(name, gens[name])  # compiles
                     print(f"  compiled ({mode}) in {results[name].compile_s:.0f} s", flush=True)
                     rates[name].clear()
-            from phi3skip.llamacpp import Decoder
+            from phi3skip.eval.llamacpp import Decoder
 
             # the CPU peer, loaded and warmed up once: same model, prompt, length and threads
             ggufs = {f"llama.cpp {t}": Decoder(p, ids, N, torch.get_num_threads())
@@ -203,7 +203,7 @@ def cpu(args: argparse.Namespace) -> None:
     def llama_skip_sets() -> None:
         # The exported skip sets in llama.cpp (bypassed sets as deci blocks) against the exported full model, and
         # the ratio their weights' multiply-adds per token predict (llamacpp.weight_macs).
-        from phi3skip.llamacpp import decode_speeds, weight_macs
+        from phi3skip.eval.llamacpp import decode_speeds, weight_macs
 
         cands = candidate_layers(L, folder)
         sets = [()] + [tuple(cands[:k]) for k in (1, 2, 4, 6) if k <= len(cands)]
@@ -341,7 +341,8 @@ def acceptance_for(tokens: float, k: int) -> float | None:
 
 def record_speculative(folder: Path, draft: tuple[int, ...], lookahead: int, measured: dict, tokens: int) -> None:
     """Write the fastest draft into the model's skip.json ("speculative"): generate.py --speculative's default."""
-    from phi3skip.io import atomic_write_text, read_skip_profile
+    from phi3skip.formats.checkpoints import read_skip_profile
+    from phi3skip.core.paths import atomic_write_text
 
     profile = read_skip_profile(folder)
     if not profile:

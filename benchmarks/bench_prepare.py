@@ -31,7 +31,7 @@ DEFAULT_MODEL = Path("/tmp/smollm2")  # the converted SmolLM2 checkpoint, when s
 
 def build_corpus(folder: Path, mb: float, copies: int) -> tuple[Path, int]:
     """`copies` folders holding the same first `mb` MB of stdlib sources; returns (folder, characters)."""
-    from phi3skip.corpus import stdlib_files
+    from phi3skip.data.corpus import stdlib_files
 
     base, chars = [], 0
     for f in stdlib_files():
@@ -54,7 +54,7 @@ def build_corpus(folder: Path, mb: float, copies: int) -> tuple[Path, int]:
 def tiny_tokenizer(folder: Path) -> Path:
     """A byte-level BPE with 8k tokens trained on a slice of the stdlib, when no model folder is at hand."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from phi3skip.corpus import stdlib_files
+    from phi3skip.data.corpus import stdlib_files
 
     texts = [Path(f).read_text(encoding="utf-8", errors="ignore") for f in stdlib_files()[:200]]
     tok = Tokenizer(models.BPE())
@@ -72,9 +72,9 @@ def tiny_tokenizer(folder: Path) -> Path:
 def child(mode: str, corpus_dir: str, model: str, out: str, workers: int) -> None:
     os.environ["RAYON_NUM_THREADS"] = str(workers)  # before the tokenizers library starts its pool
     import numpy as np
-    from phi3skip import corpus
-    from phi3skip.data import TokenWriter
-    from phi3skip.tokenizer import eos_token_id, load_tokenizer, vocab_size
+    from phi3skip.data import corpus
+    from phi3skip.data.tokens import TokenWriter
+    from phi3skip.data.tokenizer import eos_token_id, load_tokenizer, vocab_size
 
     tok = load_tokenizer(model)
     eos = eos_token_id(tok, model)

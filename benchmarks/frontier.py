@@ -21,11 +21,12 @@ from itertools import groupby
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from phi3skip.cli import ArgumentParser, Range, UserError, check_ranges, run_main
-from phi3skip.config import Phi3Config
-from phi3skip.cost import DEFAULT_CONTEXT, BypassShape, CostFraction, block_weights, cost_fraction
-from phi3skip.io import atomic_write_text, read_skip_profile
-from phi3skip.skipsets import skip_prefixes
+from phi3skip.core.cli import ArgumentParser, Range, UserError, check_ranges, run_main
+from phi3skip.model.config import Phi3Config
+from phi3skip.model.cost import DEFAULT_CONTEXT, BypassShape, CostFraction, block_weights, cost_fraction
+from phi3skip.formats.checkpoints import read_skip_profile
+from phi3skip.core.paths import atomic_write_text
+from phi3skip.model.skipsets import skip_prefixes
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "data" / "quality"
@@ -178,7 +179,7 @@ def put_section(text: str, new: str) -> str:
 
 def plot(rows: Sequence[Row], context: int, path: Path) -> Path:
     """Perplexity ratio against the MACs fraction: one colour per run, code solid circles, prose dashed squares."""
-    from phi3skip.evaluate import pyplot, save_figure
+    from phi3skip.eval.evaluate import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))

@@ -31,13 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 import numpy as np
 import torch
 
-from phi3skip import bypass, from_pretrained
-from phi3skip.data import Batches, eval_batches
-from phi3skip.evaluate import perplexity_ci, val_batches
-from phi3skip.importance import greedy_order
-from phi3skip.io import atomic_write_text, read_skip_profile, save_pretrained
-from phi3skip.skipsets import parse_layers, skip_prefixes
-from phi3skip.tokenizer import load_tokenizer
+from phi3skip.model import bypass
+from phi3skip.train import bypass_init
+from phi3skip import from_pretrained
+from phi3skip.data.tokens import Batches, eval_batches
+from phi3skip.eval.evaluate import perplexity_ci, val_batches
+from phi3skip.eval.importance import greedy_order
+from phi3skip.formats.checkpoints import read_skip_profile, save_pretrained
+from phi3skip.core.paths import atomic_write_text
+from phi3skip.model.skipsets import parse_layers, skip_prefixes
+from phi3skip.data.tokenizer import load_tokenizer
 
 DEMO = ["--schedule", "nested", "--batch-size", "4", "--max-seq-len", "256", "--eval-tokens", "4096",
         "--eval-every", "0", "--log-every", "10"]
@@ -120,7 +123,7 @@ def build_untrained(args, teacher_dir: Path, out: Path, extra: list[str]) -> Non
         bypass.attach(model, layers, a.adapter_rank, a.adapter_mlp)
         n = -(-a.lsq_tokens // 1024)
         check = [train.get(n + i, "cpu")[0] for i in range(-(-a.lsq_check_tokens // 1024))]
-        print(bypass.fit_lstsq(model, [train.get(i, "cpu")[0] for i in range(n)], layers, check=check), flush=True)
+        print(bypass_init.fit_lstsq(model, [train.get(i, "cpu")[0] for i in range(n)], layers, check=check), flush=True)
     save_pretrained(model, out, extra_json={"skip.json": {"layers": layers, "teacher": str(teacher_dir.resolve()),
                                                           "steps": 0}})
 

@@ -6,9 +6,10 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 _EXPORTS = {
-    "Phi3Config": "config", "Phi3ForCausalLM": "model", "InvalidSkip": "skipsets", "validate_skip": "skipsets",
-    "KVCache": "kv_cache", "from_pretrained": "io", "save_pretrained": "io", "save_checkpoint": "io",
-    "load_config": "io", "UserError": "cli",
+    "Phi3Config": "model.config", "Phi3ForCausalLM": "model.model", "InvalidSkip": "model.skipsets",
+    "validate_skip": "model.skipsets", "KVCache": "model.kv_cache", "from_pretrained": "formats.checkpoints",
+    "save_pretrained": "formats.checkpoints", "save_checkpoint": "formats.checkpoints",
+    "load_config": "formats.checkpoints", "UserError": "core.cli",
 }
 __all__ = list(_EXPORTS)
 

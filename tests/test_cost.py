@@ -5,8 +5,9 @@ from fractions import Fraction
 import pytest
 import torch
 
-from phi3skip import Phi3Config, Phi3ForCausalLM, bypass
-from phi3skip.cost import BypassShape, attended_keys, cost_fraction, model_cost, token_cost
+from phi3skip.model import bypass
+from phi3skip import Phi3Config, Phi3ForCausalLM
+from phi3skip.model.cost import BypassShape, attended_keys, cost_fraction, model_cost, token_cost
 
 # H 32, MLP 64, 4 layers, 4 query heads of 8, 2 KV heads, vocabulary 64.
 CFG = dict(model_type="phi3", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from phi3skip.cli import UserError
-from phi3skip.data import (HEADER_BYTES, Batches, Mixture, blend_pattern, TokenWriter, eval_batches, open_tokens, read_header, read_meta,
-                           token_dtype, write_tokens)
+from phi3skip.core.cli import UserError
+from phi3skip.data.tokens import (HEADER_BYTES, Batches, Mixture, blend_pattern, TokenWriter, eval_batches,
+                                  open_tokens, read_header, read_meta, token_dtype, write_tokens)
 
 
 def test_dtype_choice():

@@ -7,11 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from phi3skip import Phi3Config, Phi3ForCausalLM, UserError
-from phi3skip.distill import (IGNORE_INDEX, LossConfig, Schedule, block_index, chunked_kd_loss,
-                              distill_step, kd_chunk, set_trainable, step_flops_per_token,
-                              trainable_blocks)
-from phi3skip.evaluate import perplexity, token_nll
-from phi3skip.skipsets import default_layers, parse_layers
+from phi3skip.train.distill import (IGNORE_INDEX, LossConfig, Schedule, block_index, chunked_kd_loss, distill_step,
+                                    kd_chunk, set_trainable, step_flops_per_token, trainable_blocks)
+from phi3skip.eval.evaluate import perplexity, token_nll
+from phi3skip.model.skipsets import default_layers, parse_layers
 
 CFG = dict(model_type="phi3", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -197,7 +196,7 @@ def test_distill_step_loss_formula():
 
 
 def test_forward_branches_is_a_model_method_fsdp_runs():
-    from phi3skip.parallel import FORWARD_METHODS
+    from phi3skip.train.parallel import FORWARD_METHODS
 
     model = tiny()
     assert model.forward_branches.__self__ is model and "forward_branches" in FORWARD_METHODS

@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phi3skip.cli import UserError
-from phi3skip.data import eval_batches
-from phi3skip.evaluate import Perplexity, SkipSetResult, bootstrap_interval, markdown_table, perplexity, perplexity_ci
-from phi3skip.skipsets import parse_skip_sets, skip_prefixes
+from phi3skip.core.cli import UserError
+from phi3skip.data.tokens import eval_batches
+from phi3skip.eval.evaluate import (Perplexity, SkipSetResult, bootstrap_interval, markdown_table, perplexity,
+                                    perplexity_ci)
+from phi3skip.model.skipsets import parse_skip_sets, skip_prefixes
 
 ROOT = Path(__file__).resolve().parents[1]
 def direct_ppl(model, batches, skip=()) -> float:

@@ -10,7 +10,7 @@ import torch
 
 import phi3skip
 from phi3skip import Phi3ForCausalLM, UserError, save_checkpoint
-from phi3skip.export import serving_table, ExportError, choose_skip, export, measurements, prune
+from phi3skip.formats.export import serving_table, ExportError, choose_skip, export, measurements, prune
 
 transformers = pytest.importorskip("transformers")
 from test_model import make_pair, tokens  # noqa: E402
@@ -132,7 +132,7 @@ def test_bypassed_sets_export_as_heterogeneous_blocks(tmp_path):
     """A student with trained bypasses: a set that uses one becomes a Nemotron-NAS folder (a bypass is a linear
     attention + its FFN; a layer skipped without one is removed) whose logits are the student's; a set that uses
     none exports the plain base, a Phi3ForCausalLM equal to phi3skip skipping those layers."""
-    from phi3skip import bypass
+    from phi3skip.model import bypass
 
     folder, _ = student(tmp_path, "medium-gqa")
     model = phi3skip.from_pretrained(folder)
@@ -276,7 +276,7 @@ def test_serving_table_gives_each_trained_set_its_figures_and_export_command():
     (torch.bfloat16, torch.bfloat16, "f16", "the GGUF's f16 weights round them further", "holds these weights"),
 ])
 def test_the_model_card_promises_exactness_only_without_rounding(dtype, student, outtype, says, never):
-    from phi3skip.export import fidelity
+    from phi3skip.formats.export import fidelity
 
     text = fidelity(dtype, student, Path("m.gguf") if outtype else None, outtype)
     assert says in text and never not in text.replace(says, "")
@@ -287,7 +287,7 @@ def test_bypassed_set_with_per_depth_deltas_exports_its_depth_merged(tmp_path):
     """Per-depth deltas: each exported set's bypass blocks hold W + B_k A_k of its depth k, so a prefix, a
     deeper prefix and a set that is no prefix (run at the depth of the smallest prefix holding it) each give
     phi3skip's logits for that set."""
-    from phi3skip import bypass
+    from phi3skip.model import bypass
 
     folder, _ = student(tmp_path, "medium-gqa")
     model = phi3skip.from_pretrained(folder)

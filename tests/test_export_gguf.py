@@ -13,10 +13,10 @@ transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer  # noqa: E402
 
 import phi3skip  # noqa: E402
-from phi3skip import Phi3Config, Phi3ForCausalLM, save_checkpoint  # noqa: E402
-from phi3skip.cli import UserError  # noqa: E402
-from phi3skip.export import export  # noqa: E402
-from phi3skip.gguf import TOKENIZER_GGUF, convert_gguf  # noqa: E402
+from phi3skip import Phi3Config, Phi3ForCausalLM, save_checkpoint
+from phi3skip.core.cli import UserError
+from phi3skip.formats.export import export
+from phi3skip.formats.gguf import TOKENIZER_GGUF, convert_gguf
 from test_gguf import TEXTS, byte_level_vocab, spm_vocab, write_gguf, zero_state_dict  # noqa: E402
 from test_model import BASE, VARIANTS  # noqa: E402
 
@@ -180,7 +180,7 @@ def test_refusals(tmp_path, tokenizers, dead_pid):
     with torch.no_grad():
         w.model.layers[1].mlp.down_proj.weight[0, 0] = 1e5
     big = phi3skip.save_pretrained(w, tmp_path / "big2", extra_json={"skip.json": PROFILE})
-    from phi3skip.paths import _host
+    from phi3skip.core.paths import _host
 
     stale = tmp_path / f".c.gguf.tmp-{dead_pid}-{_host()}-0123abcd"  # a writer killed with -9 left it
     stale.write_bytes(b"GGUF, half")

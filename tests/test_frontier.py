@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from phi3skip import Phi3Config, Phi3ForCausalLM, bypass, save_pretrained
-from phi3skip.cost import cost_fraction
+from phi3skip.model import bypass
+from phi3skip import Phi3Config, Phi3ForCausalLM, save_pretrained
+from phi3skip.model.cost import cost_fraction
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 CFG = dict(model_type="phi3", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from phi3skip import Phi3Config, Phi3ForCausalLM, UserError
-from phi3skip.chat import StreamDecoder, format_chat, render_builtin, stop_token_ids
+from phi3skip.data.chat import StreamDecoder, format_chat, render_builtin, stop_token_ids
 from phi3skip.commands import generate as cli
-from phi3skip.generate import Generator, set_weight_layout
-from phi3skip.io import from_pretrained, save_pretrained
-from phi3skip.sampling import Sampling, logits_to_probs, sample
-from phi3skip.skipsets import default_draft_skip
-from phi3skip.speculative import accept_drafts
+from phi3skip.serve.generate import Generator, set_weight_layout
+from phi3skip.formats.checkpoints import from_pretrained, save_pretrained
+from phi3skip.serve.sampling import Sampling, logits_to_probs, sample
+from phi3skip.model.skipsets import default_draft_skip
+from phi3skip.serve.speculative import accept_drafts
 
 transformers = pytest.importorskip("transformers")
 
@@ -335,7 +335,7 @@ def test_chat_format_and_stop_ids(tmp_path):
 
 @pytest.mark.integration
 def test_chat_template_renders_real_smollm2_template(smollm2_dir):
-    from phi3skip.tokenizer import load_tokenizer
+    from phi3skip.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(smollm2_dir)
     text = format_chat("Hello", tok, smollm2_dir)
@@ -360,7 +360,7 @@ def test_stream_decoder_holds_back_split_characters():
 @pytest.mark.integration
 def test_smollm2_greedy_equals_transformers(smollm2_dir):
     from phi3skip import from_pretrained
-    from phi3skip.tokenizer import load_tokenizer
+    from phi3skip.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(smollm2_dir)
     ids = tok.encode(format_chat("What is the capital of France?", tok, smollm2_dir),

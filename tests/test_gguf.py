@@ -15,9 +15,9 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer  # noqa: E402
 
-from phi3skip import Phi3Config  # noqa: E402
-from phi3skip.cli import UserError  # noqa: E402
-from phi3skip.gguf import convert_gguf, packaged_gguf  # noqa: E402
+from phi3skip import Phi3Config
+from phi3skip.core.cli import UserError
+from phi3skip.formats.gguf import convert_gguf, packaged_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "convert_gguf.py"

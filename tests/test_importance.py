@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from phi3skip.importance import block_influence, format_table, rank_layers, recommended_order
+from phi3skip.eval.importance import block_influence, format_table, rank_layers, recommended_order
 from test_model import make_pair, tokens
 
 

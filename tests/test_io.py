@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import phi3skip
-from phi3skip.config import ConfigError, Phi3Config
-from phi3skip.io import CheckpointError
+from phi3skip.model.config import ConfigError, Phi3Config
+from phi3skip.formats.checkpoints import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 from test_model import make_pair, tokens  # noqa: E402

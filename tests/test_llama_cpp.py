@@ -15,10 +15,12 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp's binding: pip in
 pytest.importorskip("gguf")
 
 import phi3skip  # noqa: E402
-from phi3skip import bypass, llamacpp  # noqa: E402
-from phi3skip.cli import UserError  # noqa: E402
-from phi3skip.evaluate import perplexity_ci  # noqa: E402
-from phi3skip.export import export  # noqa: E402
+from phi3skip.model import bypass
+from phi3skip.train import bypass_init
+from phi3skip.eval import llamacpp
+from phi3skip.core.cli import UserError
+from phi3skip.eval.evaluate import perplexity_ci
+from phi3skip.formats.export import export
 from test_export_gguf import PROFILE, VARIANTS, student, tokenizers  # noqa: E402,F401  (tokenizers: a fixture)
 
 T = 20
@@ -138,8 +140,8 @@ def test_untied_zero_ffn_and_refusals(tmp_path, tokenizers):
 def test_smollm2_student_in_llama_cpp(smollm2_dir, tmp_path):
     """The real model with least-squares bypasses on its demo layers: the deci GGUF's perplexity in llama.cpp is
     phi3skip's for that skip set within 0.5% (f32) and 1.5% (q8_0); the full model's phi3 GGUF likewise."""
-    from phi3skip.data import eval_batches
-    from phi3skip.tokenizer import load_tokenizer
+    from phi3skip.data.tokens import eval_batches
+    from phi3skip.data.tokenizer import load_tokenizer
 
     model = phi3skip.from_pretrained(smollm2_dir, dtype=torch.float32)
     layers = [14, 13, 25, 3]
@@ -148,7 +150,7 @@ def test_smollm2_student_in_llama_cpp(smollm2_dir, tmp_path):
     ids = np.asarray(tok.encode(text).ids, dtype=np.int64)
     fit, held = ids[:2048], ids[2048:2048 + 1024]
     bypass.attach(model, layers)
-    bypass.fit_lstsq(model, [torch.from_numpy(fit).view(8, 256)], layers)
+    bypass_init.fit_lstsq(model, [torch.from_numpy(fit).view(8, 256)], layers)
     phi3skip.save_pretrained(model, tmp_path / "student", extra_json={"skip.json": {"layers": layers}})
     windows = list(eval_batches(held, 4, 256, max_tokens=1024))
     for skip in ((), tuple(layers)):

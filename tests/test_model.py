@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from phi3skip import KVCache, Phi3Config, Phi3ForCausalLM, validate_skip
-from phi3skip.skipsets import InvalidSkip
+from phi3skip.model.skipsets import InvalidSkip
 
 transformers = pytest.importorskip("transformers")
 
@@ -129,7 +129,7 @@ def test_left_padding_with_key_mask():
 
 
 def test_sdpa_window_mask_matches_definition():
-    from phi3skip.model import attention_mask
+    from phi3skip.model.model import attention_mask
     s = torch.arange(6)
     m = attention_mask(s, s, 3, None)[0, 0]
     for i in range(6):

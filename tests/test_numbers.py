@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from commands import entry, module
-from phi3skip.cli import Range, UserError, check_range
+from phi3skip.core.cli import Range, UserError, check_range
 
 
 class Started(Exception):

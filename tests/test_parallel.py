@@ -54,7 +54,8 @@ def test_close_leaves_no_communication_thread(tmp_path):
 def test_one_process_env_and_collectives_are_no_ops(monkeypatch):
     import torch
 
-    from phi3skip import distributed, metrics
+    from phi3skip.core import distributed
+    from phi3skip.train import metrics
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(k, raising=False)
@@ -73,7 +74,8 @@ def test_one_process_env_and_collectives_are_no_ops(monkeypatch):
 def test_init_refuses_cuda_without_a_device(monkeypatch):
     import torch
 
-    from phi3skip import UserError, distributed
+    from phi3skip.core import distributed
+    from phi3skip import UserError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="--device cuda: CUDA is not available on this machine"):
@@ -89,7 +91,8 @@ def test_init_refuses_cuda_without_a_device(monkeypatch):
 def test_init_uses_the_gpu_named(monkeypatch, device, torchrun, expect):
     import torch
 
-    from phi3skip import UserError, distributed
+    from phi3skip.core import distributed
+    from phi3skip import UserError
 
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -107,7 +110,9 @@ def test_init_uses_the_gpu_named(monkeypatch, device, torchrun, expect):
 def test_state_dict_and_clipping_in_one_process():
     import torch
 
-    from phi3skip import Phi3Config, Phi3ForCausalLM, distributed, parallel
+    from phi3skip.core import distributed
+    from phi3skip.train import parallel
+    from phi3skip import Phi3Config, Phi3ForCausalLM
 
     torch.manual_seed(0)
     model = Phi3ForCausalLM(Phi3Config.from_dict(dict(

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from commands import entry
-from phi3skip.cli import UserError
-from phi3skip import paths
-from phi3skip.paths import check_apart, check_output, clean_stale, temp_sibling
+from phi3skip.core.cli import UserError
+from phi3skip.core import paths
+from phi3skip.core.paths import check_apart, check_output, clean_stale, temp_sibling
 
 ROOT = Path(__file__).resolve().parents[1]
 

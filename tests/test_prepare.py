@@ -16,9 +16,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import bpe
 
-from phi3skip import corpus
-from phi3skip.cli import UserError
-from phi3skip.data import open_tokens, read_header, read_meta
+from phi3skip.data import corpus
+from phi3skip.core.cli import UserError
+from phi3skip.data.tokens import open_tokens, read_header, read_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("prepare", ROOT / "prepare.py")
@@ -322,7 +322,7 @@ def test_output_exists_and_overwrite(tmp_path, docs_dir, tok_dir):
 
 
 def test_killed_runs_temporaries_are_removed_by_the_next_run(tmp_path, docs_dir, tok_dir, dead_pid):
-    from phi3skip.paths import _host
+    from phi3skip.core.paths import _host
 
     host = _host()  # this machine and PID namespace
     stale = [tmp_path / f".o.tmp-{dead_pid}", tmp_path / f".o.tmp-{dead_pid}-{host}-0123abcd"]

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import bpe
 
-from phi3skip.cli import UserError
-from phi3skip.tokenizer import (check_data_tokenizer, eos_token_id, hub_offline, load_tokenizer, tokenizer_file,
-                                tokenizer_hash, vocab_size)
+from phi3skip.core.cli import UserError
+from phi3skip.data.tokenizer import (check_data_tokenizer, eos_token_id, hub_offline, load_tokenizer, tokenizer_file,
+                                     tokenizer_hash, vocab_size)
 
 TEXT = """def greet(name):\n    return f"Hello, {name}!"\n\nclass Point:\n    x: int = 0\n    y: int = 0\n
 The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from phi3skip import Phi3Config, Phi3ForCausalLM, UserError, from_pretrained, save_checkpoint
-from phi3skip.data import write_tokens
-from phi3skip.tokenizer import tokenizer_hash
+from phi3skip.data.tokens import write_tokens
+from phi3skip.data.tokenizer import tokenizer_hash
 
 ROOT = Path(__file__).resolve().parent.parent
 V = 128
@@ -376,8 +376,8 @@ def test_the_schedule_picks_the_recipe_defaults():
 
 
 def test_layers_auto_uses_the_greedy_order(tiny, tmp_path):
-    from phi3skip.data import Batches
-    from phi3skip.importance import greedy_order
+    from phi3skip.data.tokens import Batches
+    from phi3skip.eval.importance import greedy_order
 
     run = tmp_path / "auto"
     train.main(args(tiny, run, "--layers", "auto", "--num-skip", "2", "--schedule", "nested", "--max-steps", "1",
@@ -391,7 +391,7 @@ def test_layers_auto_uses_the_greedy_order(tiny, tmp_path):
 def test_adapters_keep_the_teacher_exact_and_resume_bitwise(tiny, tmp_path):
     """--train-scope adapters: the saved base is the teacher bit for bit, only the bypasses change, skipping
     gets better than the least-squares start, and a run stopped and resumed ends where a straight run ends."""
-    from phi3skip import bypass
+    from phi3skip.model import bypass
 
     extra = ("--schedule", "nested", "--k-dist", "sandwich", "--layers", "2,1", "--train-scope", "adapters",
              "--max-steps", "6", "--lr", "3e-3", "--adapter-rank", "8", "--lsq-tokens", "256", "--save-every", "2")
@@ -415,7 +415,7 @@ def test_adapters_keep_the_teacher_exact_and_resume_bitwise(tiny, tmp_path):
 
 def test_a_data_blend_trains_resumes_bitwise_and_is_held_to(tiny, tmp_path):
     """Two --data folders blended 3:1: the run resumes bit for bit, and its checkpoints refuse another blend."""
-    from phi3skip import bypass
+    from phi3skip.model import bypass
 
     other = _other_data(tiny, tmp_path)
     blend = ("--data", str(tiny / "data"), str(other), "--data-weights", "3", "1")
@@ -435,7 +435,7 @@ def test_a_data_blend_trains_resumes_bitwise_and_is_held_to(tiny, tmp_path):
 def test_skip_json_describes_the_saved_weights(tiny, tmp_path):
     """A bfloat16 teacher: the student is saved in bfloat16, and skip.json's perplexities are those of the saved
     files (measured after the fp32 master weights were rounded), not of the in-memory fp32 weights."""
-    from phi3skip.evaluate import perplexity, val_batches
+    from phi3skip.eval.evaluate import perplexity, val_batches
 
     teacher = from_pretrained(tiny / "model")
     bf16 = save_checkpoint({k: v.to(torch.bfloat16) for k, v in teacher.state_dict().items()}, teacher.config,
@@ -469,8 +469,8 @@ def test_adapters_save_the_teacher_as_stored_whatever_its_config_says(tiny, tmp_
 def test_depth_deltas_train_every_depth_and_resume_bitwise(tiny, tmp_path):
     """--depth-rank: the deltas of every depth train; a checkpoint saved before the sandwich first drew a depth
     holds no optimizer state for its deltas and still resumes bit for bit; skip.json records the rank."""
-    from phi3skip import bypass
-    from phi3skip.distill import Schedule
+    from phi3skip.model import bypass
+    from phi3skip.train.distill import Schedule
 
     extra = ("--schedule", "nested", "--layers", "2,1,0", "--max-steps", "6", "--adapter-rank", "8",
              "--depth-rank", "2", "--lsq-tokens", "256", "--save-every", "2")

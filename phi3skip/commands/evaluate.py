@@ -16,16 +16,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-from phi3skip import from_pretrained, load_config
-from phi3skip.cli import ArgumentParser, Range, UserError, check_range, check_ranges, run_main
-from phi3skip.data import eval_batches
-from phi3skip.devices import pick_device, pick_dtype
-from phi3skip.evaluate import evaluate_skip_sets, markdown_table, plot, pyplot, val_batches
-from phi3skip.corpus import read_text_file
-from phi3skip.io import atomic_write_text, dtype_name, read_skip_profile, resolve
-from phi3skip.paths import check_apart, check_output, local, writable
-from phi3skip.skipsets import default_layers, parse_skip_sets, validate_skip
-from phi3skip.tokenizer import check_data_tokenizer, eos_token_id, load_tokenizer
+from .. import from_pretrained, load_config
+from ..core.cli import ArgumentParser, Range, UserError, check_range, check_ranges, run_main
+from ..data.tokens import eval_batches
+from ..core.devices import pick_device, pick_dtype
+from ..eval.evaluate import evaluate_skip_sets, markdown_table, plot, pyplot, val_batches
+from ..data.corpus import read_text_file
+from ..formats.checkpoints import read_skip_profile, resolve
+from ..core.devices import dtype_name
+from ..core.paths import atomic_write_text
+from ..core.paths import check_apart, check_output, local, writable
+from ..model.skipsets import default_layers, parse_skip_sets, validate_skip
+from ..data.tokenizer import check_data_tokenizer, eos_token_id, load_tokenizer
 
 # every numeric flag's range, checked before any work (--seq-len's upper bound, the model's positions, once its
 # config is read)

@@ -19,7 +19,7 @@ import shlex
 import sys
 import time
 
-from phi3skip.cli import ArgumentParser, Range, UserError, check_range, run_main
+from ..core.cli import ArgumentParser, Range, UserError, check_range, run_main
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # phi3skip.gguf_writer.OUTTYPES, without importing torch for --help
 
@@ -42,7 +42,7 @@ def run(argv: list[str] | None = None) -> None:
     if args.outtype and not args.gguf:
         raise UserError("--outtype needs --gguf FILE")
 
-    from phi3skip.export import export
+    from ..formats.export import export
 
     def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -17,10 +17,10 @@ import json
 import sys
 from pathlib import Path
 
-from phi3skip import io
-from phi3skip.cli import ArgumentParser, Range, UserError, check_ranges, run_main
-from phi3skip.generate import COMPILE_MODES
-from phi3skip.skipsets import LOOKAHEAD, default_draft_skip, measured_speculative, parse_skip
+from ..formats import checkpoints as io
+from ..core.cli import ArgumentParser, Range, UserError, check_ranges, run_main
+from ..serve.generate import COMPILE_MODES
+from ..model.skipsets import LOOKAHEAD, default_draft_skip, measured_speculative, parse_skip
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -68,8 +68,8 @@ def model_folder(src: str) -> Path:
 
 def show_skips(folder: Path, model: str) -> None:
     """The trained skip sets, one short table: what each costs in quality, gains in speed, and how to export it."""
-    from phi3skip.config import Phi3Config
-    from phi3skip.export import serving_table
+    from ..model.config import Phi3Config
+    from ..formats.export import serving_table
 
     obj = io.read_skip_profile(folder)
     if not obj:
@@ -148,13 +148,13 @@ def run(argv: list[str] | None = None) -> None:
         show_skips(folder, args.model)
         return
 
-    from phi3skip import chat
-    from phi3skip.config import Phi3Config
-    from phi3skip.devices import pick_device, pick_dtype
-    from phi3skip.generate import Generator, Sampling, check_request
-    from phi3skip.io import from_pretrained
-    from phi3skip.skipsets import check_draft_skip, untrained, validate_skip
-    from phi3skip.tokenizer import load_tokenizer
+    from ..data import chat
+    from ..model.config import Phi3Config
+    from ..core.devices import pick_device, pick_dtype
+    from ..serve.generate import Generator, Sampling, check_request
+    from ..formats.checkpoints import from_pretrained
+    from ..model.skipsets import check_draft_skip, untrained, validate_skip
+    from ..data.tokenizer import load_tokenizer
 
     config = Phi3Config.from_json(folder / "config.json")
     L = config.num_hidden_layers

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from phi3skip import Phi3ForCausalLM, load_config, save_pretrained
-from phi3skip.cli import ArgumentParser, Range, check_ranges, run_main
-from phi3skip.io import resolve
-from phi3skip.paths import check_apart, check_output
+from .. import Phi3ForCausalLM, load_config, save_pretrained
+from ..core.cli import ArgumentParser, Range, check_ranges, run_main
+from ..formats.checkpoints import resolve
+from ..core.paths import check_apart, check_output
 
 
 def run(argv: list[str] | None = None) -> None:

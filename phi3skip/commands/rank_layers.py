@@ -14,14 +14,14 @@ import json
 import sys
 from pathlib import Path
 
-from phi3skip import from_pretrained, load_config
-from phi3skip.cli import ArgumentParser, Range, check_ranges, run_main
-from phi3skip.devices import pick_device, pick_dtype
-from phi3skip.evaluate import val_batches
-from phi3skip.importance import SHORTLIST, format_table, greedy_order, rank_layers, recommended_order
-from phi3skip.io import atomic_write_text
-from phi3skip.paths import check_apart, check_output, local
-from phi3skip.tokenizer import check_data_tokenizer
+from .. import from_pretrained, load_config
+from ..core.cli import ArgumentParser, Range, check_ranges, run_main
+from ..core.devices import pick_device, pick_dtype
+from ..eval.evaluate import val_batches
+from ..eval.importance import SHORTLIST, format_table, greedy_order, rank_layers, recommended_order
+from ..core.paths import atomic_write_text
+from ..core.paths import check_apart, check_output, local
+from ..data.tokenizer import check_data_tokenizer
 
 
 # every numeric flag's range, checked before any work (upper bounds from the model's config, once it is read)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cli import UserError
+from ..core.cli import UserError
 
 SUPPORTED = ("phi3", "llama", "mistral")
 # Phi-family models whose layout is not Phi-3's: say so instead of failing on a missing tensor later.

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from .cli import UserError
-from .hub import hub_errors, hub_offline, is_hub_id
-from .data import read_meta
+from ..core.cli import UserError
+from ..core.hub import hub_errors, hub_offline, is_hub_id
+from .tokens import read_meta
 
 TOKENIZER_FILE = "tokenizer.json"
 # Small files next to tokenizer.json that name the end-of-text token when its name is not a standard one.

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .distributed import Env
-from .io import atomic_write_text
+from ..core.distributed import Env
+from ..core.paths import atomic_write_text
 
 
 class Metrics:

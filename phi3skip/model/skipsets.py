@@ -16,7 +16,7 @@ from __future__ import annotations
 import operator
 from typing import Iterable, Sequence
 
-from .cli import Range, UserError, check_range
+from ..core.cli import Range, UserError, check_range
 
 
 class InvalidSkip(UserError, ValueError):

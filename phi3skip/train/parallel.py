@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-from .config import Phi3Config
-from .distributed import Env
-from .model import Phi3ForCausalLM
-from .rope import Rotary
+from ..model.config import Phi3Config
+from ..core.distributed import Env
+from ..model.model import Phi3ForCausalLM
+from ..model.rope import Rotary
 
 # Methods other than forward that run a model; FSDP must all-gather around them as around forward.
 FORWARD_METHODS = ("hidden_states", "forward_branches", "residuals", "hidden_from")

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cli import UserError
-from .cost import block_weights, head_weights
+from ..core.cli import UserError
+from ..model.cost import block_weights, head_weights
 
 SCHEDULES = ("sequential", "nested")
 K_DISTS = ("uniform", "sandwich", "harmonic")
@@ -302,6 +302,50 @@ def chunked_kd_loss(teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
 
 
 # One step ------------------------------------------------------------------------------------------------------
+class SkipKL:
+    """Mean per-token KL(full model || model skipping a set) on fixed token batches [B, T].
+
+    The full model's distribution is computed once and kept (tokens x vocabulary, fp32: meant for a few
+    thousand calibration tokens); KL(p || q) = sum p log p - sum p log q, the first sum a constant. A set is
+    run from `start` on given residual streams (default: its lowest layer, from the full model's streams), so
+    a deep set costs only the layers above it.
+    """
+
+    @torch.no_grad()
+    def __init__(self, model: nn.Module, xs: Sequence[torch.Tensor]):
+        w = model.lm_head.weight
+        self.model, self.xs = model, [x.to(w.device) for x in xs]
+        self.probs, self.negent = [], 0.0
+        for x in self.xs:
+            logp = torch.log_softmax((model.hidden_states(x).flatten(0, 1) @ w.T).float(), dim=-1)
+            self.probs.append(logp.exp())
+            self.negent += float((self.probs[-1] * logp).sum())
+            del logp
+        self.count = sum(x.numel() for x in self.xs)
+        self._full: list[list[torch.Tensor]] | None = None
+
+    def full_streams(self) -> list[list[torch.Tensor]]:
+        """The full model's residual streams of every batch (`model.residuals`), computed on first use."""
+        if self._full is None:
+            with torch.no_grad():
+                self._full = [self.model.residuals(x) for x in self.xs]
+        return self._full
+
+    @torch.no_grad()
+    def __call__(self, skip: Sequence[int], start: int | None = None,
+                 streams: Sequence[torch.Tensor] | None = None) -> float:
+        skip = list(skip)
+        if start is None:
+            start = min(skip, default=0)
+            streams = [t[start] for t in self.full_streams()]
+        w = self.model.lm_head.weight
+        cross = 0.0
+        for h, p in zip(streams, self.probs):
+            logq = torch.log_softmax((self.model.hidden_from(start, h, skip).flatten(0, 1) @ w.T).float(), dim=-1)
+            cross += float((p * logq).sum())
+        return (self.negent - cross) / self.count
+
+
 STATS = ("loss", "kl_full", "kl_skip", "ce")
 
 

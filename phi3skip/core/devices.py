@@ -12,10 +12,25 @@ from __future__ import annotations
 import torch
 
 from .cli import UserError
-from .io import parse_dtype
 
 CHECKPOINT = "checkpoint"  # on CUDA: the checkpoint's own torch_dtype
 CUDA_DTYPE = {"generate": CHECKPOINT, "evaluate": "float32", "rank_layers": "float32"}
+
+
+def parse_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise UserError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+    return names[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def pick_device(name: str | None, flag: str = "--device") -> torch.device:

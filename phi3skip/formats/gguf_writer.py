@@ -22,9 +22,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .config import Phi3Config
-from .io import _umask
-from .paths import temp_sibling
+from ..model.config import Phi3Config
+from ..core.paths import atomic_output
+from .deci import check, context_length
 from .gguf import (_LLAMA3_SPLIT, BYTE, CONTROL, NORMAL, ROPE_FACTORS, TOKENIZER_GGUF, UNKNOWN, UNUSED, USER_DEFINED,
                    GGUFError, gguf_name, tokenizer_fields)
 
@@ -290,7 +290,6 @@ def write_deci_gguf(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, 
     """Write a heterogeneous-block model (phi3skip.deci.export_state's state dict and slots) as a GGUF of
     llama.cpp's deci architecture: per-block head counts (0 KV heads: linear attention) and FFN lengths, Q/K rows
     permuted for its interleaved RoPE as llama.cpp's own converter does. Same outtypes and rules as write_gguf."""
-    from .deci import check, context_length
 
     check(config)
     check_config(config)
@@ -360,9 +359,7 @@ def _write(path: str | os.PathLike, arch: str, hparams: Callable[[Any], None],
         raise GGUFError(f"{path}: already exists; pass --overwrite (overwrite=True) to replace it"
                         if not path.is_dir() else f"{path}: is a folder, expected a .gguf file name")
     plan = [(gg, hf, t, _qtype(outtype, tuple(t.shape))) for gg, hf, t in tensors]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path)  # the shared naming: a writer killed with -9 leaves what the next one cleans
-    try:
+    with atomic_output(path) as tmp:  # a writer killed with -9 leaves what the next one cleans
         w = gguf.GGUFWriter(tmp, arch)
         if name:
             w.add_name(_safe_name(name, fields))
@@ -381,11 +378,6 @@ def _write(path: str | os.PathLike, arch: str, hparams: Callable[[Any], None],
         for gg, hf, t, qtype in plan:
             w.write_tensor_data(_encode(hf, t, qtype))
         w.close()
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

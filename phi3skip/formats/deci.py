@@ -25,11 +25,11 @@ from typing import Any, Sequence
 
 import torch
 
-from .bypass import merged
-from .cli import UserError
-from .config import Phi3Config
-from .model import Phi3ForCausalLM
-from .skipsets import validate_skip
+from ..model.bypass import merged
+from ..core.cli import UserError
+from ..model.config import Phi3Config
+from ..model.model import Phi3ForCausalLM
+from ..model.skipsets import validate_skip
 
 ZERO_FFN = 32  # channels of the zero FFN after an MLP-less bypass: one Q8_0 block per row
 ARCHITECTURE = "DeciLMForCausalLM"

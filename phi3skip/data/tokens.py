@@ -28,8 +28,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .cli import UserError
-from .paths import temp_sibling
+from ..core.cli import UserError
+from ..core.paths import publish, remove, temp_sibling
 
 MAGIC = b"P3SKTOK\0"
 VERSION = 1
@@ -183,12 +183,12 @@ class TokenWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
-        os.replace(self.tmp, self.path)
+        publish(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:
         self._f.close()
-        self.tmp.unlink(missing_ok=True)
+        remove(self.tmp)
 
     def __enter__(self) -> "TokenWriter":
         return self

@@ -29,7 +29,6 @@ import math
 import os
 import pickle
 import random
-import shutil
 import warnings
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
@@ -43,10 +42,9 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from .cli import UserError
-from .io import atomic_write_text
-from .distributed import Env, barrier, broadcast_object
-from .paths import clean_stale, temp_sibling
+from ..core.cli import UserError
+from ..core.distributed import Env, barrier, broadcast_object
+from ..core.paths import atomic_write_text, clean_stale, publish, remove, temp_sibling
 
 log = logging.getLogger("phi3skip.train_state")
 
@@ -309,23 +307,13 @@ def save(folder: str | os.PathLike, step: int, model: nn.Module, optimizer: torc
         summary = {"step": step, "world_size": env.world_size,
                    **{k: v for k, v in trainer.items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
         atomic_write_text(tmp / "meta.json", json.dumps(summary, indent=2) + "\n")
-        if final.exists() or final.is_symlink():  # the same step saved again (e.g. a resumed run): replace it
-            _remove(final)
-        os.replace(tmp, final)
+        publish(tmp, final)  # the same step saved again (a resumed run) replaces it
         atomic_write_text(folder / LATEST, name + "\n")
         for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
             if old != final:
-                _remove(old)
+                remove(old)  # a checkpoint that is a symlink loses the link only
     barrier(env)
     return final
-
-
-def _remove(path: Path) -> None:
-    """Remove a checkpoint; one that is a symlink loses the link only, never what it points at."""
-    if path.is_symlink():
-        path.unlink()
-    else:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def read_trainer(path: str | os.PathLike) -> dict[str, Any]:

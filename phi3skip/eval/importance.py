@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bypass import fit_one
-from .distill import chunked_kd_loss
-from .evaluate import Batch, SkipKL, perplexity
+from ..train.bypass_init import fit_one
+from ..train.distill import chunked_kd_loss
+from .evaluate import Batch, perplexity
+from ..train.distill import SkipKL
 
 
 @dataclass

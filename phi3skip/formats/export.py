@@ -22,13 +22,15 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .cli import UserError
-from .config import Phi3Config
+from ..core.cli import UserError
+from ..model.config import Phi3Config
 from . import deci
-from .io import check_state_dict, dtype_name, from_pretrained, parse_dtype, read_skip_profile, resolve, save_checkpoint
-from .paths import check_apart, check_output
-from .model import Phi3ForCausalLM
-from .skipsets import parse_skip_sets, validate_skip
+from .gguf_writer import OUTTYPES, check_config, require_gguf, write_deci_gguf, write_gguf
+from .checkpoints import check_state_dict, from_pretrained, read_skip_profile, resolve, save_checkpoint
+from ..core.devices import dtype_name, parse_dtype
+from ..core.paths import check_apart, check_output
+from ..model.model import Phi3ForCausalLM
+from ..model.skipsets import parse_skip_sets, validate_skip
 
 
 class ExportError(UserError):
@@ -340,8 +342,6 @@ def export(src: str | os.PathLike, *, skip: str | Sequence[int] | None = None, n
     folder = resolve(src)
     check_apart({"--out": out_path, "--gguf": gguf_path}, {"--model": folder})
     if gguf_path is not None:
-        from .gguf_writer import OUTTYPES, require_gguf
-
         require_gguf()  # the optional package, before any work
         if outtype is not None and outtype not in OUTTYPES:
             raise ExportError(f"--outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
@@ -371,8 +371,6 @@ def export(src: str | os.PathLike, *, skip: str | Sequence[int] | None = None, n
         raise ExportError(f"tensor {bad} is not finite in {dtype_name(target)}"
                           + (" (beyond float16's range): use --dtype bfloat16 or float32" if target == torch.float16 else ""))
     if gguf_path is not None:
-        from .gguf_writer import check_config
-
         check_config(config)  # before the folder is written
         outtype = outtype or default_outtype(target)
     card = model_card(source=str(src), profile=profile, skip=chosen, config=config, num_layers=L, dtype=target,
@@ -382,8 +380,6 @@ def export(src: str | os.PathLike, *, skip: str | Sequence[int] | None = None, n
         config_json = None if slots is None else deci.config_dict(model.config, slots, dtype_name(target))
         save_checkpoint(state, config, out_path, copy_from=folder, files={"README.md": card}, config_json=config_json)
     if gguf_path is not None:
-        from .gguf_writer import write_deci_gguf, write_gguf
-
         shown = "-".join(map(str, chosen)) or "none"
         common = dict(tokenizer_dir=folder, outtype=outtype, overwrite=overwrite, name=f"{folder.name} skip {shown}")
         if slots is None:

@@ -21,7 +21,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .cli import UserError
+from ..core.cli import UserError
+from .evaluate import perplexity_ci
 
 
 _ERRORS: list[str] = []  # llama.cpp's error lines since the last load, for the one-line message
@@ -201,8 +202,6 @@ def check(student, skip: Sequence[int], gguf: str | os.PathLike, batches: Sequen
     """Score `gguf` in llama.cpp on `batches` ((x, y) token windows, as phi3skip.evaluate takes them) beside
     `student` skipping `skip`; with `against` and `new_tokens`, time both GGUFs' decoding (median of `repeats`,
     alternated) and give the ratio their per-token work predicts."""
-    from .evaluate import perplexity_ci
-
     windows = [w for x, y in batches for w in np.concatenate([x.cpu().numpy(), y[:, -1:].cpu().numpy()], 1).tolist()]
     res = Check(perplexity(gguf, windows, threads), perplexity_ci(student, batches, skip).ppl,
                 sum(len(w) - 1 for w in windows))

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .generate import GenerationResult, Generator, TokenStream
+from .stream import GenerationResult, TokenStream
 from .sampling import Sampling, draw, sample
 
 
@@ -43,9 +43,10 @@ def accept_drafts(drafts: torch.Tensor, draft_probs: torch.Tensor | None, target
     return n, draw(residual)
 
 
-def speculative_decode(gen: Generator, prompt: list[int], N: int, s: Sampling, stop: set[int],
+def speculative_decode(gen, prompt: list[int], N: int, s: Sampling, stop: set[int],
                        on_tokens: Callable | None, seed: int | None) -> GenerationResult:
-    """Up to N tokens after `prompt` with gen's draft skip set drafting and its skip set verifying."""
+    """Up to N tokens after `prompt` with the Generator `gen`'s draft skip set drafting and its skip set verifying
+    (its workspace and steps: generate.py, which calls this)."""
     P, K = len(prompt), gen.lookahead
     ws = gen.workspace(1, P + N + K, False)  # drafts may run K - 1 slots past the last kept token
     ws.seq[0, :P].copy_(torch.tensor(prompt))

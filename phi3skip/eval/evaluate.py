@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cli import UserError
-from .data import eval_batches
-from .distill import default_chunk
-from .distributed import Env, all_reduce
-from .skipsets import validate_skip
-from .paths import temp_sibling
+from ..core.cli import UserError
+from ..data.tokens import eval_batches
+from ..train.distill import default_chunk
+from ..core.distributed import Env, all_reduce
+from ..model.skipsets import validate_skip
+from ..serve.generate import Generator
+from ..core.paths import atomic_output
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -94,50 +95,6 @@ def distributed_perplexity(model: nn.Module, batches: Sequence[Batch], skip: Seq
     return math.exp(tot[0].item() / tot[1].item())
 
 
-class SkipKL:
-    """Mean per-token KL(full model || model skipping a set) on fixed token batches [B, T].
-
-    The full model's distribution is computed once and kept (tokens x vocabulary, fp32: meant for a few
-    thousand calibration tokens); KL(p || q) = sum p log p - sum p log q, the first sum a constant. A set is
-    run from `start` on given residual streams (default: its lowest layer, from the full model's streams), so
-    a deep set costs only the layers above it.
-    """
-
-    @torch.no_grad()
-    def __init__(self, model: nn.Module, xs: Sequence[torch.Tensor]):
-        w = model.lm_head.weight
-        self.model, self.xs = model, [x.to(w.device) for x in xs]
-        self.probs, self.negent = [], 0.0
-        for x in self.xs:
-            logp = torch.log_softmax((model.hidden_states(x).flatten(0, 1) @ w.T).float(), dim=-1)
-            self.probs.append(logp.exp())
-            self.negent += float((self.probs[-1] * logp).sum())
-            del logp
-        self.count = sum(x.numel() for x in self.xs)
-        self._full: list[list[torch.Tensor]] | None = None
-
-    def full_streams(self) -> list[list[torch.Tensor]]:
-        """The full model's residual streams of every batch (`model.residuals`), computed on first use."""
-        if self._full is None:
-            with torch.no_grad():
-                self._full = [self.model.residuals(x) for x in self.xs]
-        return self._full
-
-    @torch.no_grad()
-    def __call__(self, skip: Sequence[int], start: int | None = None,
-                 streams: Sequence[torch.Tensor] | None = None) -> float:
-        skip = list(skip)
-        if start is None:
-            start = min(skip, default=0)
-            streams = [t[start] for t in self.full_streams()]
-        w = self.model.lm_head.weight
-        cross = 0.0
-        for h, p in zip(streams, self.probs):
-            logq = torch.log_softmax((self.model.hidden_from(start, h, skip).flatten(0, 1) @ w.T).float(), dim=-1)
-            cross += float((p * logq).sum())
-        return (self.negent - cross) / self.count
-
-
 def val_batches(path, batch_size: int, seq_len: int, max_tokens: int | None = None,
                 vocab_size: int | None = None) -> list[Batch]:
     """The validation batches of a token file, in memory (so several models and skip sets see the same text)."""
@@ -180,8 +137,6 @@ def decode_speed(model: nn.Module, skip: Sequence[int], prompt: Sequence[int], n
     On the CPU it runs on one thread: batch-1 decode is memory-bound, and a second thread that shares a core
     with anything else makes the timings swing by 2x (threads wait on each other every matrix-vector product).
     """
-    from .generate import Generator  # evaluation's only use of the generator
-
     threads = torch.get_num_threads()
     if next(model.parameters()).device.type == "cpu":
         torch.set_num_threads(1)
@@ -311,11 +266,9 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     """Write a matplotlib figure through a temporary sibling and a rename (format from the suffix), and close it."""
     plt = pyplot()
     path = Path(path)
-    tmp = temp_sibling(path)
     try:
-        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path

@@ -17,8 +17,8 @@ from typing import Any, Iterable, Sequence
 
 from tokenizers import Tokenizer
 
-from .cli import UserError
-from .config import Phi3Config
+from ..core.cli import UserError
+from ..model.config import Phi3Config
 
 Message = dict[str, str]
 

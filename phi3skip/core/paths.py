@@ -14,8 +14,9 @@ import re
 import secrets
 import shutil
 import socket
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Literal, Mapping
+from typing import Iterable, Iterator, Literal, Mapping
 
 from .cli import UserError
 
@@ -72,6 +73,69 @@ def temp_sibling(path: str | os.PathLike, kind: Literal["tmp", "old"] = "tmp") -
     path = Path(path)
     clean_stale(path.parent, glob.escape(path.name))
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{_host()}-{secrets.token_hex(4)}")
+
+
+# The one atomic write ----------------------------------------------------------------------------------------
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _new_file_permissions(tmp: Path) -> None:
+    """A file, or each file of a folder, gets the permissions of any new file (copies from a read-only source
+    would keep its mode)."""
+    for f in (tmp.iterdir() if tmp.is_dir() else [tmp]):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, 0o666 & ~umask())
+
+
+def remove(path: Path) -> None:
+    """A file or a folder tree, whichever `path` is (a symlink is unlinked, never followed)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Rename the finished temporary `tmp` to `path`. An existing folder there is moved aside first and removed
+    only once `tmp` is in place, so a crash between the renames leaves one complete copy."""
+    _new_file_permissions(tmp)
+    if not tmp.is_dir() or not (path.exists() or path.is_symlink()):
+        os.replace(tmp, path)
+        return
+    old = temp_sibling(path, "old")
+    os.replace(path, old)
+    os.replace(tmp, path)
+    remove(old)
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike, kind: Literal["file", "folder"] = "file") -> Iterator[Path]:
+    """The one atomic write: yields a temporary sibling of `path` to fill (made, empty, for a folder); when the
+    block ends it is renamed into place (`publish`), and when the block raises it is removed. Readers never
+    see half a file or folder, and a writer killed with -9 leaves a temporary that the next one cleans."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    if kind == "folder":
+        tmp.mkdir()
+    try:
+        yield tmp
+        publish(tmp, path)
+    except BaseException:
+        remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """A whole text file, written through `atomic_output` (and synced before the rename)."""
+    with atomic_output(path) as tmp, open(tmp, "x", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
 
 
 # Checking outputs before the work ------------------------------------------------------------------------------

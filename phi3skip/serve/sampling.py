@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cli import UserError
+from ..core.cli import UserError
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .cli import UserError
-from .config import ConfigError, Phi3Config
-from .hub import hub_errors, hub_offline, is_hub_id
-from .model import Phi3ForCausalLM
-from .paths import temp_sibling
+from ..core.cli import UserError
+from ..model.config import ConfigError, Phi3Config
+from ..core.hub import hub_errors, hub_offline, is_hub_id
+from ..model import bypass
+from ..model.model import Phi3ForCausalLM
+from ..core.devices import dtype_name, parse_dtype
+from ..core.paths import atomic_output
 
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.gguf", "skip.json"]
@@ -30,22 +32,6 @@ SINGLE = "model.safetensors"
 
 class CheckpointError(UserError):
     """Weights missing, corrupt or not matching the config."""
-
-
-def parse_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
-    if dtype is None:
-        return default
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise UserError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
-    return names[dtype]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # Finding a checkpoint ---------------------------------------------------------------------------------
@@ -208,8 +194,6 @@ def from_pretrained(src: str | os.PathLike, dtype: str | torch.dtype | None = No
     model.source_dir = folder
     adapters = read_skip_profile(folder).get("adapters")
     if adapters is not None:  # skip-mode parameters beside the plain checkpoint (phi3skip/bypass.py)
-        from . import bypass
-
         bypass.load(model, folder, adapters)
     return model.eval()
 
@@ -252,10 +236,7 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, 
     dtypes = {t.dtype for t in sd.values() if t.is_floating_point()}
     config = config.replace(source_model_type="phi3",
                             torch_dtype=dtype_name(dtypes.pop()) if len(dtypes) == 1 else config.torch_dtype)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(folder)
-    try:
-        tmp.mkdir()
+    with atomic_output(folder, "folder") as tmp:
         if copy_from is not None:
             for name in CARRIED_FILES:
                 if (Path(copy_from) / name).is_file():
@@ -282,53 +263,7 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, 
             total = sum(t.numel() * t.element_size() for t in sd.values())
             (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                 indent=2) + "\n")
-        _default_permissions(tmp)
-        replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file through a temporary sibling and a rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path)
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def _default_permissions(folder: Path) -> None:
-    """Files copied from a read-only source keep its mode; a checkpoint gets the permissions of any new file."""
-    umask = _umask()
-    for f in folder.iterdir():
-        os.chmod(f, 0o666 & ~umask)
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Rename src to dst; an existing dst is moved aside first and removed only once src is in place."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = temp_sibling(dst, "old")
-    os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_pretrained(model: Phi3ForCausalLM, folder: str | os.PathLike, *,
@@ -341,8 +276,6 @@ def save_pretrained(model: Phi3ForCausalLM, folder: str | os.PathLike, *,
     """
     files, extra = {}, dict(extra_json or {})
     if model.skip_adapters is not None:
-        from . import bypass
-
         files[bypass.FILE] = bypass.to_bytes(model.skip_adapters)
         skip_json = dict(extra.get(SKIP_FILE) or read_skip_profile(getattr(model, "source_dir", None) or folder))
         extra[SKIP_FILE] = {**skip_json, "adapters": model.skip_adapters.describe()}
@@ -351,5 +284,5 @@ def save_pretrained(model: Phi3ForCausalLM, folder: str | os.PathLike, *,
                            extra_json=extra, max_shard_size=max_shard_size)
 
 
-__all__ = ["from_pretrained", "save_pretrained", "save_checkpoint", "atomic_write_text", "replace_dir", "load_config",
-           "resolve", "CheckpointError", "ConfigError", "parse_dtype"]
+__all__ = ["from_pretrained", "save_pretrained", "save_checkpoint", "load_config", "resolve", "CheckpointError",
+           "ConfigError"]
