@@ -5,11 +5,10 @@
 
 Documents stream through the tokenizers library's parallel batches into a temporary token file (memory does
 not grow with the corpus); whole documents are then held out for validation by a seeded hash of their
-index, and the finished folder replaces data/NAME in one rename. The .bin format is in phi3skip/data.py.
+index, and the finished folder replaces data/NAME in one rename. The .bin format is in phi3skip/data/tokens.py.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -17,7 +16,7 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -41,35 +40,56 @@ NUMBERS = {"--max-tokens": Range(1), "--val-tokens": Range(0), "--val-fraction":
            "--workers": Range(1), "--seed": Range(0)}  # every numeric flag's range, checked before any work
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class PrepareConfig:
+    """prepare.py's settings, typed: its flags (`--max-tokens` is `max_tokens`), parsed once by `parse_args`."""
+    dataset: tuple[str, ...] = (corpus.DEFAULT_DATASET,)
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    out: str | None = None
+    max_tokens: int | None = None
+    val_tokens: int | None = None
+    val_fraction: float | None = None  # DEFAULT_VAL_FRACTION when neither is given
+    language: str = "Python"
+    licenses: tuple[str, ...] = ("mit", "isc")
+    text_field: str | None = None
+    workers: int = os.cpu_count() or 1
+    seed: int = 0
+    overwrite: bool = False
+
+
+def parse_args(argv: list[str] | None) -> PrepareConfig:
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", nargs="+", default=[corpus.DEFAULT_DATASET], metavar="SRC",
+    p.add_argument("--dataset", nargs="+", metavar="SRC",
                    help="'stdlib', local files/folders/globs (.txt .md .rst .py .jsonl .json .parquet, "
                         "optionally .gz), or Hub dataset ids org/name[@revision][:glob] "
                         f"(default {corpus.DEFAULT_DATASET})")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or folder with tokenizer.json")
-    p.add_argument("--revision", default=None, help="revision of a Hub --model")
-    p.add_argument("--out", default=None, help="output folder (default data/NAME from the first dataset)")
-    p.add_argument("--max-tokens", type=int, default=None,
+    p.add_argument("--model", help="Hub id or folder with tokenizer.json")
+    p.add_argument("--revision", help="revision of a Hub --model")
+    p.add_argument("--out", help="output folder (default data/NAME from the first dataset)")
+    p.add_argument("--max-tokens", type=int,
                    help="stop at the first document boundary after this many tokens")
     val = p.add_mutually_exclusive_group()
-    val.add_argument("--val-tokens", type=int, default=None,
+    val.add_argument("--val-tokens", type=int,
                      help="hold out whole documents until at least this many tokens")
-    val.add_argument("--val-fraction", type=float, default=None,
+    val.add_argument("--val-fraction", type=float,
                      help=f"hold out this fraction of the documents (default {DEFAULT_VAL_FRACTION})")
-    p.add_argument("--language", default="Python", help="keep records whose `language` is this ('any': all)")
-    p.add_argument("--licenses", nargs="+", default=["mit", "isc"],
+    p.add_argument("--language", help="keep records whose `language` is this ('any': all)")
+    p.add_argument("--licenses", nargs="+",
                    help="keep records whose `license` is one of these ('any': all)")
-    p.add_argument("--text-field", default=None,
+    p.add_argument("--text-field",
                    help=f"record field holding the text (default: the first of {', '.join(corpus.TEXT_FIELDS)})")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer threads")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument("--workers", type=int, help="tokenizer threads")
+    p.add_argument("--seed", type=int, help="seed of the train/validation split")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    args = p.parse_args(argv)
-    check_ranges(args, NUMBERS)
-    if args.val_tokens is None and args.val_fraction is None:
-        args.val_fraction = DEFAULT_VAL_FRACTION
-    return args
+    p.set_defaults(**{f.name: f.default for f in fields(PrepareConfig)})  # one place for them
+    ns = p.parse_args(argv)
+    values = {f.name: getattr(ns, f.name) for f in fields(PrepareConfig)}
+    cfg = PrepareConfig(**{**values, "dataset": tuple(ns.dataset), "licenses": tuple(ns.licenses)})
+    check_ranges(cfg, NUMBERS)
+    if cfg.val_tokens is None and cfg.val_fraction is None:
+        cfg = replace(cfg, val_fraction=DEFAULT_VAL_FRACTION)
+    return cfg
 
 
 def default_out(datasets: list[str]) -> Path:
@@ -241,40 +261,40 @@ def _raise_interrupt(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    out = check_output(Path(args.out) if args.out else default_out(args.dataset), "--out", "folder", args.overwrite)
-    check_apart({"--out": out}, *dataset_paths(args.model, args.dataset))
+    cfg = parse_args(argv)
+    out = check_output(Path(cfg.out) if cfg.out else default_out(cfg.dataset), "--out", "folder", cfg.overwrite)
+    check_apart({"--out": out}, *dataset_paths(cfg.model, cfg.dataset))
 
     offline = functools.cache(hub_offline)  # probed once, and only if a Hub id needs it
-    tok_path = tokenizer_file(args.model, revision=args.revision)
+    tok_path = tokenizer_file(cfg.model, revision=cfg.revision)
     tok = read_tokenizer(tok_path)
     vocab, eos = vocab_size(tok), eos_token_id(tok, tok_path.parent)
     dtype = token_dtype(vocab)
-    sources = [corpus.resolve(spec, offline=offline) for spec in args.dataset]
-    filters = corpus.Filters(text_field=args.text_field,
-                             language=None if args.language.lower() == corpus.ANY else args.language,
-                             licenses=None if corpus.ANY in [x.lower() for x in args.licenses] else
-                             tuple(args.licenses))
+    sources = [corpus.resolve(spec, offline=offline) for spec in cfg.dataset]
+    filters = corpus.Filters(text_field=cfg.text_field,
+                             language=None if cfg.language.lower() == corpus.ANY else cfg.language,
+                             licenses=None if corpus.ANY in [x.lower() for x in cfg.licenses] else
+                             tuple(cfg.licenses))
     stats = corpus.Stats()
-    corpus.set_threads(args.workers)
+    corpus.set_threads(cfg.workers)
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     try:
         with atomic_output(out, "folder") as tmp:
             with TokenWriter(tmp / "all.bin", vocab, eos) as all_out, open(tmp / "lengths.i64", "wb") as len_out:
-                done = tokenize(tok, corpus.documents(sources, filters, stats), eos, all_out, len_out, args.max_tokens)
+                done = tokenize(tok, corpus.documents(sources, filters, stats), eos, all_out, len_out, cfg.max_tokens)
             if done.documents == 0:
-                raise UserError(_no_documents(args, stats))
+                raise UserError(_no_documents(cfg, stats))
             lengths = tmp / "lengths.i64"
-            threshold = val_threshold(lengths, args.seed, args.val_tokens, args.val_fraction)
+            threshold = val_threshold(lengths, cfg.seed, cfg.val_tokens, cfg.val_fraction)
             with TokenWriter(tmp / "train.bin", vocab, eos) as train, TokenWriter(tmp / "val.bin", vocab, eos) as val:
-                splits = write_split(tmp / "all.bin", lengths, args.seed, threshold, train, val)
+                splits = write_split(tmp / "all.bin", lengths, cfg.seed, threshold, train, val)
             (tmp / "all.bin").unlink()
             lengths.unlink()
-            meta = _meta(args, argv, tok_path, vocab, eos, tok.id_to_token(eos), dtype, splits, sources, filters,
+            meta = _meta(cfg, argv, tok_path, vocab, eos, tok.id_to_token(eos), dtype, splits, sources, filters,
                          stats, done)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-            check_output(out, "--out", "folder", args.overwrite)  # it may have appeared while we were tokenizing
+            check_output(out, "--out", "folder", cfg.overwrite)  # it may have appeared while we were tokenizing
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -290,27 +310,27 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _no_documents(args: argparse.Namespace, stats: corpus.Stats) -> str:
+def _no_documents(cfg: PrepareConfig, stats: corpus.Stats) -> str:
     why = []
     if stats.filtered:
-        why.append(f"{stats.filtered:,} records filtered out by --language {args.language} "
-                   f"--licenses {' '.join(args.licenses)} (use 'any' to keep all)")
+        why.append(f"{stats.filtered:,} records filtered out by --language {cfg.language} "
+                   f"--licenses {' '.join(cfg.licenses)} (use 'any' to keep all)")
     if stats.empty:
         why.append(f"{stats.empty:,} empty")
     if stats.undecodable:
         why.append(f"{stats.undecodable:,} files not UTF-8 text (or binary)")
-    return (f"no documents in {' '.join(args.dataset)} after filtering"
+    return (f"no documents in {' '.join(cfg.dataset)} after filtering"
             + (f": {'; '.join(why)}" if why else "") + "; check --dataset and the filters")
 
 
-def _meta(args, argv, tok_path: Path, vocab: int, eos: int, eos_token: str | None, dtype: np.dtype,
+def _meta(cfg: PrepareConfig, argv, tok_path: Path, vocab: int, eos: int, eos_token: str | None, dtype: np.dtype,
           splits: dict, sources: list[corpus.Source], filters: corpus.Filters, stats: corpus.Stats,
           done: Tokenized) -> dict:
     return {
         "format": "phi3skip-tokens",
         "header_bytes": HEADER_BYTES,
-        "tokenizer": args.model,
-        "tokenizer_revision": args.revision,
+        "tokenizer": cfg.model,
+        "tokenizer_revision": cfg.revision,
         "tokenizer_sha256": tokenizer_hash(tok_path),
         "vocab_size": vocab,
         "eos_id": eos,
@@ -323,9 +343,9 @@ def _meta(args, argv, tok_path: Path, vocab: int, eos: int, eos_token: str | Non
                      "revision": s.revision} for s in sources],
         "filters": asdict(filters),
         "skipped": {"filtered": stats.filtered, "empty": stats.empty, "undecodable_files": stats.undecodable},
-        "split": {"seed": args.seed, "val_tokens": args.val_tokens, "val_fraction": args.val_fraction,
+        "split": {"seed": cfg.seed, "val_tokens": cfg.val_tokens, "val_fraction": cfg.val_fraction,
                   "by": "whole documents, splitmix64(seed, document index)"},
-        "max_tokens": args.max_tokens,
+        "max_tokens": cfg.max_tokens,
         "command": shlex.join(["python", "prepare.py", *argv]),
     }
 

@@ -130,7 +130,7 @@ def cpu(args: argparse.Namespace) -> None:
 
     def llama_ggufs(sets: list[tuple[int, ...]], outtypes: tuple[str, ...]) -> dict[tuple, Path]:
         """The model's skip sets exported as GGUFs for llama.cpp ({} when llama-cpp-python is not installed):
-        plain sets as phi3, bypassed ones as deci (phi3skip.export)."""
+        plain sets as phi3, bypassed ones as deci (phi3skip.formats.export)."""
         import importlib.util
         import tempfile
 

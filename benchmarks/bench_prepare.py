@@ -6,7 +6,7 @@ same tokenizer, and peak resident memory for two corpus sizes.
 The corpus is the first `--mb` MB of the standard library's .py files, copied `--copies` times (so the larger
 corpus has the same documents, only more of them: a memory that grows with it would show). Every measurement
 runs in a fresh subprocess, plain and batched alternating, timed around the tokenizing loop only (both read the
-same files through phi3skip.corpus and write the same .bin file). tok/s: median and best of `--runs` (the best
+same files through phi3skip.data.corpus and write the same .bin file). tok/s: median and best of `--runs` (the best
 run is the least disturbed by other processes on a shared machine); ratio: median of the per-run ratios, and
 best over best. CPU ratio: plain CPU-seconds over batched CPU-seconds (all threads), the work saved apart from
 parallelism. Peak RSS: the subprocess's maxrss; for prepare.py the whole command, its imports included.

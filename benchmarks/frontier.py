@@ -6,7 +6,7 @@
 
 Recipes differ in what a skipped slot still runs (a small bypass, the whole MLP, nothing), so layers skipped is no
 common axis. Per run of benchmarks/quality.py (a folder with results.json and student/) and per prefix k of its
-trained order: multiply-adds and bytes read per decoded token as fractions of the full model's (phi3skip.cost, at
+trained order: multiply-adds and bytes read per decoded token as fractions of the full model's (phi3skip.model.cost, at
 --context tokens), phi3skip's measured batch-1 decode speedup (the student's full model against the skip set, in
 this process, alternated, medians), and the run's perplexity ratios (results.json). The measured decode's prompt
 fills its static cache to --context, so the attention it times is the one the cost model counts.
@@ -148,7 +148,7 @@ def table(rows: Sequence[Row]) -> str:
 def section(rows: Sequence[Row], context: int, measured: str | None, image: str | None) -> str:
     """The docs section: what the columns are, how the speedups were measured, the plot and the table."""
     parts = [HEADING, "", f"""Every run's skip sets (k = a prefix of its trained order) on one axis every recipe shares, whatever a
-skipped slot still runs (`python benchmarks/frontier.py`; the cost model is `phi3skip.cost`). MACs and bytes are
+skipped slot still runs (`python benchmarks/frontier.py`; the cost model is `phi3skip.model.cost`). MACs and bytes are
 per decoded token, batch 1, at a context of {context:,} tokens, as fractions of the full model's: multiply-adds of
 every weight matmul that runs (the running blocks, the skipped slots' bypasses, the lm_head) plus attention's q.k
 and p.v over the context; bytes read: those weights and the norms' plus the running blocks' KV cache over the

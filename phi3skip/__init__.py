@@ -1,6 +1,6 @@
 """phi3skip: make Phi-3 models skippable by distillation, in plain PyTorch.
 
-Names are imported on first use, so `phi3skip.data` or `prepare.py` do not pay for importing torch.
+Names are imported on first use, so `phi3skip.data.corpus` or `prepare.py` do not pay for importing torch.
 """
 from importlib import import_module
 

@@ -1,4 +1,4 @@
-"""The per-token decode cost model (phi3skip.cost) against figures worked by hand on a tiny config, and against
+"""The per-token decode cost model (phi3skip.model.cost) against figures worked by hand on a tiny config, and against
 the parameters a built model really has."""
 from fractions import Fraction
 

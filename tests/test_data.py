@@ -1,4 +1,4 @@
-"""phi3skip.data: the .bin format, its checks, and the deterministic, rank-disjoint, resumable batch reader."""
+"""phi3skip.data.tokens: the .bin format, its checks, and the deterministic, rank-disjoint, resumable batch reader."""
 from __future__ import annotations
 
 import json

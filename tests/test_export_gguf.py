@@ -104,8 +104,8 @@ def test_tokenizer_from_the_source_gguf(tmp_path, tokenizers, kind):
     """A checkpoint that came from a GGUF embeds that GGUF's tokenizer metadata unchanged (padded to the rows)."""
     folder, _ = student(tmp_path, "gqa-tied", tokenizers[kind])
     export(folder, skip="2", gguf=tmp_path / "m.gguf", warn=lambda m: None)
-    src = {k: v for k, v, *_ in phi3skip.gguf.tokenizer_fields(gguf.GGUFReader(tokenizers[kind] / TOKENIZER_GGUF))}
-    got = {k: v for k, v, *_ in phi3skip.gguf.tokenizer_fields(gguf.GGUFReader(tmp_path / "m.gguf"))}
+    src = {k: v for k, v, *_ in phi3skip.formats.gguf.tokenizer_fields(gguf.GGUFReader(tokenizers[kind] / TOKENIZER_GGUF))}
+    got = {k: v for k, v, *_ in phi3skip.formats.gguf.tokenizer_fields(gguf.GGUFReader(tmp_path / "m.gguf"))}
     assert set(got) == set(src)
     n = len(src["tokenizer.ggml.tokens"])
     for key, value in src.items():
@@ -127,7 +127,7 @@ def test_tokenizer_from_tokenizer_json(tmp_path, kind, pre):
     (tok_dir / TOKENIZER_GGUF).unlink()
     folder, _ = student(tmp_path, "gqa-tied", tok_dir)
     export(folder, skip="2", gguf=tmp_path / "m.gguf", warn=lambda m: None)
-    fields = {k: v for k, v, *_ in phi3skip.gguf.tokenizer_fields(gguf.GGUFReader(tmp_path / "m.gguf"))}
+    fields = {k: v for k, v, *_ in phi3skip.formats.gguf.tokenizer_fields(gguf.GGUFReader(tmp_path / "m.gguf"))}
     assert fields["tokenizer.ggml.model"] == tok
     assert fields.get("tokenizer.ggml.pre") == {None: None, "smollm": "smollm", "llama-bpe": "llama-bpe",
                                                 "gpt2": "gpt-2"}[pre]

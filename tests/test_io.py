@@ -96,7 +96,7 @@ def test_hub_path_offline(tmp_path):
     assert "snapshots" in r.stdout and "hf_secret123" not in r.stdout + r.stderr
     assert torch.equal(torch.load(tmp_path / "out.pt"), ours(torch.arange(10)[None]).detach())
     # A repo that is not in the cache: one line, with the offline hint, and no token echoed.
-    code = "from phi3skip.cli import run_main; import phi3skip; run_main(lambda: phi3skip.from_pretrained('x/absent'))"
+    code = "from phi3skip.core.cli import run_main; import phi3skip; run_main(lambda: phi3skip.from_pretrained('x/absent'))"
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "local Hugging Face cache" in r.stderr
@@ -179,7 +179,7 @@ def test_interrupted_save_leaves_old_checkpoint(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(phi3skip.io, "save_file", boom)
+    monkeypatch.setattr(phi3skip.formats.checkpoints, "save_file", boom)
     with pytest.raises(KeyboardInterrupt):
         phi3skip.save_pretrained(ours, folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

@@ -146,7 +146,7 @@ def test_smollm2_student_in_llama_cpp(smollm2_dir, tmp_path):
     model = phi3skip.from_pretrained(smollm2_dir, dtype=torch.float32)
     layers = [14, 13, 25, 3]
     tok = load_tokenizer(str(smollm2_dir))
-    text = Path(bypass.__file__).read_text() + Path(phi3skip.export.__file__).read_text()
+    text = Path(bypass.__file__).read_text() + Path(phi3skip.formats.export.__file__).read_text()
     ids = np.asarray(tok.encode(text).ids, dtype=np.int64)
     fit, held = ids[:2048], ids[2048:2048 + 1024]
     bypass.attach(model, layers)

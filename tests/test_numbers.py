@@ -1,4 +1,4 @@
-"""One rule for numbers: every numeric flag of every command has a range (phi3skip.cli.Range), checked before any
+"""One rule for numbers: every numeric flag of every command has a range (phi3skip.core.cli.Range), checked before any
 work. Each flag is tried at the values just outside its range (refused with one line naming the flag, and the work
 never starts) and at its edges (accepted: the command gets as far as its work, which the test stops)."""
 from __future__ import annotations
@@ -21,9 +21,9 @@ BASE = {
     "evaluate": ("phi3skip.commands.evaluate.from_pretrained", ["--model", "{model}", "--data", "{data}", "--out", "{tmp}/e", "--no-plot",
                                                  "--seq-len", "32"]),
     "rank_layers": ("phi3skip.commands.rank_layers.from_pretrained", ["--model", "{model}", "--data", "{data}", "--seq-len", "32"]),
-    "generate": ("phi3skip.generate.Generator", ["--model", "{model}", "--prompt", "t1 t2", "--max-new-tokens", "8", "--speculative",
+    "generate": ("phi3skip.serve.generate.Generator", ["--model", "{model}", "--prompt", "t1 t2", "--max-new-tokens", "8", "--speculative",
                                "--draft-skip", "2"]),
-    "export": ("phi3skip.export.from_pretrained", ["--model", "{model}", "--out", "{tmp}/x"]),
+    "export": ("phi3skip.formats.export.from_pretrained", ["--model", "{model}", "--out", "{tmp}/x"]),
     "random_model": ("phi3skip.commands.random_model.save_pretrained", ["{model}", "{tmp}/r"]),
     "check_gguf": ("phi3skip.commands.check_gguf.from_pretrained", ["--model", "{model}", "--gguf", "{model}/config.json",
                                                                     "--data", "{data}", "--seq-len", "32", "--num-skip", "1"]),

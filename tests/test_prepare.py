@@ -1,4 +1,4 @@
-"""prepare.py and phi3skip.corpus: round trip, counts, dtype, split, sources, and every bad input."""
+"""prepare.py and phi3skip.data.corpus: round trip, counts, dtype, split, sources, and every bad input."""
 from __future__ import annotations
 
 import gzip

@@ -1,4 +1,4 @@
-"""phi3skip.tokenizer: tokenizer.json from a folder or the Hub cache, its hash, vocabulary and end-of-text token."""
+"""phi3skip.data.tokenizer: tokenizer.json from a folder or the Hub cache, its hash, vocabulary and end-of-text token."""
 from __future__ import annotations
 
 import hashlib

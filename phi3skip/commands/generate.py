@@ -158,7 +158,7 @@ def run(argv: list[str] | None = None) -> None:
 
     config = Phi3Config.from_json(folder / "config.json")
     L = config.num_hidden_layers
-    validate_skip(skip, L)
+    skip_set = validate_skip(skip, L)  # checked once: the Generator and its steps take it as it is
     if untrained(skip, trained) and trained:
         print(f"note: --skip names layer(s) {','.join(map(str, untrained(skip, trained)))} that the student was not "
               f"trained to skip (its order: {','.join(map(str, trained))}); expect the naive skip's quality",
@@ -176,7 +176,7 @@ def run(argv: list[str] | None = None) -> None:
                       f"measured: plain decoding is faster there", file=sys.stderr)
         else:
             draft_skip = default_draft_skip(trained, skip, L)
-        check_draft_skip(skip, draft_skip, L, lookahead)
+        draft_skip = check_draft_skip(skip_set, draft_skip, L, lookahead)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device, "generate", config.torch_dtype)
@@ -190,7 +190,7 @@ def run(argv: list[str] | None = None) -> None:
     check_request(config, prompts, args.max_new_tokens)  # bad lengths fail before the weights load
 
     model = from_pretrained(folder, dtype=dtype, device=device)
-    gen = Generator(model, skip, draft_skip=draft_skip, lookahead=lookahead, compile=args.compile)
+    gen = Generator(model, skip_set, draft_skip=draft_skip, lookahead=lookahead, compile=args.compile)
 
     batch = len(prompts) > 1
     decoders = [chat.StreamDecoder(tok) for _ in prompts]

@@ -18,7 +18,8 @@ from .. import from_pretrained, load_config
 from ..core.cli import ArgumentParser, Range, check_ranges, run_main
 from ..core.devices import pick_device, pick_dtype
 from ..eval.evaluate import val_batches
-from ..eval.importance import SHORTLIST, format_table, greedy_order, rank_layers, recommended_order
+from ..eval.importance import format_table, greedy_order, rank_layers, recommended_order
+from ..model.skipsets import SHORTLIST
 from ..core.paths import atomic_write_text
 from ..core.paths import check_apart, check_output, local
 from ..data.tokenizer import check_data_tokenizer

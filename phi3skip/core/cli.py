@@ -80,7 +80,8 @@ def check_range(flag: str, value: Any, allowed: Range) -> None:
         raise UserError(f"{flag} must be {what}{f' ({allowed.note})' if allowed.note else ''}, got {value}")
 
 
-def check_ranges(args: argparse.Namespace, ranges: Mapping[str, Range]) -> None:
-    """`check_range` for each `--flag: Range` of a command's table (the flag's value from args, by argparse's name)."""
+def check_ranges(settings: object, ranges: Mapping[str, Range]) -> None:
+    """`check_range` for each `--flag: Range` of a command's table, the flag's value read from `settings` by its
+    field name (argparse's dest: `--max-seq-len` -> `max_seq_len`), a parsed command line or a settings dataclass."""
     for flag, allowed in ranges.items():
-        check_range(flag, getattr(args, flag.lstrip("-").replace("-", "_")), allowed)
+        check_range(flag, getattr(settings, flag.lstrip("-").replace("-", "_")), allowed)

@@ -165,18 +165,17 @@ def evaluate_skip_sets(student: nn.Module, datasets: dict[str, Sequence[Batch]],
                        teacher: nn.Module | None = None, speed_prompt: Sequence[int] | None = None,
                        speed_tokens: int = 32, progress: Callable[[str], None] | None = None) -> list[SkipSetResult]:
     """Perplexity of the student (and the naively skipped teacher) on every dataset, and decode speed, per set."""
+    L = student.config.num_hidden_layers
+    checked = [validate_skip(s, L) for s in skip_sets]  # every set, before the first measurement
     results = []
-    for s in skip_sets:
-        validate_skip(s, student.config.num_hidden_layers)
-        s = tuple(s)
-        res = SkipSetResult(s, student.config.num_hidden_layers - len(s), {}, {} if teacher is not None else None,
-                            None)
+    for s, skip in zip(skip_sets, checked):
+        res = SkipSetResult(tuple(s), L - len(skip), {}, {} if teacher is not None else None, None)
         for name, batches in datasets.items():
-            res.student[name] = perplexity_ci(student, batches, s)
+            res.student[name] = perplexity_ci(student, batches, skip)
             if teacher is not None:
-                res.teacher[name] = perplexity_ci(teacher, batches, s)
+                res.teacher[name] = perplexity_ci(teacher, batches, skip)
         if speed_prompt is not None:
-            res.tokens_per_s = decode_speed(student, s, speed_prompt, speed_tokens)
+            res.tokens_per_s = decode_speed(student, skip, speed_prompt, speed_tokens)
         if progress is not None:
             progress(summary_line(res))
         results.append(res)

@@ -116,9 +116,6 @@ def format_table(full: float, ranking: Sequence[LayerImportance]) -> str:
     return "\n".join(lines)
 
 
-SHORTLIST = 8  # candidates re-scored per pick after the first (SmolLM2, 1,024 tokens: 6 gave the full order)
-
-
 @torch.no_grad()
 def greedy_order(model: nn.Module, batches: Sequence[Batch], k: int, candidates: Sequence[int] | None = None,
                  progress=None, bypass_fit: Sequence[torch.Tensor] | None = None,

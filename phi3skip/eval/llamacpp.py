@@ -100,7 +100,7 @@ def _scores(llm, ids: Sequence[int]) -> np.ndarray:
 
 def perplexity(path: str | os.PathLike, windows: Iterable[Sequence[int]], threads: int = 1) -> float:
     """exp(mean next-token negative log-likelihood) over the windows, each scored from its start (no context
-    carried across windows), as phi3skip.evaluate scores token windows."""
+    carried across windows), as phi3skip.eval.evaluate scores token windows."""
     windows = [list(map(int, w)) for w in windows]
     nll, n = 0.0, 0
     with load(path, max(map(len, windows)), threads) as llm:
@@ -199,7 +199,7 @@ class Check:
 def check(student, skip: Sequence[int], gguf: str | os.PathLike, batches: Sequence[tuple],
           against: str | os.PathLike | None = None, prompt: Sequence[int] = (), new_tokens: int = 0,
           threads: int = 1, repeats: int = 3) -> Check:
-    """Score `gguf` in llama.cpp on `batches` ((x, y) token windows, as phi3skip.evaluate takes them) beside
+    """Score `gguf` in llama.cpp on `batches` ((x, y) token windows, as phi3skip.eval.evaluate takes them) beside
     `student` skipping `skip`; with `against` and `new_tokens`, time both GGUFs' decoding (median of `repeats`,
     alternated) and give the ratio their per-token work predicts."""
     windows = [w for x, y in batches for w in np.concatenate([x.cpu().numpy(), y[:, -1:].cpu().numpy()], 1).tolist()]

@@ -193,7 +193,7 @@ def from_pretrained(src: str | os.PathLike, dtype: str | torch.dtype | None = No
     model.rotary = type(model.rotary)(config).to(device or "cpu")  # derived buffers, made for real
     model.source_dir = folder
     adapters = read_skip_profile(folder).get("adapters")
-    if adapters is not None:  # skip-mode parameters beside the plain checkpoint (phi3skip/bypass.py)
+    if adapters is not None:  # skip-mode parameters beside the plain checkpoint (phi3skip/model/bypass.py)
         bypass.load(model, folder, adapters)
     return model.eval()
 
@@ -228,7 +228,7 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, 
 
     files: extra files by name (tokenizer.json, ...); copy_from: a folder whose tokenizer and generation files
     are carried over; extra_json: name -> object written as JSON (for example skip.json); config_json: another
-    config.json than `config`'s (a heterogeneous-block export, phi3skip.deci), `config` still naming the tokens.
+    config.json than `config`'s (a heterogeneous-block export, phi3skip.formats.deci), `config` still naming the tokens.
     """
     folder = Path(folder)
     sd = {k: _plain(v) for k, v in state_dict.items()

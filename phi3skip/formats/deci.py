@@ -1,14 +1,14 @@
 """A skip set with bypasses as a heterogeneous-block model: the layout of NVIDIA's Nemotron-NAS (DeciLM) checkpoints,
 which llama.cpp runs as its `deci` architecture.
 
-    from phi3skip.deci import export_state
+    from phi3skip.formats.deci import export_state
     state, slots = export_state(student, skip=(14, 13, 25))
 
-A kept layer stays an ordinary block. A skipped layer with a trained bypass (phi3skip.bypass, sequential form)
+A kept layer stays an ordinary block. A skipped layer with a trained bypass (phi3skip.model.bypass, sequential form)
 becomes a block whose attention is DeciLM's "linear attention" — `wo · attn_norm(x)` added to the residual, no
 keys, no values, no KV cache — with wo = up · down, followed by its narrow SwiGLU FFN on its own norm: exactly
 `h = x + up(down(norm(x))); x = h + mlp(mlp_norm(h))`, with the skip set's per-depth deltas folded in
-(`phi3skip.bypass.merged`). A skipped layer without a bypass is removed. A bypass
+(`phi3skip.model.bypass.merged`). A skipped layer without a bypass is removed. A bypass
 without MLP channels gets an FFN of ZERO_FFN channels whose down projection is zero (adds exactly 0): llama.cpp's
 deci graph drops the attention output of a block with no FFN.
 

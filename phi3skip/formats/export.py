@@ -1,13 +1,13 @@
 """Export a chosen skip set for other engines: the student with those layers removed, or run as their bypasses.
 
-    from phi3skip.export import export
+    from phi3skip.formats.export import export
     export("data/llm_cache/student_model", num_skip=4, out="exported/", gguf="exported.gguf", outtype="q8_0")
 
 A skip set whose layers run no bypass (the full model, a student trained without skip adapters, or layers the
 adapters do not cover) becomes a standard, shallower `Phi3ForCausalLM`: the skipped blocks dropped, the rest
 renumbered (`num_hidden_layers` updated), so transformers, vLLM, TGI and llama.cpp (the `phi3` GGUF) compute exactly
 what `model(x, skip=...)` computes. A set whose layers run trained bypasses (the default recipe) becomes a
-heterogeneous-block model (phi3skip.deci): each bypass a block of llama.cpp's `deci` architecture, which runs the
+heterogeneous-block model (phi3skip.formats.deci): each bypass a block of llama.cpp's `deci` architecture, which runs the
 GGUF exactly; the folder has the Nemotron-NAS (DeciLM) layout. Both folders carry the tokenizer, generation files
 and a model card (README.md) naming the source, the skip set, its measured perplexity from skip.json, the engines
 that compute it and the command that made it; the GGUF comes from gguf_writer.py.

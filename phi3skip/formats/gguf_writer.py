@@ -1,7 +1,7 @@
 """Phi-3 checkpoint -> GGUF (llama.cpp's phi3 architecture), the reverse of gguf.py; a bypassed skip set ->
-GGUF of llama.cpp's deci architecture (`write_deci_gguf`, over phi3skip.deci's heterogeneous blocks).
+GGUF of llama.cpp's deci architecture (`write_deci_gguf`, over phi3skip.formats.deci's heterogeneous blocks).
 
-    from phi3skip.gguf_writer import write_gguf
+    from phi3skip.formats.gguf_writer import write_gguf
     write_gguf(model.state_dict(), model.config, "model.gguf", tokenizer_dir=folder, outtype="q8_0")
 
 Tensors keep Phi-3's fused layout, which llama.cpp's phi3 architecture reads as it is (attn_qkv, ffn_up = gate then
@@ -287,7 +287,7 @@ def write_gguf(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, path:
 def write_deci_gguf(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, slots: Sequence[Any],
                     path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike, outtype: str = "f32",
                     name: str | None = None, overwrite: bool = False) -> Path:
-    """Write a heterogeneous-block model (phi3skip.deci.export_state's state dict and slots) as a GGUF of
+    """Write a heterogeneous-block model (phi3skip.formats.deci.export_state's state dict and slots) as a GGUF of
     llama.cpp's deci architecture: per-block head counts (0 KV heads: linear attention) and FFN lengths, Q/K rows
     permuted for its interleaved RoPE as llama.cpp's own converter does. Same outtypes and rules as write_gguf."""
 

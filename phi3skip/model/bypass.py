@@ -29,7 +29,7 @@ none of them run at inference once merged.
 
 On disk: `skip_adapters.safetensors` beside the base checkpoint, named by skip.json's "adapters" entry, so the
 folder stays a plain `Phi3ForCausalLM` checkpoint that transformers loads as is (without the adapters). A skip
-set with bypasses exports as a heterogeneous-block model (phi3skip.deci: llama.cpp's `deci` architecture, whose
+set with bypasses exports as a heterogeneous-block model (phi3skip.formats.deci: llama.cpp's `deci` architecture, whose
 "linear attention" block is exactly this map followed by an FFN); a standard Phi-3 checkpoint cannot hold it.
 """
 from __future__ import annotations

@@ -27,7 +27,7 @@ Bytes = int | Fraction  # a quantized type's bytes per weight need not be whole 
 
 @dataclass(frozen=True)
 class BypassShape:
-    """What a skipped slot of `layers` runs instead of its block (phi3skip.bypass): a rank-r linear map on its
+    """What a skipped slot of `layers` runs instead of its block (phi3skip.model.bypass): a rank-r linear map on its
     own norm, then a SwiGLU MLP of m channels on another (none when m = 0)."""
 
     rank: int

@@ -15,7 +15,7 @@ from torch import nn
 from .config import Phi3Config
 from .kv_cache import KVCache, LayerKV
 from .rope import Rotary, apply_rotary
-from .skipsets import validate_skip
+from .skipsets import SkipSet
 
 try:  # optional: used on CUDA for cache-free causal attention (training, evaluation)
     from flash_attn import flash_attn_func
@@ -139,7 +139,7 @@ class Phi3ForCausalLM(nn.Module):
         self.model = Phi3Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = Rotary(config)
-        self.skip_adapters: nn.Module | None = None  # set by phi3skip.bypass.attach (skip-mode parameters)
+        self.skip_adapters: nn.Module | None = None  # set by phi3skip.model.bypass.attach (skip-mode parameters)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -170,7 +170,7 @@ class Phi3ForCausalLM(nn.Module):
         bypasses:  what runs in skipped slots, {layer: callable}, e.g. a Generator's merged bypasses of its skip
                    set; None: the skip adapters' for this set (`SkipAdapters.for_skip`).
         """
-        skipped = validate_skip(skip, self.num_layers)
+        skipped = SkipSet.of(skip, self.num_layers)
         if input_pos is None:
             input_pos = torch.arange(input_ids.shape[1], device=input_ids.device)
         pos = input_pos if positions is None else positions
@@ -188,7 +188,7 @@ class Phi3ForCausalLM(nn.Module):
         two sets differ run once for both, and autograd sums the gradients of the branches. Equal, up to float
         rounding, to `[self.hidden_states(input_ids, s) for s in skips]`.
         """
-        sets = [validate_skip(s, self.num_layers) for s in skips]
+        sets = [SkipSet.of(s, self.num_layers) for s in skips]
         slots = torch.arange(input_ids.shape[1], device=input_ids.device)
         x, cos, sin = self._prologue(input_ids, slots)
         groups: list[tuple[torch.Tensor, list[int]]] = [(x, list(range(len(sets))))]  # (residual, its sets)
@@ -207,9 +207,9 @@ class Phi3ForCausalLM(nn.Module):
                 out[j] = h
         return out
 
-    def slot(self, i: int, skipped: frozenset[int]) -> int:
+    def slot(self, i: int, skipped: SkipSet) -> int:
         """What layer i's slot computes under a skip set: -1 its block, 0 nothing or a bypass every set shares,
-        k > 0 a bypass at depth k (per-depth deltas, phi3skip.bypass). Sets with equal slots below a layer reach it
+        k > 0 a bypass at depth k (per-depth deltas, phi3skip.model.bypass). Sets with equal slots below a layer reach it
         with the same residual stream."""
         if i not in skipped:
             return -1
@@ -217,7 +217,7 @@ class Phi3ForCausalLM(nn.Module):
         return adapters.variant(skipped) if adapters is not None and i in adapters else 0
 
     def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                   skipped: frozenset[int], *, start: int = 0, stop: int | None = None,
+                   skipped: SkipSet, *, start: int = 0, stop: int | None = None,
                    cache: KVCache | None = None,
                    key_mask: torch.Tensor | None = None, blocks: Sequence[Callable[..., torch.Tensor]] | None = None,
                    trace: list[torch.Tensor] | None = None,
@@ -257,7 +257,7 @@ class Phi3ForCausalLM(nn.Module):
         trace: list[torch.Tensor] = []
         slots = torch.arange(input_ids.shape[1], device=input_ids.device)
         x, cos, sin = self._prologue(input_ids, slots)
-        self.run_layers(x, cos, sin, slots, validate_skip(skip, self.num_layers), trace=trace)
+        self.run_layers(x, cos, sin, slots, SkipSet.of(skip, self.num_layers), trace=trace)
         return trace
 
     def hidden_from(self, start: int, x: torch.Tensor, skip: Iterable[int] | None = (),
@@ -265,7 +265,7 @@ class Phi3ForCausalLM(nn.Module):
         """Final normed hidden states of the model skipping `skip`, restarted at layer `start` from the residual
         `x` entering it (no cache, consecutive positions): the layers below `start` must run unchanged. `trace`
         collects the residual entering each layer from `start` on, then the last block's output."""
-        skipped = validate_skip(skip, self.num_layers)
+        skipped = SkipSet.of(skip, self.num_layers)
         if any(i < start for i in skipped):
             raise ValueError(f"skip {sorted(skipped)} names layers below the restart layer {start}")
         slots = torch.arange(x.shape[1], device=x.device)

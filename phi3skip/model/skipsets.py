@@ -9,7 +9,7 @@ Every command reads layer lists through `parse_layer_list`:
     a;b;c        several skip sets (`parse_skip_sets`: scripts/evaluate.py --skip-sets, export's --skip)
 
 `--layers auto` (train.py) is decided by train.py before it reaches `parse_layers`. Ranges are checked against
-the model by `validate_skip`, which the model runs on every forward too.
+the model once, when a `SkipSet` is made (`validate_skip`); a SkipSet then passes through unchecked.
 """
 from __future__ import annotations
 
@@ -23,10 +23,39 @@ class InvalidSkip(UserError, ValueError):
     """A skip set that names no valid set of layers."""
 
 
-def validate_skip(skip: Iterable[int] | None, num_layers: int) -> frozenset[int]:
-    """Check a skip set: integers in [0, num_layers), no duplicates. Raises InvalidSkip naming the range."""
+class SkipSet(frozenset):
+    """A skip set as a value: distinct layer indices of a model with `num_layers` layers, checked when it is made.
+
+    Make one where a set is parsed or built (`SkipSet.of`, `validate_skip`); the model's forward, the Generator's
+    decode step and every library function take it as it is (`of` returns a SkipSet of the same model unchanged),
+    and anything else they are given is checked there, once. It is a frozenset: `i in skip`, set algebra and
+    equality are a set's."""
+
+    num_layers: int
+
+    def __new__(cls, skip: Iterable[int] | None, num_layers: int) -> SkipSet:
+        self = super().__new__(cls, _checked(skip, num_layers))
+        self.num_layers = num_layers
+        return self
+
+    @classmethod
+    def of(cls, skip: Iterable[int] | None, num_layers: int) -> SkipSet:
+        """`skip` itself when it is already a SkipSet of a `num_layers`-layer model, else a checked new one."""
+        if isinstance(skip, SkipSet) and skip.num_layers == num_layers:
+            return skip
+        return cls(skip, num_layers)
+
+    def __reduce__(self):
+        return SkipSet, (tuple(sorted(self)), self.num_layers)
+
+    def __repr__(self) -> str:
+        return f"SkipSet({sorted(self, reverse=True)}, num_layers={self.num_layers})"
+
+
+def _checked(skip: Iterable[int] | None, num_layers: int) -> list[int]:
+    """Integers in [0, num_layers), no duplicates; InvalidSkip naming the range otherwise."""
     if skip is None:
-        return frozenset()
+        return []
     valid = f"layer indices are integers in 0..{num_layers - 1}"
     if isinstance(skip, (str, bytes)) or not isinstance(skip, Iterable):
         raise InvalidSkip(f"skip must be a collection of layer indices, got {skip!r}; {valid}")
@@ -43,7 +72,17 @@ def validate_skip(skip: Iterable[int] | None, num_layers: int) -> frozenset[int]
         out.append(i)
     if len(set(out)) != len(out):
         raise InvalidSkip(f"skip {sorted(out)} names a layer twice; {valid}")
-    return frozenset(out)
+    return out
+
+
+def validate_skip(skip: Iterable[int] | None, num_layers: int) -> SkipSet:
+    """A checked skip set (`SkipSet.of`): raises InvalidSkip naming the range."""
+    return SkipSet.of(skip, num_layers)
+
+
+# The greedy order's (phi3skip.eval.importance.greedy_order) default shortlist: candidates re-scored per pick after
+# the first (SmolLM2, 1,024 tokens: 6 gave the full order).
+SHORTLIST = 8
 
 
 def default_layers(num_layers: int) -> list[int]:
@@ -136,7 +175,7 @@ LOOKAHEAD = Range(1, 32)
 
 
 def check_draft_skip(skip: Sequence[int] | None, draft_skip: Sequence[int], num_layers: int,
-                     lookahead: int = 1) -> frozenset[int]:
+                     lookahead: int = 1) -> SkipSet:
     """Self-speculative decoding's draft skip set, checked: valid layers, every layer the verifier skips, and at
     least one more; and the lookahead (drafts per round) an integer >= 1."""
     skipped = validate_skip(skip, num_layers)

@@ -210,7 +210,8 @@ class Generator:
             # runs the same only at the same depth, `SkipAdapters.variant`)
             first_diff = next(i for i in range(L) if model.slot(i, skipped) != model.slot(i, d))
             self.shared_layers = [i for i in self.draft_layers if i < first_diff]
-        self.skip_sets = {"decode": self.skip, "verify": self.skip, "draft": self.draft_skip}
+        # the values each step passes to the model: checked here, once, not on every decode step
+        self.skip_sets = {"decode": skipped, "verify": skipped, "draft": d if draft_skip is not None else None}
         self.lookahead = lookahead
         if compile is True:
             compile = "blocks"
@@ -315,10 +316,10 @@ class Generator:
                                      long_rope=long, bypasses=self.bypasses[kind])
         logits = self.model.lm_head(h[:, -1])
         if not bool(torch.isfinite(logits).all()):  # one check per prefill; NaN would decode as garbage or nothing
-            raise NonFiniteLogits(f"the model gives non-finite logits (NaN/Inf) on this prompt"
-                                  f"{f' skipping {list(skip)}' if skip else ''}: its weights hold NaN/Inf or "
-                                  f"overflow in {str(logits.dtype).removeprefix('torch.')}; check the checkpoint, "
-                                  f"or try --dtype float32")
+            where = f" skipping {sorted(skip, reverse=True)}" if skip else ""
+            raise NonFiniteLogits(f"the model gives non-finite logits (NaN/Inf) on this prompt{where}: its weights "
+                                  f"hold NaN/Inf or overflow in {str(logits.dtype).removeprefix('torch.')}; check the "
+                                  f"checkpoint, or try --dtype float32")
         return logits
 
     def decode_one_token(self, ws: _Workspace, slot: int, long: bool, s: Sampling) -> torch.Tensor:

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..model.bypass import Bypass
 from ..model.model import Phi3ForCausalLM
+from ..model.skipsets import SkipSet
 from .distill import SkipKL
 
 
@@ -151,5 +152,5 @@ def _restart(model: Phi3ForCausalLM, lo: int, x: torch.Tensor, skip: Sequence[in
     trace: list[torch.Tensor] = []
     slots = torch.arange(x.shape[1], device=x.device)
     cos, sin = model.rotary_tables(slots, x.dtype)
-    model.run_layers(x, cos, sin, slots, frozenset(skip), start=lo, stop=stop, trace=trace)
+    model.run_layers(x, cos, sin, slots, SkipSet.of(skip, model.num_layers), start=lo, stop=stop, trace=trace)
     out.append(trace[-1])

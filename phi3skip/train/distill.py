@@ -21,7 +21,7 @@ Skip sets depend only on the step, so every rank of a sharded job runs the same 
 
 With `--train-scope adapters` the base stays frozen and the full pass *is* the teacher: `adapter_step` runs it
 once without gradient, recording the residual stream, and each skip pass restarts from it at its lowest
-skipped layer with only the skip adapters (phi3skip/bypass.py) trainable.
+skipped layer with only the skip adapters (phi3skip/model/bypass.py) trainable.
 """
 from __future__ import annotations
 
