@@ -22,12 +22,12 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from phi3skip.data import corpus
 from phi3skip.core.cli import ArgumentParser, Range, UserError, check_ranges, run_main
-from phi3skip.data.tokens import HEADER_BYTES, META_FILE, TokenWriter, read_header, token_dtype
 from phi3skip.core.hub import hub_offline
 from phi3skip.core.paths import atomic_output, check_apart, check_output, local
+from phi3skip.data import corpus
 from phi3skip.data.tokenizer import eos_token_id, read_tokenizer, tokenizer_file, tokenizer_hash, vocab_size
+from phi3skip.data.tokens import HEADER_BYTES, META_FILE, TokenWriter, read_header, token_dtype
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
 DEFAULT_VAL_FRACTION = 0.01

@@ -25,25 +25,23 @@ from pathlib import Path
 
 import torch
 
-from phi3skip.model import bypass
-from phi3skip.train import bypass_init
 from phi3skip.core import distributed
-from phi3skip.train import parallel
 from phi3skip.core.cli import ArgumentParser, UserError, run_main
-from phi3skip.model.config import Phi3Config
+from phi3skip.core.devices import dtype_name, parse_dtype
+from phi3skip.core.paths import check_apart, check_output, local
+from phi3skip.data.tokenizer import check_data_tokenizer
 from phi3skip.data.tokens import Batches, Mixture
-from phi3skip.train.distill import (K_DISTS, SCHEDULES, STATS, LossConfig, Schedule, adapter_step, distill_step,
-                                    set_trainable, step_flops_per_token, trainable_blocks)
 from phi3skip.eval.evaluate import distributed_perplexity, val_batches
 from phi3skip.eval.importance import greedy_order
-from phi3skip.model.skipsets import SHORTLIST
 from phi3skip.formats.checkpoints import from_pretrained, resolve, save_checkpoint, stored_dtype
-from phi3skip.core.devices import dtype_name, parse_dtype
-from phi3skip.train.metrics import Metrics, Progress, memory_gb, peak_flops
-from phi3skip.core.paths import check_apart, check_output, local
-from phi3skip.model.skipsets import default_layers, parse_layers
-from phi3skip.data.tokenizer import check_data_tokenizer
+from phi3skip.model import bypass
+from phi3skip.model.config import Phi3Config
+from phi3skip.model.skipsets import SHORTLIST, default_layers, parse_layers
+from phi3skip.train import bypass_init, parallel
+from phi3skip.train.distill import (K_DISTS, SCHEDULES, STATS, LossConfig, Schedule, adapter_step, distill_step,
+                                    set_trainable, step_flops_per_token, trainable_blocks)
 from phi3skip.train.job import JobConfig
+from phi3skip.train.metrics import Metrics, Progress, memory_gb, peak_flops
 from phi3skip.train.train_state import CheckpointManager, TrainState
 
 log = logging.getLogger("phi3skip.train")

@@ -12,14 +12,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..eval import llamacpp
 from .. import from_pretrained, load_config
 from ..core.cli import ArgumentParser, Range, UserError, check_range, check_ranges, run_main
-from .evaluate import SPEED_PROMPT, read_texts, text_batches
-from ..eval.evaluate import val_batches
-from ..formats.export import choose_skip
-from ..formats.checkpoints import read_skip_profile, resolve
 from ..data.tokenizer import check_data_tokenizer, load_tokenizer
+from ..eval import llamacpp
+from ..eval.evaluate import val_batches
+from ..formats.checkpoints import read_skip_profile, resolve
+from ..formats.export import choose_skip
+from .evaluate import SPEED_PROMPT, read_texts, text_batches
 
 # every numeric flag's range, checked before any work (--seq-len's upper bound, the model's positions, once its
 # config is read; --num-skip's, skip.json's order, by export.choose_skip)

@@ -16,18 +16,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from .. import from_pretrained, load_config
 from ..core.cli import ArgumentParser, Range, UserError, check_range, check_ranges, run_main
-from ..data.tokens import eval_batches
-from ..core.devices import pick_device, pick_dtype
-from ..eval.evaluate import evaluate_skip_sets, markdown_table, plot, pyplot, val_batches
+from ..core.devices import dtype_name, pick_device, pick_dtype
+from ..core.paths import atomic_write_text, check_apart, check_output, local, writable
 from ..data.corpus import read_text_file
-from ..formats.checkpoints import read_skip_profile, resolve
-from ..core.devices import dtype_name
-from ..core.paths import atomic_write_text
-from ..core.paths import check_apart, check_output, local, writable
-from ..model.skipsets import default_layers, parse_skip_sets, validate_skip
 from ..data.tokenizer import check_data_tokenizer, eos_token_id, load_tokenizer
+from ..data.tokens import eval_batches
+from ..eval.evaluate import evaluate_skip_sets, markdown_table, plot, pyplot, val_batches
+from ..formats.checkpoints import read_skip_profile, resolve
+from ..model.skipsets import default_layers, parse_skip_sets, validate_skip
 
 # every numeric flag's range, checked before any work (--seq-len's upper bound, the model's positions, once its
 # config is read)

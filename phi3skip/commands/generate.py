@@ -17,10 +17,10 @@ import json
 import sys
 from pathlib import Path
 
-from ..formats import checkpoints as io
 from ..core.cli import ArgumentParser, Range, UserError, check_ranges, run_main
-from ..serve.generate import COMPILE_MODES
+from ..formats import checkpoints
 from ..model.skipsets import LOOKAHEAD, default_draft_skip, measured_speculative, parse_skip
+from ..serve.generate import COMPILE_MODES
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -63,15 +63,15 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def model_folder(src: str) -> Path:
     """A local folder, else a Hub repo id (from the local Hugging Face cache when the Hub is unreachable)."""
-    return io.resolve(src)
+    return checkpoints.resolve(src)
 
 
 def show_skips(folder: Path, model: str) -> None:
     """The trained skip sets, one short table: what each costs in quality, gains in speed, and how to export it."""
-    from ..model.config import Phi3Config
     from ..formats.export import serving_table
+    from ..model.config import Phi3Config
 
-    obj = io.read_skip_profile(folder)
+    obj = checkpoints.read_skip_profile(folder)
     if not obj:
         raise UserError(f"{folder}: no skip.json (it is written by train.py and updated by scripts/evaluate.py)")
     num_layers = Phi3Config.from_json(folder / "config.json").num_hidden_layers
@@ -87,7 +87,7 @@ def show_skips(folder: Path, model: str) -> None:
 def profile_of(folder: Path) -> dict:
     """skip.json ({} when there is none, or it is unreadable: generation only takes defaults from it)."""
     try:
-        return io.read_skip_profile(folder)
+        return checkpoints.read_skip_profile(folder)
     except UserError:
         return {}
 
@@ -148,13 +148,13 @@ def run(argv: list[str] | None = None) -> None:
         show_skips(folder, args.model)
         return
 
-    from ..data import chat
-    from ..model.config import Phi3Config
     from ..core.devices import pick_device, pick_dtype
-    from ..serve.generate import Generator, Sampling, check_request
-    from ..formats.checkpoints import from_pretrained
-    from ..model.skipsets import check_draft_skip, untrained, validate_skip
+    from ..data import chat
     from ..data.tokenizer import load_tokenizer
+    from ..formats.checkpoints import from_pretrained
+    from ..model.config import Phi3Config
+    from ..model.skipsets import check_draft_skip, untrained, validate_skip
+    from ..serve.generate import Generator, Sampling, check_request
 
     config = Phi3Config.from_json(folder / "config.json")
     L = config.num_hidden_layers

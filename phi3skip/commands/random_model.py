@@ -8,8 +8,8 @@ import torch
 
 from .. import Phi3ForCausalLM, load_config, save_pretrained
 from ..core.cli import ArgumentParser, Range, check_ranges, run_main
-from ..formats.checkpoints import resolve
 from ..core.paths import check_apart, check_output
+from ..formats.checkpoints import resolve
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -17,13 +17,11 @@ from pathlib import Path
 from .. import from_pretrained, load_config
 from ..core.cli import ArgumentParser, Range, check_ranges, run_main
 from ..core.devices import pick_device, pick_dtype
+from ..core.paths import atomic_write_text, check_apart, check_output, local
+from ..data.tokenizer import check_data_tokenizer
 from ..eval.evaluate import val_batches
 from ..eval.importance import format_table, greedy_order, rank_layers, recommended_order
 from ..model.skipsets import SHORTLIST
-from ..core.paths import atomic_write_text
-from ..core.paths import check_apart, check_output, local
-from ..data.tokenizer import check_data_tokenizer
-
 
 # every numeric flag's range, checked before any work (upper bounds from the model's config, once it is read)
 NUMBERS = {"--max-tokens": Range(1), "--seq-len": Range(1), "--batch-size": Range(1), "--num-skip": Range(1),

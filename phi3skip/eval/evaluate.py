@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.cli import UserError
-from ..data.tokens import eval_batches
-from ..train.distill import default_chunk
 from ..core.distributed import Env, all_reduce
+from ..core.paths import atomic_output
+from ..data.tokens import eval_batches
 from ..model.skipsets import validate_skip
 from ..serve.generate import Generator
-from ..core.paths import atomic_output
+from ..train.distill import default_chunk
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..train.bypass_init import fit_one
-from ..train.distill import chunked_kd_loss
+from ..train.distill import SkipKL, chunked_kd_loss
 from .evaluate import Batch, perplexity
-from ..train.distill import SkipKL
 
 
 @dataclass

@@ -24,7 +24,6 @@ import numpy as np
 from ..core.cli import UserError
 from .evaluate import perplexity_ci
 
-
 _ERRORS: list[str] = []  # llama.cpp's error lines since the last load, for the one-line message
 _LOGGER = None  # the installed log callback (kept alive: llama.cpp holds a pointer to it)
 

@@ -13,12 +13,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..core.cli import UserError
-from ..model.config import ConfigError, Phi3Config
-from ..core.hub import hub_errors, hub_offline, is_hub_id
-from ..model import bypass
-from ..model.model import Phi3ForCausalLM
 from ..core.devices import dtype_name, parse_dtype
+from ..core.hub import hub_errors, hub_offline, is_hub_id
 from ..core.paths import atomic_output
+from ..model import bypass
+from ..model.config import ConfigError, Phi3Config
+from ..model.model import Phi3ForCausalLM
 
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.gguf", "skip.json"]

@@ -25,8 +25,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..model.bypass import merged
 from ..core.cli import UserError
+from ..model.bypass import merged
 from ..model.config import Phi3Config
 from ..model.model import Phi3ForCausalLM
 from ..model.skipsets import validate_skip

@@ -23,14 +23,14 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..core.cli import UserError
-from ..model.config import Phi3Config
-from . import deci
-from .gguf_writer import OUTTYPES, check_config, require_gguf, write_deci_gguf, write_gguf
-from .checkpoints import check_state_dict, from_pretrained, read_skip_profile, resolve, save_checkpoint
 from ..core.devices import dtype_name, parse_dtype
 from ..core.paths import check_apart, check_output
+from ..model.config import Phi3Config
 from ..model.model import Phi3ForCausalLM
 from ..model.skipsets import parse_skip_sets, validate_skip
+from . import deci
+from .checkpoints import check_state_dict, from_pretrained, read_skip_profile, resolve, save_checkpoint
+from .gguf_writer import OUTTYPES, check_config, require_gguf, write_deci_gguf, write_gguf
 
 
 class ExportError(UserError):

@@ -495,9 +495,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     way, float32 for quantized or F32 files). The folder is written atomically; an existing one is an error
     unless overwrite=True.
     """
-    from .checkpoints import save_checkpoint
     from ..core.devices import parse_dtype
     from ..core.paths import check_apart, check_output
+    from .checkpoints import save_checkpoint
 
     out = check_output(out_dir, "", "folder", overwrite)
     check_apart({"OUT_DIR": out}, {"GGUF": gguf_path})  # replacing a folder that holds the GGUF would delete it

@@ -22,8 +22,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..model.config import Phi3Config
 from ..core.paths import atomic_output
+from ..model.config import Phi3Config
 from .deci import check, context_length
 from .gguf import (_LLAMA3_SPLIT, BYTE, CONTROL, NORMAL, ROPE_FACTORS, TOKENIZER_GGUF, UNKNOWN, UNUSED, USER_DEFINED,
                    GGUFError, gguf_name, tokenizer_fields)

@@ -21,15 +21,15 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..model.bypass import merged
 from ..core.cli import UserError
+from ..model.bypass import merged
 from ..model.config import Phi3Config
 from ..model.kv_cache import KVCache
 from ..model.model import Phi3ForCausalLM
+from ..model.skipsets import check_draft_skip, validate_skip
 from .sampling import Sampling, logits_to_probs, sample
 from .speculative import speculative_decode
 from .stream import GenerationResult, TokenStream
-from ..model.skipsets import check_draft_skip, validate_skip
 
 COMPILE_MODES = ("blocks", "step")
 

@@ -12,8 +12,8 @@ from typing import Callable
 
 import torch
 
-from .stream import GenerationResult, TokenStream
 from .sampling import Sampling, draw, sample
+from .stream import GenerationResult, TokenStream
 
 
 def accept_drafts(drafts: torch.Tensor, draft_probs: torch.Tensor | None, target: torch.Tensor,

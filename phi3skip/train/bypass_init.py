@@ -17,7 +17,6 @@ from ..model.model import Phi3ForCausalLM
 from ..model.skipsets import SkipSet
 from .distill import SkipKL
 
-
 # Least-squares initialisation -------------------------------------------------------------------------------
 # Massive activations: a few residual dimensions carry values 100x the rest (Sun et al., 2024). Near the output a
 # block moves them by hundreds, and a linear map that predicts that move imperfectly can wreck the final norm's

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-from ..model.config import Phi3Config
 from ..core.distributed import Env
+from ..model.config import Phi3Config
 from ..model.model import Phi3ForCausalLM
 from ..model.rope import Rotary
 
