@@ -2,7 +2,7 @@
 perplexity on token windows, greedy decode speed (several models alternated). What the tests, scripts/check_gguf.py and the benchmarks use to
 hold our GGUF writer to the engine it writes for.
 
-    from phi3skip import llamacpp
+    from phi3skip.eval import llamacpp
     scores = llamacpp.logits("model.gguf", [1, 2, 3])           # np.float32 [3, V]
     ppl = llamacpp.perplexity("model.gguf", windows)             # windows: token id rows, as phi3skip scores them
 
