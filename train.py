@@ -77,10 +77,12 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
                        "k in 0..K; harmonic: two depths, P(k) ~ 1/k)")
     a("--adapter-rank", type=int,
       help="rank of each bypass's linear map (adapters; default: with --adapter-mlp's default, the bypass costs "
-           "about 8%% of a block's compute: rank 64 and 128 MLP channels for SmolLM2)")
+           "about 8%% of a block's compute: rank 64 and 128 MLP channels for SmolLM2; 0: no map, the skipped "
+           "layer's attention dropped and its FFN kept, at full width by default)")
     a("--adapter-mlp", type=int,
       help="MLP channels of each bypass, started from the skipped block's most active ones (adapters; 0: a "
-           "linear map only; default: 3/4 of the bypass's compute, 128 for SmolLM2)")
+           "linear map only; default: 3/4 of the bypass's compute, 128 for SmolLM2; with --adapter-rank 0, the "
+           "block's whole MLP)")
     a("--depth-rank", type=int,
       help="adapters: rank q of each skip depth's own low-rank corrections B A of every bypass weight (the bypasses "
            "are shared by all depths; these are not), merged into the bypasses on export (0, the default: none)")
@@ -298,9 +300,9 @@ def load_adapter_student(model_dir: Path, config: Phi3Config, env, dtype: torch.
     """Frozen base with skip adapters (least-squares initialised on training text unless resuming), sharded
     under a process group. It is its own teacher: the full path is the base model."""
     kw = dict(param_dtype=dtype, compile=job.compile)
-    d_rank, d_mlp = bypass.default_sizes(config)
-    rank = job.adapter_rank or d_rank
-    mlp = d_mlp if job.adapter_mlp is None else job.adapter_mlp
+    d_rank = bypass.default_sizes(config)[0]
+    rank = d_rank if job.adapter_rank is None else job.adapter_rank
+    mlp = bypass.default_mlp(config, rank) if job.adapter_mlp is None else job.adapter_mlp
     # per-depth deltas start at zero: the least-squares bypass is every depth's start
     shape = dict(rank=rank, mlp=mlp, depth_rank=job.depth_rank)
     model = None

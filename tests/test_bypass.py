@@ -508,3 +508,36 @@ def test_generator_decodes_with_the_merged_bypasses_of_its_depth():
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(n)
+
+
+@torch.no_grad()
+def test_attention_dropped_slot_keeps_its_blocks_ffn(tmp_path):
+    """Rank 0: no map, no input norm; the slot runs x + mlp(mlp_norm(x)). Its least-squares start copies the
+    block's whole MLP (the default width at rank 0), so it computes the block with its attention removed; it saves,
+    loads, merges and costs as that."""
+    from phi3skip.model.cost import BypassShape
+
+    model = tiny(std=0.2)
+    cfg = model.config
+    bypass.attach(model, [4, 1], rank=0)
+    byp = model.skip_adapters.bypass["4"]
+    assert byp.down is None and byp.norm is None and byp.mlp.down_proj.weight.shape[1] == cfg.intermediate_size
+    assert model.skip_adapters.describe()["rank"] == 0
+    x = tokens()
+    assert torch.equal(model(x, (4,)), model(x, (4,)))
+    forms = bypass_init.fit_lstsq(model, [tokens(B=4, T=16, seed=s) for s in range(2)], [4, 1])
+    assert forms == {4: "its block's MLP channels", 1: "its block's MLP channels"}
+    block = model.model.layers[4]
+    h = model.residuals(x)[4]
+    no_attention = h + block.mlp(block.post_attention_layernorm(h))
+    torch.testing.assert_close(byp(h), no_attention, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bypass.merged(model.skip_adapters, [4])[4](h), byp(h))
+    save_pretrained(model, tmp_path / "s", extra_json={"skip.json": {"layers": [4, 1]}})
+    back = from_pretrained(tmp_path / "s")
+    for skip in [(4,), (4, 1)]:
+        assert torch.equal(back(x, skip), model(x, skip))
+    shape = BypassShape.from_description(model.skip_adapters.describe())
+    assert shape.weights(cfg.hidden_size) == 3 * cfg.intermediate_size * cfg.hidden_size
+    assert shape.norm_weights(cfg.hidden_size) == cfg.hidden_size
+    with pytest.raises(UserError, match="run nothing"):
+        bypass.attach(tiny(), [4], rank=0, mlp=0)

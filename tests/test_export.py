@@ -253,7 +253,7 @@ def test_float16_overflow_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_serving_table_gives_each_trained_set_its_figures_and_export_command():
+def test_serving_table_gives_each_trained_set_its_figures_engines_and_export_command():
     profile = {"layers": [2, 0], "perplexity": {"teacher": 9.0, "student": 9.0,
                                                 "prefixes": [{"skip": [2], "perplexity": 9.5}]},
                "evaluation": {"results": [
@@ -262,10 +262,18 @@ def test_serving_table_gives_each_trained_set_its_figures_and_export_command():
                    {"skip": [0, 2], "student": {"code": {"ppl": 11.25}}, "tokens_per_s": 50.0}]}}
     rows = serving_table(profile, 4, "M").splitlines()
     assert rows[0] == ("| k | skip | validation ppl (train.py) | code ppl (evaluate.py) | prose ppl (evaluate.py) | "
-                       "speedup (phi3skip) | export |")
-    assert rows[2].startswith("| 0 | none | 9.00 | 10.00 | 20.00 | 1.00x | `python scripts/export.py --model M --skip none")
-    assert rows[3].startswith("| 1 | 2 | 9.50 | 10.50 | 21.00 | 1.10x | `python scripts/export.py --model M --num-skip 1")
-    assert rows[4].startswith("| 2 | 2,0 | – | 11.25 | – | 1.25x |") and len(rows) == 5
+                       "speedup (phi3skip) | served by | export |")
+    plain = "transformers, vLLM, SGLang, TGI, llama.cpp, mlx-lm"
+    assert rows[2].startswith(f"| 0 | none | 9.00 | 10.00 | 20.00 | 1.00x | {plain} | `python scripts/export.py "
+                              "--model M --skip none")
+    assert rows[3].startswith(f"| 1 | 2 | 9.50 | 10.50 | 21.00 | 1.10x | {plain} | `python scripts/export.py "
+                              "--model M --num-skip 1")
+    assert rows[4].startswith(f"| 2 | 2,0 | – | 11.25 | – | 1.25x | {plain} |") and len(rows) == 5
+    # bypasses on layer 2: a linear map only llama.cpp and mlx-lm run; attention dropped, every engine
+    mapped = serving_table({**profile, "adapters": {"rank": 8, "mlp": 16, "layers": [2]}}, 4, "M").splitlines()
+    assert "| 1.10x | llama.cpp, mlx-lm |" in mapped[3] and f"| 1.00x | {plain} |" in mapped[2]
+    dropped = serving_table({**profile, "adapters": {"rank": 0, "mlp": 96, "layers": [2]}}, 4, "M").splitlines()
+    assert "| 1.10x | vLLM, SGLang, TensorRT-LLM, llama.cpp, mlx-lm |" in dropped[3]
 
 
 @pytest.mark.parametrize("dtype,student,outtype,says,never", [

@@ -28,17 +28,18 @@ NO_DECI = {"mini-128k-su": "LongRoPE", "phi3.5-longrope": "LongRoPE", "phi4-mini
 
 
 def with_bypasses(tmp_path: Path, variant: str, tok: Path, mlp: int = 16, seed: int = 0,
-                  tied: bool | None = None) -> tuple[Path, object]:
-    """A student whose layers 2 and 0 run random (nonzero) sequential bypasses when skipped."""
+                  tied: bool | None = None, rank: int = 8) -> tuple[Path, object]:
+    """A student whose layers 2 and 0 run random (nonzero) sequential bypasses when skipped (rank 0: attention
+    dropped, an FFN of `mlp` channels kept)."""
     folder, _ = student(tmp_path, variant, tok, seed=seed,
                         **({} if tied is None else {"tie_word_embeddings": tied}))
     model = phi3skip.from_pretrained(folder)
-    bypass.attach(model, [2, 0], rank=8, mlp=mlp)
+    bypass.attach(model, [2, 0], rank=rank, mlp=mlp)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.skip_adapters.named_parameters():
             p.copy_(torch.rand(p.shape, generator=g) + 0.5 if "norm" in name else torch.randn(p.shape, generator=g) * 0.2)
-    out = tmp_path / f"bypassed-{variant}"
+    out = tmp_path / f"bypassed-{variant}-r{rank}"
     phi3skip.save_pretrained(model, out, extra_json={"skip.json": PROFILE})
     return out, model
 
@@ -89,6 +90,45 @@ def test_f32_bypassed_sets_run_exactly_in_llama_cpp(tmp_path, tokenizers, varian
         assert [s.layer for s in res.slots if s.bypass] == sorted(set(skip) & {0, 2})
         got = llamacpp.logits(res.gguf, x[0].tolist())
         assert np.abs(got - ours(model, x, skip)).max() <= 2e-4, skip
+
+
+def _greedy_agrees(model, skip, prompt: list[int], theirs: list[int]) -> None:
+    """llama.cpp's greedy tokens are phi3skip's (its Generator, greedy) for the same skip set; a difference is allowed
+    only where phi3skip's top two logits tie within float error, and the comparison ends there."""
+    from phi3skip.serve.generate import Generator
+
+    ours = Generator(model, skip).generate([prompt], max_new_tokens=len(theirs)).tokens[0]
+    seq = list(prompt)
+    for j, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            with torch.no_grad():
+                top = model(torch.tensor([seq]), skip=skip)[0, -1].topk(2).values
+            assert float(top[0] - top[1]) < 1e-4, (j, ours, theirs)
+            return
+        seq.append(a)
+    assert len(ours) == len(theirs)
+
+
+@pytest.mark.parametrize("kind", ["plain", "bypassed"])
+def test_decoder_decodes_greedily(tmp_path, tokenizers, kind):
+    """llamacpp.Decoder, which times llama.cpp's decoding, decodes for real: the argmax of the last position's logits
+    each step (not llama-cpp-python's `scores`, which `eval` leaves unwritten without every position's logits), its
+    tokens kept in `tokens` and equal to phi3skip's greedy tokens for an f32 export."""
+    if kind == "plain":
+        folder, model = student(tmp_path, "gqa-tied", tokenizers["bpe"])
+        skip = (2,)
+    else:
+        folder, model = with_bypasses(tmp_path, "gqa-tied", tokenizers["bpe"])
+        skip = (2, 0)
+    res = export(folder, skip=",".join(map(str, skip)), gguf=tmp_path / "m.gguf", warn=lambda m: None)
+    prompt = inputs(model.config, 6)[0].tolist()
+    decoder = llamacpp.Decoder(res.gguf, prompt, new_tokens=10)
+    try:
+        first = list(decoder.tokens)
+        assert len(first) == 11 and decoder.run() > 0 and decoder.tokens == first  # each run decodes the same
+    finally:
+        decoder.close()
+    _greedy_agrees(model, skip, prompt, first)
 
 
 def test_deci_context_is_the_sliding_window(tmp_path, tokenizers):
@@ -177,9 +217,45 @@ def test_check_gguf_bad_input_is_one_line(tmp_path, tokenizers):
     for argv, msg in [(["--gguf", str(bad)], "give one of --data"),
                       (["--gguf", str(tmp_path / "no.gguf"), "--text", str(data)], "no such file"),
                       (["--gguf", str(bad), "--text", str(data), "--threads", "0"], "--threads"),
-                      (["--gguf", str(bad), "--text", str(data), "--skip", "2"], "llama.cpp cannot load it (")]:
+                      (["--gguf", str(bad), "--text", str(data), "--skip", "2"], "not a GGUF model")]:
         r = subprocess.run([sys.executable, str(script), "--model", str(folder), "--seq-len", "32", *argv],
                            capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr
+
+
+def test_check_gguf_refuses_a_gguf_that_is_not_the_skip_set(tmp_path, tokenizers):
+    """check_gguf reads the GGUF's vocabulary, hidden size, blocks and architecture against the student and the
+    skip set before llama.cpp runs it, one line each; and keeps --seq-len inside a sliding window."""
+    import subprocess
+    import sys
+
+    folder, model = with_bypasses(tmp_path, "gqa-tied", tokenizers["bpe"])
+    full = export(folder, skip="none", gguf=tmp_path / "full.gguf", warn=lambda m: None).gguf
+    byp = export(folder, skip="2,0", gguf=tmp_path / "byp.gguf", warn=lambda m: None).gguf
+    other, _ = student(tmp_path / "o", "gqa-tied", tokenizers["spm"])  # another vocabulary
+    foreign = export(other, skip="none", gguf=tmp_path / "foreign.gguf", warn=lambda m: None).gguf
+    wide, _ = student(tmp_path / "w", "gqa-tied", tokenizers["bpe"], hidden_size=96)
+    wider = export(wide, skip="none", gguf=tmp_path / "wide.gguf", warn=lambda m: None).gguf
+    windowed, _ = student(tmp_path / "m", "medium-gqa", tokenizers["bpe"])
+    data = tmp_path / "t.txt"
+    data.write_text("w " * 400)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "check_gguf.py"
+    cases = [([str(folder), "--gguf", str(full), "--skip", "3"], "4 blocks, where skip set 3 exports as 3"),
+             ([str(folder), "--gguf", str(full), "--skip", "2,0"], "phi3 architecture, where skip set 2,0 exports as deci"),
+             ([str(folder), "--gguf", str(foreign), "--skip", "none"], "a vocabulary of"),
+             ([str(folder), "--gguf", str(wider), "--skip", "none"], "hidden size 96"),
+             ([str(folder), "--gguf", str(byp), "--skip", "2,0", "--against", str(foreign)], "a vocabulary of"),
+             ([str(windowed), "--gguf", str(full), "--seq-len", "10"], "--seq-len must be in 1..9 (the model's sliding")]
+    for argv, msg in cases:
+        r = subprocess.run([sys.executable, str(script), "--model", *argv, "--text", str(data), "--speed-tokens", "0",
+                            *(["--seq-len", "16"] if "--seq-len" not in argv else [])],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, (msg, r.stderr)
+    ok = subprocess.run([sys.executable, str(script), "--model", str(folder), "--gguf", str(byp), "--skip", "2,0",
+                         "--text", str(data), "--seq-len", "16", "--against", str(full), "--speed-tokens", "4",
+                         "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "llama.cpp byp.gguf (skip 2,0): perplexity" in ok.stdout and "llama.cpp decode:" in ok.stdout

@@ -18,6 +18,7 @@ from ..data.tokenizer import check_data_tokenizer, load_tokenizer
 from ..eval import llamacpp
 from ..eval.evaluate import val_batches
 from ..formats.checkpoints import read_skip_profile, resolve
+from ..formats import deci
 from ..formats.export import choose_skip
 from .evaluate import SPEED_PROMPT, read_texts, text_batches
 
@@ -52,11 +53,18 @@ def run(argv: list[str] | None = None) -> None:
     texts = read_texts([args.text]) if args.text else {}
     folder = resolve(args.model)
     config = load_config(folder)
-    check_range("--seq-len", args.seq_len, Range(1, config.max_position_embeddings, note="the model's positions"))
+    # llama.cpp runs neither Phi-3's sliding window nor, past it, the same attention: windows stay inside it
+    window = min(config.max_position_embeddings, config.sliding_window or config.max_position_embeddings)
+    check_range("--seq-len", args.seq_len, Range(1, window, note="the model's sliding window, which llama.cpp does not "
+                                                               "run" if window < config.max_position_embeddings else
+                                                 "the model's positions"))
     skip = choose_skip(read_skip_profile(folder), config.num_hidden_layers, args.skip, args.num_skip)
     if args.data:
         check_data_tokenizer(args.data, folder)
     student = from_pretrained(folder, dtype="float32")
+    llamacpp.check_shape(args.gguf, config, skip, deci.bypassed(student, skip))
+    if args.against:
+        llamacpp.check_shape(args.against, config, None)  # another export of the same student
     if args.data:
         batches = val_batches(Path(args.data) / "val.bin", 4, args.seq_len, args.max_tokens,
                               vocab_size=config.vocab_size)

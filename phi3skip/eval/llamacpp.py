@@ -121,25 +121,39 @@ class Speed:
 class Decoder:
     """A GGUF loaded in llama.cpp for greedy decoding, one token per call (llama.cpp's default kernels, which
     decode one token at a time without fault: see `load`); each `run` times the decode steps after the prompt (fed
-    a token at a time, untimed). Opened once and warmed up, so alternated runs of several models time decoding only."""
+    a token at a time, untimed) and keeps what it decoded in `tokens`: the greedy token after the prompt, then one per
+    timed step (`new_tokens` + 1 in all). Opened once and warmed up, so alternated runs of several models time
+    decoding only.
+
+    Each next token is the argmax of the last position's logits, read with `llama_get_logits_ith` (opened without
+    every position's logits, llama-cpp-python's `Llama.scores` is never written by `eval`)."""
 
     def __init__(self, path: str | os.PathLike, prompt: Sequence[int], new_tokens: int, threads: int = 1):
         self.prompt, self.new_tokens = [int(t) for t in prompt], new_tokens
+        self.tokens: list[int] = []
         self._ctx = load(path, len(self.prompt) + new_tokens + 1, threads, all_logits=False, repack=True)
         self.llm = self._ctx.__enter__()
         self.run()  # warm-up: pages the weights in
 
+    def _next(self) -> int:
+        """The greedy token after what was fed: the argmax of the last evaluated position's logits."""
+        row = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.llm.n_vocab(),))
+        return int(row.argmax())
+
     def run(self) -> float:
+        """Greedy decoding after the prompt; returns the tokens/s of its `new_tokens` timed steps."""
         llm = self.llm
         llm.reset()
         for t in self.prompt:
             llm.eval([t])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tokens = [self._next()]
         t0 = time.perf_counter()
         for _ in range(self.new_tokens):
-            llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        return self.new_tokens / (time.perf_counter() - t0)
+            llm.eval([tokens[-1]])
+            tokens.append(self._next())
+        dt = time.perf_counter() - t0
+        self.tokens = tokens
+        return self.new_tokens / dt
 
     def close(self) -> None:
         self._ctx.__exit__(None, None, None)
@@ -172,6 +186,62 @@ def weight_macs(path: str | os.PathLike) -> int:
     if "output.weight" in tensors:
         tensors.pop("token_embd.weight", None)  # a row lookup, not a product
     return sum(tensors.values())
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a GGUF says it is: its architecture, vocabulary, hidden size and number of blocks."""
+    arch: str
+    vocab: int
+    hidden: int
+    blocks: int
+
+
+def shape(path: str | os.PathLike) -> Shape:
+    """A GGUF's `Shape`, read from its metadata (no tensor is loaded); a file that does not hold it is one line."""
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(path).fields
+        arch = str(fields["general.architecture"].contents())
+        tokens = fields.get("tokenizer.ggml.tokens")
+        vocab = (int(fields[f"{arch}.vocab_size"].contents()) if f"{arch}.vocab_size" in fields else
+                 len(tokens.data) if tokens is not None else None)
+        out = Shape(arch, vocab, int(fields[f"{arch}.embedding_length"].contents()),
+                    int(fields[f"{arch}.block_count"].contents()))
+    except (KeyError, ValueError, TypeError, OSError, IndexError) as e:
+        raise UserError(f"{path}: not a GGUF model whose architecture, sizes and vocabulary can be read "
+                        f"({type(e).__name__}: {e})") from None
+    if out.vocab is None:
+        raise UserError(f"{path}: the GGUF has no vocabulary (tokenizer.ggml.tokens)")
+    return out
+
+
+def check_shape(path: str | os.PathLike, config, skip: Sequence[int] | None, bypassed: Sequence[int] = ()) -> Shape:
+    """Refuse, one line each, a GGUF that cannot be the export of this student's skip set `skip`: another
+    vocabulary, hidden size or number of blocks (the layers kept plus the bypasses), or another architecture (phi3
+    for a plain set, deci for a bypassed one). skip None: an export of any of its skip sets (vocabulary, hidden
+    size)."""
+    got = shape(path)
+    fix = "check --model, --skip/--num-skip and --gguf: scripts/export.py writes the GGUF of a skip set"
+    if got.vocab != config.vocab_size:
+        raise UserError(f"{path}: a vocabulary of {got.vocab:,} tokens, the student's has {config.vocab_size:,}: "
+                        f"not an export of this student; {fix}")
+    if got.hidden != config.hidden_size:
+        raise UserError(f"{path}: hidden size {got.hidden}, the student's is {config.hidden_size}: not an export of "
+                        f"this student; {fix}")
+    if skip is None:
+        return got
+    blocks = config.num_hidden_layers - len(set(skip)) + len(bypassed)
+    arch = "deci" if bypassed else "phi3"
+    shown = ",".join(map(str, skip)) or "none"
+    if got.blocks != blocks:
+        raise UserError(f"{path}: {got.blocks} blocks, where skip set {shown} exports as {blocks} ("
+                        f"{config.num_hidden_layers - len(set(skip))} kept layers + {len(bypassed)} bypasses): "
+                        f"another skip set's GGUF; {fix}")
+    if got.arch != arch:
+        raise UserError(f"{path}: llama.cpp's {got.arch} architecture, where skip set {shown} exports as {arch}; {fix}")
+    return got
 
 
 @dataclass
@@ -211,4 +281,4 @@ def check(student, skip: Sequence[int], gguf: str | os.PathLike, batches: Sequen
 
 
 __all__ = ["require", "load", "logits", "perplexity", "Decoder", "decode_speeds", "Speed", "weight_macs", "check",
-           "Check"]
+           "Check", "Shape", "shape", "check_shape"]

@@ -105,17 +105,26 @@ def measurements(profile: Mapping[str, Any], skip: Sequence[int]) -> list[dict[s
     return out
 
 
+# Who serves an exported set, by what its skipped slots run (deci.engines and the model card say why).
+SERVED_BY = {"plain": "transformers, vLLM, SGLang, TGI, llama.cpp, mlx-lm",
+             "no_op": "vLLM, SGLang, TensorRT-LLM, llama.cpp, mlx-lm",
+             "linear": "llama.cpp, mlx-lm"}
+
+
 def serving_table(profile: Mapping[str, Any], num_layers: int, model: str) -> str:
     """The trained skip sets as one short markdown table, to choose one to serve: k, the layers, each measured
     perplexity (train.py's validation; scripts/evaluate.py's texts), the measured decode speedup over the full
-    model (evaluate.py's, phi3skip on its device) and the export command for that set."""
+    model (evaluate.py's, phi3skip on its device), the engines that serve its export, and the export command."""
     order = trained_order(profile, num_layers)
     ev = profile.get("evaluation") if isinstance(profile.get("evaluation"), dict) else {}
     results = {tuple(sorted(r.get("skip") or [])): r for r in ev.get("results") or [] if isinstance(r, dict)}
     texts = list((results.get((), {}).get("student") or {}))
     full_speed = results.get((), {}).get("tokens_per_s")
     head = ["k", "skip", "validation ppl (train.py)", *(f"{t} ppl (evaluate.py)" for t in texts), "speedup (phi3skip)",
-            "export"]
+            "served by", "export"]
+    adapters = profile.get("adapters") if isinstance(profile.get("adapters"), dict) else {}
+    bypassed = {int(i) for i in adapters.get("layers") or [] if isinstance(i, int)}
+    kind = "no_op" if adapters.get("rank") == 0 else "linear"
     rows = []
     for k in range(len(order) + 1):
         skip = order[:k]
@@ -129,6 +138,7 @@ def serving_table(profile: Mapping[str, Any], num_layers: int, model: str) -> st
         rows.append([str(k), ",".join(map(str, skip)) or "none", num(by.get(("train.py", "validation"))),
                      *(num(by.get(("scripts/evaluate.py", t))) for t in texts),
                      f"{speed / full_speed:.2f}x" if speed and full_speed else "–",
+                     SERVED_BY[kind if bypassed & set(skip) else "plain"],
                      f"`python scripts/export.py --model {model} {what} --out DIR --gguf FILE.gguf`"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -210,16 +220,31 @@ def model_card(*, source: str, profile: Mapping[str, Any], skip: Sequence[int], 
                 + f" removed, so {len(keep)} of {num_layers} layers remain, renumbered 0..{len(keep) - 1}. " + same)
         engines = "transformers, vLLM, TGI (this folder); llama.cpp and Ollama (the GGUF, `phi3` architecture)"
     else:
+        dropped = [s.layer for s in slots if s.attention == "no_op"]
+        mapped = [s.layer for s in slots if s.attention == "linear"]
         title = f"layers {shown} skipped (bypass blocks)"
+        parts = []
+        if mapped:
+            parts.append(f"layers {','.join(map(str, mapped))} run as their trained bypasses — a block whose "
+                         "attention is a linear map (`replace_with_linear`: no keys, no values, no KV cache) followed "
+                         "by a narrow SwiGLU FFN")
+        if dropped:
+            parts.append(f"layers {','.join(map(str, dropped))} keep only their trained FFN — attention dropped "
+                         "(`no_op`: no keys, no values, no KV cache)")
+        if removed:
+            parts.append(f"layers {','.join(map(str, removed))} are removed")
+        student_ffn, padded_ffn = deci.padding_cost(slots, config.hidden_size)
         what = (f"A heterogeneous-block checkpoint (NVIDIA's Nemotron-NAS / DeciLM layout) made by phi3skip from the "
                 f"skippable student `{source}`" + (f" (distilled from `{profile['teacher']}`)" if profile.get("teacher")
                                                    else "")
-                + f": layers {','.join(map(str, bypassed))} run as their trained bypasses — a block whose attention is a "
-                "linear map (`replace_with_linear`: no keys, no values, no KV cache) followed by a narrow SwiGLU FFN"
-                + (f" — and layers {','.join(map(str, removed))} are removed" if removed else "")
-                + f"; {len(slots)} blocks, {len(slots) - len(bypassed)} of them full. " + same)
-        engines = ("llama.cpp and Ollama, through the GGUF written beside it (`deci` architecture); not vLLM (its "
-                   "nemotron_nas has no linear-attention block) nor transformers (no DeciLM of its own)")
+                + ": " + "; ".join(parts) + f"; {len(slots)} blocks, {len(slots) - len(bypassed)} of them full. "
+                + same)
+        if padded_ffn != student_ffn:
+            what += (f" Every Nemotron-NAS reader sizes an FFN by `ffn_mult`, rounded up to {deci.FFN_MULTIPLE} "
+                     "channels, so this folder's FFNs are zero-padded to that (zero channels add exactly nothing): "
+                     f"{padded_ffn - student_ffn:,} more FFN weights than the student runs "
+                     f"(+{100 * (padded_ffn / student_ffn - 1):.1f}% of its FFNs'). The GGUF is not padded.")
+        engines = deci.engines(slots)
     window = deci.context_length(config)
     lines = [f"# {Path(source).name or source}, {title}", "", what, "",
              "| | |", "|---|---|",
@@ -378,7 +403,9 @@ def export(src: str | os.PathLike, *, skip: str | Sequence[int] | None = None, n
                       slots=slots)
     if out_path is not None:
         config_json = None if slots is None else deci.config_dict(model.config, slots, dtype_name(target))
-        save_checkpoint(state, config, out_path, copy_from=folder, files={"README.md": card}, config_json=config_json)
+        folder_state = state if slots is None else deci.nvidia_state(state, slots)  # FFNs as readers size them
+        save_checkpoint(folder_state, config, out_path, copy_from=folder, files={"README.md": card},
+                        config_json=config_json)
     if gguf_path is not None:
         shown = "-".join(map(str, chosen)) or "none"
         common = dict(tokenizer_dir=folder, outtype=outtype, overwrite=overwrite, name=f"{folder.name} skip {shown}")

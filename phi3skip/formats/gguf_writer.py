@@ -288,7 +288,8 @@ def write_deci_gguf(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, 
                     path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike, outtype: str = "f32",
                     name: str | None = None, overwrite: bool = False) -> Path:
     """Write a heterogeneous-block model (phi3skip.formats.deci.export_state's state dict and slots) as a GGUF of
-    llama.cpp's deci architecture: per-block head counts (0 KV heads: linear attention) and FFN lengths, Q/K rows
+    llama.cpp's deci architecture: per-block head counts (0 KV heads: linear attention; 0 heads: attention dropped)
+    and FFN lengths (the student's own, unpadded: llama.cpp reads them as they are), Q/K rows
     permuted for its interleaved RoPE as llama.cpp's own converter does. Same outtypes and rules as write_gguf."""
 
     check(config)
@@ -302,9 +303,10 @@ def write_deci_gguf(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, 
             t = _permute(t, nKV)
         plan.append((_deci_name(hf), hf, t))
 
-    def hparams(w: Any) -> None:  # 0 KV heads: llama.cpp's deci linear attention
+    def hparams(w: Any) -> None:  # llama.cpp's deci: 0 KV heads, a linear attention; 0 heads, no attention
         _blocks(w, config, context=context_length(config), blocks=len(slots), ffn=[s.ffn for s in slots],
-                heads=[nH for _ in slots], kv_heads=[0 if s.bypass else nKV for s in slots])
+                heads=[0 if s.attention == "no_op" else nH for s in slots],
+                kv_heads=[nKV if s.attention == "gqa" else 0 for s in slots])
         w.add_key_length(config.hd)
         w.add_value_length(config.hd)
         w.add_vocab_size(config.vocab_size)

@@ -78,6 +78,10 @@ class LowRank(nn.Module):
 class Bypass(nn.Module):
     """What runs in a skipped layer's slot: a block whose attention is a rank-r linear map and whose MLP is narrow.
 
+    rank 0: no map at all, an attention-dropped slot: out = x + mlp(mlp_norm(x)), its block's FFN (at full width, the
+    block's own channels to start) kept and trained, its attention and KV cache gone. It exports as a Nemotron-NAS
+    block with `no_op` attention, which vLLM and SGLang serve too.
+
     sequential (default): h = x + up(down(norm(x))); out = h + mlp(mlp_norm(h)), the shape of a decoder block, so
     an exported slot is a block of llama.cpp's `deci` architecture (linear attention + FFN) computing exactly this.
     parallel (students saved before that form, 2026-12): out = x + up(down(norm(x))) + mlp(mlp_norm(x)).
@@ -91,11 +95,14 @@ class Bypass(nn.Module):
         super().__init__()
         if form not in FORMS:
             raise ValueError(f"bypass form {form!r}: one of {', '.join(FORMS)}")
-        self.form = form
-        self.norm = RMSNorm(hidden, eps)
-        self.down = nn.Linear(hidden, rank, bias=False)
-        self.up = nn.Linear(rank, hidden, bias=False)
-        nn.init.zeros_(self.up.weight)  # a fresh bypass adds nothing: skipping it is the naive skip
+        if not rank and not mlp:
+            raise ValueError("a bypass needs a linear map (rank > 0) or MLP channels, or both")
+        self.form, self.hidden = form, hidden
+        self.norm = RMSNorm(hidden, eps) if rank else None
+        self.down = nn.Linear(hidden, rank, bias=False) if rank else None
+        self.up = nn.Linear(rank, hidden, bias=False) if rank else None
+        if rank:
+            nn.init.zeros_(self.up.weight)  # a fresh bypass adds nothing: skipping it is the naive skip
         self.mlp_norm = RMSNorm(hidden, eps) if mlp else None
         self.mlp = MLP(hidden, mlp) if mlp else None
         if mlp:
@@ -106,8 +113,8 @@ class Bypass(nn.Module):
             self.depth.update({str(k): self._deltas(depth_rank, g) for k in depths})
 
     def linears(self) -> dict[str, nn.Linear]:
-        """The bypass's weights by name: the map's two, then the MLP's two when it has one."""
-        out = {"down": self.down, "up": self.up}
+        """The bypass's weights by name: the map's two when it has one, then the MLP's two when it has one."""
+        out = {} if self.down is None else {"down": self.down, "up": self.up}
         if self.mlp is not None:
             out.update({"mlp.gate_up_proj": self.mlp.gate_up_proj, "mlp.down_proj": self.mlp.down_proj})
         return out
@@ -115,7 +122,7 @@ class Bypass(nn.Module):
     def _deltas(self, q: int, g: torch.Generator) -> nn.ModuleDict:
         """One depth's corrections, a tree named as the weights (`linears`)."""
         lr = lambda w: LowRank(*w.weight.shape, q, g)  # noqa: E731
-        tree = nn.ModuleDict({"down": lr(self.down), "up": lr(self.up)})
+        tree = nn.ModuleDict({} if self.down is None else {"down": lr(self.down), "up": lr(self.up)})
         if self.mlp is not None:
             tree["mlp"] = nn.ModuleDict({"gate_up_proj": lr(self.mlp.gate_up_proj),
                                          "down_proj": lr(self.mlp.down_proj)})
@@ -132,7 +139,7 @@ class Bypass(nn.Module):
 
     def forward(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         w = self.weights(depth)
-        h = x + F.linear(F.linear(self.norm(x), w["down"]), w["up"])
+        h = x if self.down is None else x + F.linear(F.linear(self.norm(x), w["down"]), w["up"])
         if self.mlp is None:
             return h
         return h + swiglu(self.mlp_norm(h if self.form == "sequential" else x), w["mlp.gate_up_proj"],
@@ -142,10 +149,11 @@ class Bypass(nn.Module):
     def merged(self, depth: int | None) -> Bypass:
         """A plain bypass (no deltas, no gradient) computing what this one does at `depth`: its weights are
         `weights(depth)`, the very sums the forward makes, so the two agree bit for bit."""
-        H, r = self.down.weight.shape[1], self.down.weight.shape[0]
+        r = 0 if self.down is None else self.down.weight.shape[0]
         m = 0 if self.mlp is None else self.mlp.down_proj.weight.shape[1]
+        eps = (self.norm if self.norm is not None else self.mlp_norm).eps
         with torch.device("meta"):
-            out = Bypass(H, r, self.norm.eps, m, self.form)
+            out = Bypass(self.hidden, r, eps, m, self.form)
         own = {k: v.clone() for k, v in self.state_dict().items() if not k.startswith("depth.")}
         own.update({f"{name}.weight": w.clone() for name, w in self.weights(depth).items()})
         out.load_state_dict(own, assign=True)
@@ -215,13 +223,24 @@ def default_sizes(config) -> tuple[int, int]:
     return max(8, round((budget - 3 * mlp) / 2 / 64) * 64), mlp
 
 
+def default_mlp(config, rank: int) -> int:
+    """The MLP channels a bypass of `rank` gets unless told: `default_sizes`' for a map, the block's whole MLP for an
+    attention-dropped slot (rank 0), which keeps its FFN."""
+    return config.intermediate_size if rank == 0 else default_sizes(config)[1]
+
+
 def attach(model: Phi3ForCausalLM, layers: Sequence[int], rank: int | None = None, mlp: int | None = None,
            form: str = "sequential", depth_rank: int = 0) -> SkipAdapters:
     """Give `model` fresh (zero) bypasses for `layers`, their norms copied from the skipped blocks' two norms, and
     with `depth_rank` q > 0 fresh (zero) rank-q deltas for each depth (`SkipAdapters`)."""
     cfg = model.config
-    d_rank, d_mlp = default_sizes(cfg)
-    rank, mlp = rank or d_rank, d_mlp if mlp is None else mlp
+    d_rank = default_sizes(cfg)[0]
+    rank = d_rank if rank is None else rank
+    mlp = default_mlp(cfg, rank) if mlp is None else mlp
+    if not 0 <= rank <= cfg.hidden_size:
+        raise UserError(f"bypass rank {rank}: must be 0 (no map) .. the model's hidden size {cfg.hidden_size}")
+    if not rank and not mlp:
+        raise UserError("bypass rank 0 and no MLP channels: it would run nothing; give a rank, MLP channels or both")
     if not 0 <= mlp <= cfg.intermediate_size:
         raise UserError(f"bypass MLP width {mlp}: must be 0 .. the model's intermediate size {cfg.intermediate_size}")
     if not 0 <= depth_rank <= cfg.hidden_size:
@@ -232,7 +251,8 @@ def attach(model: Phi3ForCausalLM, layers: Sequence[int], rank: int | None = Non
     with torch.no_grad():
         for i in adapters.layers:
             byp, block = adapters.bypass[str(i)], model.model.layers[i]
-            byp.norm.weight.copy_(block.input_layernorm.weight)
+            if rank:
+                byp.norm.weight.copy_(block.input_layernorm.weight)
             if mlp:
                 byp.mlp_norm.weight.copy_(block.post_attention_layernorm.weight)
     model.skip_adapters = adapters

@@ -28,7 +28,7 @@ Bytes = int | Fraction  # a quantized type's bytes per weight need not be whole 
 @dataclass(frozen=True)
 class BypassShape:
     """What a skipped slot of `layers` runs instead of its block (phi3skip.model.bypass): a rank-r linear map on its
-    own norm, then a SwiGLU MLP of m channels on another (none when m = 0)."""
+    own norm (none when r = 0: attention dropped), then a SwiGLU MLP of m channels on another (none when m = 0)."""
 
     rank: int
     mlp: int
@@ -48,7 +48,7 @@ class BypassShape:
         return (2 * self.rank + 3 * self.mlp) * hidden
 
     def norm_weights(self, hidden: int) -> int:
-        return hidden * (2 if self.mlp else 1)
+        return hidden * ((1 if self.rank else 0) + (1 if self.mlp else 0))
 
 
 @dataclass(frozen=True)

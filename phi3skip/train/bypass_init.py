@@ -50,6 +50,11 @@ def fit_lstsq(model: Phi3ForCausalLM, batches: Sequence[torch.Tensor], order: Se
             _restart(model, lo, t[lo], skip, layer, inputs)
         byp = adapters.bypass[str(layer)]
         mlp = copy_channels(byp, model.model.layers[layer], inputs)
+        if byp.down is None:  # attention dropped: the MLP starts as the block's channels; no map to fit
+            forms[layer] = _keep_or_skip(byp, score, order[:k + 1])
+            if progress is not None:
+                progress(layer)
+            continue
         w, xtx, moved = lstsq_map(byp, inputs, [t[layer + 1] - mlp(x) for t, x in zip(traces, inputs)], ridge)
         candidates = [(f"least squares, sparing {n} massive dims" if n else "least squares", n)
                       for n in (SPARE if score is not None else (0,))]
@@ -69,6 +74,19 @@ def fit_lstsq(model: Phi3ForCausalLM, batches: Sequence[torch.Tensor], order: Se
         if progress is not None:
             progress(layer)
     return forms
+
+
+def _keep_or_skip(byp: Bypass, score: SkipKL | None, skip: Sequence[int]) -> str:
+    """A map-less bypass keeps its copied MLP channels, or, when `score` finds the plain skip's KL lower, none."""
+    kept = byp.mlp.down_proj.weight.clone()
+    if score is None:
+        return "its block's MLP channels"
+    with_mlp = score(skip)
+    byp.mlp.down_proj.weight.zero_()
+    if score(skip) < with_mlp:
+        return "none (plain skip)"
+    byp.mlp.down_proj.weight.copy_(kept)
+    return "its block's MLP channels"
 
 
 @torch.no_grad()

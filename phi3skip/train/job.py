@@ -27,10 +27,10 @@ POSITIVE, COUNT, AT_LEAST_1 = Range(0, above=True), Range(0), Range(1)
 NUMBERS = {
     **dict.fromkeys(("--batch-size", "--grad-accum", "--max-seq-len", "--eval-tokens", "--log-every",
                      "--keep-checkpoints", "--rank-tokens", "--steps-per-layer", "--max-steps", "--kl-chunk",
-                     "--adapter-rank", "--stop-at", "--num-skip"), AT_LEAST_1),
+                     "--stop-at", "--num-skip"), AT_LEAST_1),
     **dict.fromkeys(("--lsq-tokens", "--lsq-check-tokens", "--adapter-mlp", "--rank-shortlist", "--save-every",
                      "--eval-every", "--warmup", "--kd-weight", "--ce-weight", "--align-weight", "--weight-decay",
-                     "--grad-clip", "--seed", "--depth-rank"), COUNT),
+                     "--grad-clip", "--seed", "--depth-rank", "--adapter-rank"), COUNT),
     **dict.fromkeys(("--lr", "--temperature", "--num-epochs", "--data-weights"), POSITIVE),
     "--min-lr-ratio": Range(0.0, 1.0),
 }
@@ -130,6 +130,8 @@ class JobConfig:
             raise UserError("--ce-weight: with --train-scope adapters the full model is the frozen teacher; drop it")
         if self.align_weight and not self.adapters:
             raise UserError("--align-weight aligns the bypasses of --train-scope adapters; drop it or train adapters")
+        if self.adapter_rank == 0 and self.adapter_mlp == 0:
+            raise UserError("--adapter-rank 0 --adapter-mlp 0: the bypasses would run nothing; give one of them")
         if self.depth_rank and not self.adapters:
             raise UserError("--depth-rank gives the bypasses of --train-scope adapters per-depth deltas; drop it or "
                             "train adapters")
@@ -143,7 +145,7 @@ class JobConfig:
         L = config.num_hidden_layers
         candidates = L if self.layers == "auto" else len(parse_layers(self.layers, L))
         check_ranges(self, {"--max-seq-len": Range(1, config.max_position_embeddings, note="the model's positions"),
-                            "--adapter-rank": Range(1, config.hidden_size, note="the model's hidden size"),
+                            "--adapter-rank": Range(0, config.hidden_size, note="the model's hidden size"),
                             "--adapter-mlp": Range(0, config.intermediate_size, note="the model's MLP width"),
                             "--depth-rank": Range(0, config.hidden_size, note="the model's hidden size"),
                             "--num-skip": Range(1, candidates, note="the number of candidate layers")})
