@@ -17,7 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # Subprocesses (scripts/*.py, torchrun) import this checkout's package, whatever else is installed.
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-CONVERTER_SOURCES = ("phi3skip/formats/gguf.py", "phi3skip/formats/checkpoints.py", "phi3skip/model/config.py")
+CONVERTER_SOURCES = ("phi3skip/formats/gguf.py", "phi3skip/formats/checkpoints.py",
+                     "phi3skip/model/config.py")
 
 
 def cache_root() -> Path:

@@ -237,15 +237,15 @@ def test_greedy_order_picks_the_identity_layer_then_conditions_on_it():
 
 @torch.no_grad()
 def test_greedy_shortlist_rescores_only_the_layers_that_added_least(monkeypatch):
-    from phi3skip.eval import evaluate
+    from phi3skip.train import distill
 
     model = tiny()
     batches = [(tokens(B=2, T=16, seed=s), None) for s in range(2)]
     full = greedy_order(model, batches, 3)
     assert greedy_order(model, batches, 3, shortlist=5) == full  # all 5 remaining layers: the full greedy
     scored: list[int] = []
-    real = evaluate.SkipKL.__call__
-    monkeypatch.setattr(evaluate.SkipKL, "__call__", lambda self, skip, *a: scored.append(skip[-1]) or real(self, skip, *a))
+    real = distill.SkipKL.__call__
+    monkeypatch.setattr(distill.SkipKL, "__call__", lambda self, skip, *a: scored.append(skip[-1]) or real(self, skip, *a))
     lazy = greedy_order(model, batches, 3, shortlist=2)
     assert len(scored) == 6 + 2 + 2  # every layer at the first pick, then only the shortlist
     x = torch.cat([b for b, _ in batches])

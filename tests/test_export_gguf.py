@@ -204,7 +204,7 @@ def test_smollm2_student_export(tmp_path, smollm2_dir):
                  warn=lambda m: None)
     assert res.config.num_hidden_layers == 28
     tok = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
-    text = (Path(__file__).resolve().parents[1] / "phi3skip" / "export.py").read_text()[:1500]
+    text = (Path(__file__).resolve().parents[1] / "phi3skip" / "formats" / "export.py").read_text()[:1500]
     x = torch.tensor([tok.encode(text).ids])
     ref = phi3skip.from_pretrained(smollm2_dir, dtype=torch.float32)(x, skip=(28, 26))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()

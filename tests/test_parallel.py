@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r'''
 import os, torch
-from phi3skip import Phi3Config, Phi3ForCausalLM, distributed, parallel
+from phi3skip import Phi3Config, Phi3ForCausalLM
+from phi3skip.core import distributed
+from phi3skip.train import parallel
 
 def threads():
     return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))

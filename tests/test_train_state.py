@@ -130,7 +130,9 @@ def test_resumable_skips_a_damaged_checkpoint(tmp_path):
 TWO_RANKS = r'''
 import sys, torch
 from safetensors.torch import save_file
-from phi3skip import Phi3Config, Phi3ForCausalLM, distributed, parallel, train_state
+from phi3skip import Phi3Config, Phi3ForCausalLM
+from phi3skip.core import distributed
+from phi3skip.train import parallel, train_state
 
 cfg = Phi3Config.from_dict(CFG)
 env = distributed.init("cpu")
