@@ -86,6 +86,8 @@ def slot(run: Run, short: bool = False) -> str:
     b, cfg = run.bypass, run.config
     if b is None:
         return "plain skip" if short else "nothing (plain skip)"
+    if b.mlp == cfg.intermediate_size and b.rank == 0:
+        return "attention dropped" if short else "the whole MLP, no map (attention dropped)"
     if b.mlp == cfg.intermediate_size:
         return "attention-only skip" if short else f"the whole MLP + a rank-{b.rank} map (attention-only skip)"
     share = b.weights(cfg.hidden_size) / block_weights(cfg)

@@ -91,47 +91,19 @@ def test_untied_when_head_differs(tmp_path):
     assert tied_cfg.tie_word_embeddings and "lm_head.weight" not in same
 
 
-def deci_reference(folder: Path, x: torch.Tensor) -> torch.Tensor:
-    """Logits of a Nemotron-NAS (DeciLM) folder, computed from its config.json and weights as that layout defines
-    them (vLLM's nemotron_nas and NVIDIA's DeciLM code, read): per block, a grouped-query attention with
-    rotate-half RoPE or a `replace_with_linear` map, each on its input norm, then a SwiGLU FFN on its own norm."""
-    from safetensors.torch import load_file
+def nas_logits(folder: Path, x: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+    """A Nemotron-NAS folder's logits [1, T, V] as a reader we did not write computes them: mlx-lm (tests/readers.py;
+    skipped without it)."""
+    from readers import mlx_logits
 
-    cfg = json.loads((folder / "config.json").read_text())
-    w = load_file(str(folder / "model.safetensors"))
-    H, nH, nKV, hd, eps = (cfg[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                                            "rms_norm_eps"))
-    norm = lambda v, g: v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * g  # noqa: E731
-    T = x.shape[1]
-    inv = 1.0 / cfg["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd)
-    ang = torch.cat([torch.outer(torch.arange(T).float(), inv)] * 2, -1)
-    rot = lambda t: t * ang.cos() + torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1) * ang.sin()  # noqa: E731
-    h = w["model.embed_tokens.weight"][x]
-    for i, block in enumerate(cfg["block_configs"]):
-        p = f"model.layers.{i}."
-        a = norm(h, w[p + "input_layernorm.weight"])
-        if block["attention"]["replace_with_linear"]:
-            h = h + a @ w[p + "self_attn.linear_attn.weight"].T
-        else:
-            q = (a @ w[p + "self_attn.q_proj.weight"].T).view(1, T, nH, hd).transpose(1, 2)
-            k = (a @ w[p + "self_attn.k_proj.weight"].T).view(1, T, nKV, hd).transpose(1, 2)
-            v = (a @ w[p + "self_attn.v_proj.weight"].T).view(1, T, nKV, hd).transpose(1, 2)
-            k, v = (t.repeat_interleave(nH // nKV, 1) for t in (k, v))
-            o = torch.nn.functional.scaled_dot_product_attention(rot(q), rot(k), v, is_causal=True)
-            h = h + o.transpose(1, 2).reshape(1, T, H) @ w[p + "self_attn.o_proj.weight"].T
-        f = norm(h, w[p + "post_attention_layernorm.weight"])
-        gate, up = f @ w[p + "mlp.gate_proj.weight"].T, f @ w[p + "mlp.up_proj.weight"].T
-        assert gate.shape[-1] == block["ffn"]["intermediate_size"]
-        h = h + (torch.nn.functional.silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T
-    head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
-    return norm(h, w["model.norm.weight"]) @ head.T
+    return torch.from_numpy(mlx_logits(folder, x[0].tolist(), tmp_path))[None]
 
 
 @torch.no_grad()
 def test_bypassed_sets_export_as_heterogeneous_blocks(tmp_path):
     """A student with trained bypasses: a set that uses one becomes a Nemotron-NAS folder (a bypass is a linear
-    attention + its FFN; a layer skipped without one is removed) whose logits are the student's; a set that uses
-    none exports the plain base, a Phi3ForCausalLM equal to phi3skip skipping those layers."""
+    attention + its FFN; a layer skipped without one is removed) whose logits, computed by mlx-lm, are the student's;
+    a set that uses none exports the plain base, a Phi3ForCausalLM equal to phi3skip skipping those layers."""
     from phi3skip.model import bypass
 
     folder, _ = student(tmp_path, "medium-gqa")
@@ -149,7 +121,7 @@ def test_bypassed_sets_export_as_heterogeneous_blocks(tmp_path):
         assert cfg["max_position_embeddings"] == 9 and cfg["num_hidden_layers"] == 4 - len(skip) + 1
         assert [b["attention"]["replace_with_linear"] for b in cfg["block_configs"]] == \
             [False] * (2 - len(skip) + 1) + [True, False]
-        torch.testing.assert_close(deci_reference(out.folder, x), model(x, skip=skip), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(nas_logits(out.folder, x, tmp_path), model(x, skip=skip), rtol=1e-4, atol=1e-4)
         card = (out.folder / "README.md").read_text()
         assert "llama.cpp" in card and "not vLLM" in card and "linear map" in card
     with pytest.warns(UserWarning, match="not a prefix of the trained order"):
@@ -310,6 +282,6 @@ def test_bypassed_set_with_per_depth_deltas_exports_its_depth_merged(tmp_path):
                      warn=lambda m: None)
         assert [s.layer for s in out.slots if s.bypass] == sorted(skip)
         ref = model(x, skip=skip)
-        torch.testing.assert_close(deci_reference(out.folder, x), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(nas_logits(out.folder, x, tmp_path), ref, rtol=1e-4, atol=1e-4)
         shared = {i: model.skip_adapters.bypass[str(i)] for i in skip}  # the deltas matter: without them, other logits
         assert (model.lm_head(model.hidden_states(x, skip, bypasses=shared)) - ref).abs().max() > 1e-2

@@ -75,7 +75,7 @@ def test_rules_with_the_model():
         JobConfig(data=("d",), max_seq_len=65).resolved().check_model(cfg)
     with pytest.raises(UserError, match="--num-skip must be in 1..2"):
         JobConfig(data=("d",), layers="2,0", num_skip=3, max_seq_len=64).resolved().check_model(cfg)
-    with pytest.raises(UserError, match="--adapter-rank must be in 1..32"):
+    with pytest.raises(UserError, match="--adapter-rank must be in 0..32"):
         JobConfig(data=("d",), adapter_rank=33, max_seq_len=64).resolved().check_model(cfg)
 
 

@@ -39,7 +39,7 @@ NUMBERS = [  # command, flag, refused, accepted
     ("train", "--batch-size", ["0"], ["1"]),
     ("train", "--grad-accum", ["0"], ["1"]),
     ("train", "--max-seq-len", ["0", "65"], ["1", "64"]),
-    ("train", "--adapter-rank", ["0", "33"], ["1", "32"]),
+    ("train", "--adapter-rank", ["-1", "33"], ["0", "32"]),  # 0: no map, attention dropped
     ("train", "--adapter-mlp", ["-1", "65"], ["0", "64"]),
     ("train --schedule nested", "--depth-rank", ["-1", "33"], ["0", "32"]),  # per-depth deltas: adapters only
     ("train", "--num-skip", ["0", "3"], ["1", "2"]),

@@ -295,6 +295,15 @@ def write_deci_gguf(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, 
     check(config)
     check_config(config)
     nH, nKV = config.num_attention_heads, config.num_key_value_heads
+    attention = [s.attention for s in slots]
+    state_dict = dict(state_dict)
+    if attention and attention[0] == "no_op":
+        # llama.cpp reads the head size only when the first block has heads: block 0 without attention becomes a
+        # linear attention whose map is zero (adds exactly nothing), one H x H product more per token
+        like = state_dict["model.norm.weight"]
+        state_dict["model.layers.0.input_layernorm.weight"] = torch.ones_like(like)
+        state_dict["model.layers.0.self_attn.linear_attn.weight"] = like.new_zeros(config.hidden_size, config.hidden_size)
+        attention[0] = "linear"
     plan = []
     for hf, t in state_dict.items():
         if hf.endswith("self_attn.q_proj.weight"):
@@ -305,8 +314,7 @@ def write_deci_gguf(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, 
 
     def hparams(w: Any) -> None:  # llama.cpp's deci: 0 KV heads, a linear attention; 0 heads, no attention
         _blocks(w, config, context=context_length(config), blocks=len(slots), ffn=[s.ffn for s in slots],
-                heads=[0 if s.attention == "no_op" else nH for s in slots],
-                kv_heads=[nKV if s.attention == "gqa" else 0 for s in slots])
+                heads=[0 if a == "no_op" else nH for a in attention], kv_heads=[nKV if a == "gqa" else 0 for a in attention])
         w.add_key_length(config.hd)
         w.add_value_length(config.hd)
         w.add_vocab_size(config.vocab_size)
