@@ -108,3 +108,16 @@ def test_the_check_sees_a_cycle(tmp_path, monkeypatch):
         assert "phi3skip.core.a" in str(e) and "phi3skip.serve.b" in str(e)
     else:
         raise AssertionError("a cycle went unseen")
+
+
+def test_the_public_names_still_import():
+    """What users import from the top (phi3skip.__all__) resolves after the move into packages, each to the module
+    that defines it, and the top package itself imports no torch until a name is used."""
+    import subprocess
+    import sys
+
+    for name in phi3skip.__all__:
+        obj = getattr(phi3skip, name)
+        assert obj is not None and getattr(obj, "__module__", "phi3skip").startswith("phi3skip."), name
+    code = "import sys, phi3skip, phi3skip.data.corpus; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

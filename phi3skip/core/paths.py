@@ -1,7 +1,8 @@
 """Output paths: checked before a command starts work, written through temporary siblings, stale ones cleaned.
 
-Every atomic writer writes `.NAME.tmp-PID-HOST-XXXXXXXX` beside NAME and renames it into place (an existing
-folder waits as `.NAME.old-...` until the new one is in place). A process killed with -9 leaves its temporary
+Every write goes through `atomic_output` (or, for a writer that spans calls, its two halves `temp_sibling` and
+`publish`): `.NAME.tmp-PID-HOST-XXXXXXXX` beside NAME, renamed into place when complete (an existing folder waits
+as `.NAME.old-...` until the new one is in place). A process killed with -9 leaves its temporary
 behind; the next writer of the same NAME removes those left by processes of this host (and PID namespace) that are
 gone.
 """
