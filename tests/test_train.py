@@ -321,7 +321,7 @@ def _other_data(tiny: Path, tmp_path: Path, n: int = 20000, tokenizer_sha256: st
     (("--layers", "2,2"), "more than once"),
     (("--schedule", "random"), "unknown"),
     (("--max-seq-len", "100"), r"--max-seq-len must be in 1\.\.64 \(the model's positions\), got 100"),
-    (("--adapter-rank", "65"), r"--adapter-rank must be in 1\.\.64 \(the model's hidden size\), got 65"),
+    (("--adapter-rank", "65"), r"--adapter-rank must be in 0\.\.64 \(the model's hidden size\), got 65"),
     (("--schedule", "nested", "--adapter-mlp", "129"), r"--adapter-mlp must be in 0\.\.128 \("),
     (("--layers", "auto", "--num-skip", "5"), r"--num-skip must be in 1\.\.4 \(the number of candidate layers\)"),
     (("--layers", "2,0", "--num-skip", "3"), r"--num-skip must be in 1\.\.2"),
