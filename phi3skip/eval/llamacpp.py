@@ -133,11 +133,12 @@ class Decoder:
         self.tokens: list[int] = []
         self._ctx = load(path, len(self.prompt) + new_tokens + 1, threads, all_logits=False, repack=True)
         self.llm = self._ctx.__enter__()
+        self._vocab = self.llm.n_vocab()  # read once: _next runs every timed step
         self.run()  # warm-up: pages the weights in
 
     def _next(self) -> int:
         """The greedy token after what was fed: the argmax of the last evaluated position's logits."""
-        row = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.llm.n_vocab(),))
+        row = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self._vocab,))
         return int(row.argmax())
 
     def run(self) -> float:
