@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Decode speed of phi3skip's generation: against transformers' generate and llama.cpp (the same model exported
-as f32 and q8_0 GGUFs), per skip set against the ideal L/(L-k), the exported skip sets in llama.cpp against the
+as f32, q8_0 and q4_0 GGUFs, beside phi3skip's fp32, int8 and int4 weights), per skip set against the ideal L/(L-k)
+in each weight mode, the exported skip sets in llama.cpp against the
 exported full model (`--only llama`), with self-speculative decoding, and the cost of each step shape that
 decoding runs (`--only steps`: the multi-token verify against one decode step, and the speculative ceiling that
 follows). Prints ratios. llama.cpp rows need `pip install -e ".[llama]"`.
@@ -31,6 +32,7 @@ import torch
 from phi3skip import Phi3Config, Phi3ForCausalLM
 from phi3skip.core.cli import ArgumentParser, UserError, run_main
 from phi3skip.model.cost import kv_bytes, model_cost
+from phi3skip.model.quant import weight_bytes
 from phi3skip.serve.generate import COMPILE_MODES, GenerationResult, Generator, set_weight_layout
 from phi3skip.serve.sampling import Sampling
 
@@ -44,6 +46,8 @@ PROMPT = "Write a short story about a robot who learns to paint, in five sentenc
 PROMPTS = {"prose": PROMPT,
            "code": "Write a Python function that reads a CSV file and returns its rows as a list of dicts."}
 SECTIONS = ("transformers", "skip", "llama", "speculative", "steps")
+MODES = ("fp32", "int8", "int4")
+LLAMA_PEER = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}  # llama.cpp's GGUF type of the same weight bytes
 
 
 def median(xs: list[float]) -> float:
@@ -143,29 +147,46 @@ def cpu(args: argparse.Namespace) -> None:
         return {(s, t): export(folder, skip=",".join(map(str, s)) or "none", gguf=tmp / f"{len(s)}-{t}.gguf",
                                outtype=t, warn=lambda m: None).gguf for s in sets for t in outtypes}
 
+    quantized: dict[str, torch.nn.Module] = {"fp32": model}
+
+    def of_mode(mode: str) -> torch.nn.Module:
+        """The model in a weight mode: fp32 as loaded, int8/int4 quantized as read (phi3skip.model.quant)."""
+        if mode not in quantized:
+            quantized[mode] = from_pretrained(folder, dtype=torch.float32, quantize=mode)
+        return quantized[mode]
+
     def vs_transformers() -> None:
         import transformers
 
         hf = transformers.Phi3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         hf.generation_config.eos_token_id = None  # both run exactly N tokens
         print(f"  transformers {transformers.__version__}", flush=True)
+        compiled = () if args.no_compile or args.quick else COMPILE_MODES
         with torch.no_grad():
             hf_decode_rate(hf, x, 4)  # warm-up
-            plain = Generator(model)
-            run("phi3skip", plain)
-            gens = {"phi3skip": plain}
-            if not args.no_compile and not args.quick:
-                for mode in COMPILE_MODES:
-                    name = f"phi3skip compile={mode}"
-                    gens[name] = Generator(model, compile=mode)
+            gens: dict[str, Generator] = {}
+            for mode in args.modes:
+                m = of_mode(mode)
+                tag = "phi3skip" if mode == "fp32" else f"phi3skip {mode}"
+                gens[tag] = Generator(m)
+                run(tag, gens[tag])
+                if mode == "fp32" and gens[tag].kernels:  # torch's own products beside the kernel, on a second copy
+                    mkl = "phi3skip, torch's F.linear"  # (a Generator sets its model's weight layout)
+                    gens[mkl] = Generator(from_pretrained(folder, dtype=torch.float32), kernels=False)
+                    run(mkl, gens[mkl])
+                for c in compiled:
+                    name = f"{tag} compile={c}"
+                    gens[name] = Generator(m, compile=c)
                     run(name, gens[name])  # compiles
-                    print(f"  compiled ({mode}) in {results[name].compile_s:.0f} s", flush=True)
-                    rates[name].clear()
+                    print(f"  {name}: compiled in {results[name].compile_s:.0f} s", flush=True)
+            for name in gens:
+                rates[name].clear()
             from phi3skip.eval.llamacpp import Decoder
 
-            # the CPU peer, loaded and warmed up once: same model, prompt, length and threads
+            # the CPU peers, loaded and warmed up once: same model, prompt, length and threads
+            peers = tuple(LLAMA_PEER[m] for m in args.modes)
             ggufs = {f"llama.cpp {t}": Decoder(p, ids, N, torch.get_num_threads())
-                     for (_, t), p in llama_ggufs([()], ("f32", "q8_0")).items()}
+                     for (_, t), p in llama_ggufs([()], peers).items()}
             for _ in range(rounds):
                 r, toks = hf_decode_rate(hf, x, N)
                 rates.setdefault("transformers", []).append(r)
@@ -177,28 +198,43 @@ def cpu(args: argparse.Namespace) -> None:
             for dec in ggufs.values():
                 dec.close()
         base = median(rates["transformers"])
-        same = results["phi3skip"].tokens[0] == ref_tokens
-        print(f"\nvs transformers' generate (same tokens: {'yes' if same else 'NO'}; llama.cpp: the model exported "
-              "as a GGUF, its own kernels)")
+        same = results["phi3skip"].tokens[0] == ref_tokens if "phi3skip" in results else None
+        print(f"\nvs transformers' generate (fp32 phi3skip, same tokens: {'yes' if same else 'NO' if same is not None else '-'};"
+              " llama.cpp: the model exported as a GGUF, its own kernels; int8/int4: weight-only, activations fp32)")
         for name in ["transformers", *gens, *ggufs]:
             m = median(rates[name])
-            print(f"  {name:24s} {m:8.1f} tokens/s   {m / base:5.2f}x transformers   {m / limit:6.1%} of the "
+            print(f"  {name:30s} {m:8.1f} tokens/s   {m / base:5.2f}x transformers   {m / limit:6.1%} of the fp32 "
                   f"bandwidth limit")
+        if ggufs:
+            print("\neach weight mode against its llama.cpp peer (phi3skip's fastest row of the mode, eager marked)")
+            for mode in args.modes:
+                peer = f"llama.cpp {LLAMA_PEER[mode]}"
+                tag = "phi3skip" if mode == "fp32" else f"phi3skip {mode}"
+                rows = {n: median(rates[n]) for n in gens if n == tag or n.startswith(tag + " compile=")}
+                best = max(rows, key=rows.get)
+                wb = weight_bytes(of_mode(mode))  # what a decode step reads, at least: every weight once
+                print(f"  {mode:5s} {best:30s} {rows[best]:7.1f} tokens/s = {rows[best] / median(rates[peer]):5.2f}x "
+                      f"{peer} ({median(rates[peer]):.1f}); eager {rows[tag] / median(rates[peer]):.2f}x; "
+                      f"{wb / 1e6:.0f} MB of weights a token: {rows[best] * wb / bw:.0%} of the measured bandwidth, "
+                      f"llama.cpp {median(rates[peer]) * wb / bw:.0%}")
 
     def skip_sets() -> None:
         cands = candidate_layers(L, folder)
         sets = [tuple(cands[:k]) for k in (1, 2, 4, 6) if k <= len(cands)]
         import benchutil
 
-        times = benchutil.decode_seconds(model, [(), *sets], ids, N, rounds)
-        full = median(times[()])
-        print("\nskip sets (eager): speedup against the full model and against the ideal L/(L-k)")
-        for s in sets:
-            t = median(times[s])
-            ideal = L / (L - len(s))
-            print(f"  skip {','.join(map(str, s)):22s} {1 / t:8.1f} tokens/s   speedup {full / t:5.3f}x   "
-                  f"ideal {ideal:5.3f}x   {(full / t) / ideal:6.1%} of ideal")
-        print(f"  (full model {1 / full:.1f} tokens/s; the embedding/lm_head cost does not shrink with k)")
+        for mode in args.modes:
+            m = of_mode(mode)
+            times = benchutil.decode_seconds(m, [(), *sets], ids, N, rounds)
+            full = median(times[()])
+            print(f"\nskip sets ({mode} weights, eager): speedup against the full model and against the ideal "
+                  "L/(L-k)")
+            for s in sets:
+                t = median(times[s])
+                ideal = L / (L - len(s))
+                print(f"  skip {','.join(map(str, s)):22s} {1 / t:8.1f} tokens/s   speedup {full / t:5.3f}x   "
+                      f"ideal {ideal:5.3f}x   {(full / t) / ideal:6.1%} of ideal")
+            print(f"  (full model {1 / full:.1f} tokens/s; the embedding/lm_head cost does not shrink with k)")
 
     def llama_skip_sets() -> None:
         # The exported skip sets in llama.cpp (bypassed sets as deci blocks) against the exported full model, and
@@ -207,7 +243,7 @@ def cpu(args: argparse.Namespace) -> None:
 
         cands = candidate_layers(L, folder)
         sets = [()] + [tuple(cands[:k]) for k in (1, 2, 4, 6) if k <= len(cands)]
-        for t in ("f32", "q8_0"):
+        for t in (LLAMA_PEER[m] for m in args.modes):
             paths = llama_ggufs(sets, (t,))
             if not paths:
                 return
@@ -488,6 +524,24 @@ def gpu(args: argparse.Namespace) -> None:
         row(f"speculative, draft skip {len(d)} layers, K=4", rate, g,
             f"   acceptance {first.acceptance_rate:.1%} (random weights: not meaningful)")
 
+    def quantized() -> None:
+        # gpt-fast's route: weight-only int8 / int4 Linears (phi3skip.model.quant), the dequantizing product fused by
+        # torch.compile; a second random model, quantized in place, so the bf16 rows above keep theirs.
+        from phi3skip.model.quant import quantize_model, weight_bytes
+
+        for mode in ("int8", "int4"):
+            qm = quantize_model(build_random(PHI3_MINI, device, dtype), mode)
+            g = Generator(qm, compile="blocks")
+            rate, first = measure(g)
+            wq = weight_bytes(qm)
+            line = (f"  {mode + ' weights, compiled layers + CUDA graphs':34s} {rate:8.1f} tokens/s   "
+                    f"{rate * wq / bw:6.1%} of the bandwidth limit of its {wq / 1e9:.2f} GB   "
+                    f"{rate / state.get('full_rate', float('nan')):.2f}x bf16   (compile {first.compile_s:.0f} s)")
+            rows.append(line)
+            print(line, flush=True)
+            del g, qm
+            torch.cuda.empty_cache()
+
     section("eager", eager, failures)
     section("compiled", compiled, failures)
     if args.step:
@@ -495,6 +549,8 @@ def gpu(args: argparse.Namespace) -> None:
     section("skip sets", skips, failures)
     if not args.no_speculative:
         section("speculative", speculative, failures)
+    if not args.no_quantized:
+        section("quantized", quantized, failures)
 
     print(f"\n=== summary ({torch.cuda.get_device_name()}, {time.perf_counter() - t_start:.0f} s) ===")
     print(f"  bandwidth {bw / 1e12:.2f} TB/s, weights/token {wbytes / 1e9:.2f} GB, limit {limit:.0f} tokens/s "
@@ -535,8 +591,12 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="CPU: skip the compiled row")
     p.add_argument("--step", action="store_true", help="GPU: also time whole-step compilation (slow to compile)")
     p.add_argument("--no-speculative", action="store_true", help="GPU: skip the speculative row")
+    p.add_argument("--no-quantized", action="store_true", help="GPU: skip the int8 / int4 rows")
     p.add_argument("--only", type=lambda v: parse_names(v, SECTIONS), default=SECTIONS,
                    help=f"CPU: the sections to run, comma-separated, of {','.join(SECTIONS)} (default: all)")
+    p.add_argument("--modes", type=lambda v: parse_names(v, MODES), default=MODES,
+                   help=f"CPU transformers/skip/llama sections: the weight modes, of {','.join(MODES)} (default: all); "
+                        f"each beside its llama.cpp peer ({', '.join(f'{k}: {v}' for k, v in LLAMA_PEER.items())})")
     p.add_argument("--draft-depths", type=positive_ints, default=(1, 2, 4, 6),
                    help="CPU speculative: draft skip depths, prefixes of the trained order (default 1,2,4,6)")
     p.add_argument("--lookaheads", type=positive_ints, default=(1, 2, 3, 4),

@@ -162,6 +162,28 @@ def test_quantized_ggufs_keep_the_perplexity(tmp_path, tokenizers, outtype, tole
     assert abs(theirs / mine - 1) <= tolerance, (theirs, mine)
 
 
+@pytest.mark.parametrize("kind", ["plain", "bypassed"])
+def test_phi3skip_quantized_beside_llama_cpp_q8_0_and_q4_0(tmp_path, tokenizers, kind):
+    """q4_0 GGUFs (the gguf package's quantizer) load and run in llama.cpp; phi3skip's weight-only int8 and int4
+    (int4 in q4_0's block layout) score the same windows within a few percent of llama.cpp's q8_0 and q4_0: the same
+    bits per weight, rounded alike."""
+    if kind == "plain":
+        folder, model = student(tmp_path, "gqa-tied", tokenizers["bpe"])
+        skip = (2,)
+    else:
+        folder, model = with_bypasses(tmp_path, "gqa-tied", tokenizers["bpe"], mlp=32, rank=32)
+        skip = (2, 0)
+    windows = torch.cat([inputs(model.config, 33, seed=s) for s in range(4)])
+    full = perplexity_ci(model, [(windows[:, :-1], windows[:, 1:])], skip).ppl
+    for mode, outtype, tolerance in (("int8", "q8_0", 0.01), ("int4", "q4_0", 0.03)):
+        res = export(folder, skip=",".join(map(str, skip)), gguf=tmp_path / f"m.{outtype}.gguf", outtype=outtype,
+                     warn=lambda m: None)
+        theirs = llamacpp.perplexity(res.gguf, windows.tolist())
+        quantized = phi3skip.from_pretrained(folder, quantize=mode)
+        mine = perplexity_ci(quantized, [(windows[:, :-1], windows[:, 1:])], skip).ppl
+        assert abs(mine / theirs - 1) <= tolerance, (mode, mine, theirs, full)
+
+
 def test_untied_zero_ffn_and_refusals(tmp_path, tokenizers):
     """An untied model whose bypasses have no MLP channels (a zero FFN keeps llama.cpp's deci block whole), and
     a parallel-form student (saved by an earlier phi3skip), which no engine's block computes: one line."""

@@ -26,6 +26,7 @@ from ..data.tokenizer import check_data_tokenizer, eos_token_id, load_tokenizer
 from ..data.tokens import eval_batches
 from ..eval.evaluate import evaluate_skip_sets, markdown_table, plot, pyplot, val_batches
 from ..formats.checkpoints import read_skip_profile, resolve
+from ..model.quant import MODES as QUANT_MODES
 from ..model.skipsets import default_layers, parse_skip_sets, validate_skip
 
 # every numeric flag's range, checked before any work (--seq-len's upper bound, the model's positions, once its
@@ -76,6 +77,9 @@ def run(argv: list[str] | None = None) -> None:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default float32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cuda when available)")
+    p.add_argument("--quantize", choices=list(QUANT_MODES), default=None,
+                   help="score the student with weight-only int8 or int4 weights, as generate.py --quantize runs it "
+                        "(the teacher stays as loaded); skip.json's evaluation is then left as it is")
     args = p.parse_args(argv)
     check_ranges(args, NUMBERS)
     if not args.data and not args.text:
@@ -97,8 +101,8 @@ def run(argv: list[str] | None = None) -> None:
     check_apart({"--out": out}, [("--teacher", local(teacher_src)), ("--data", args.data),
                                  *(("--text", t) for t in args.text)], {"--model": folder})
     # A local student gets the measured profile in its skip.json, when its folder can be written.
-    record = Path(args.model).exists() and writable(folder)
-    student = from_pretrained(folder, dtype=dtype, device=device)
+    record = Path(args.model).exists() and writable(folder) and not args.quantize
+    student = from_pretrained(folder, dtype=dtype, device=device, quantize=args.quantize)
     teacher = from_pretrained(teacher_src, dtype=dtype, device=device) if teacher_src else None
     if teacher is not None and teacher.config.num_hidden_layers != student.config.num_hidden_layers:
         raise UserError(f"--teacher {teacher_src} has {teacher.config.num_hidden_layers} layers, the student "
@@ -129,7 +133,7 @@ def run(argv: list[str] | None = None) -> None:
     results = evaluate_skip_sets(student, datasets, skip_sets, teacher, prompt, args.speed_tokens, progress)
 
     summary = {"model": str(args.model), "teacher": teacher_src, "datasets": n_tok, "seq_len": args.seq_len,
-               "device": str(device), "dtype": args.dtype or dtype_name(dtype), "results": [r.to_dict() for r in results]}
+               "device": str(device), "dtype": args.dtype or dtype_name(dtype), "quantize": args.quantize, "results": [r.to_dict() for r in results]}
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
     table = markdown_table(results)
     atomic_write_text(out / "results.md", table + "\n")
@@ -142,7 +146,8 @@ def run(argv: list[str] | None = None) -> None:
         written.append(folder / "skip.json")
     print(table)
     print(f"\nwrote {', '.join(map(str, written))}"
-          + ("" if record or not Path(args.model).exists() else f" ({folder} is not writable: skip.json unchanged)"),
+          + ("" if record or not Path(args.model).exists() else
+             f" (skip.json unchanged: {'a quantized score' if args.quantize else f'{folder} is not writable'})"),
           file=sys.stderr)
 
 

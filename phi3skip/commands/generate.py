@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..core.cli import ArgumentParser, Range, UserError, check_ranges, run_main
 from ..formats import checkpoints
+from ..model.quant import MODES as QUANT_MODES
 from ..model.skipsets import LOOKAHEAD, default_draft_skip, measured_speculative, parse_skip
 from ..serve.generate import COMPILE_MODES
 
@@ -136,6 +137,9 @@ def run(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU, the "
                                                  "checkpoint's dtype on CUDA)")
+    p.add_argument("--quantize", choices=list(QUANT_MODES), default=None,
+                   help="weight-only int8 (a scale per output channel) or int4 (blocks of 32, q4_0's layout), "
+                        "quantized as the weights load; activations stay in --dtype; any --skip")
     args = p.parse_args(argv)
 
     check_ranges(args, NUMBERS)
@@ -189,7 +193,7 @@ def run(argv: list[str] | None = None) -> None:
     stop = [] if args.ignore_eos else chat.stop_token_ids(folder, config, tok)
     check_request(config, prompts, args.max_new_tokens)  # bad lengths fail before the weights load
 
-    model = from_pretrained(folder, dtype=dtype, device=device)
+    model = from_pretrained(folder, dtype=dtype, device=device, quantize=args.quantize)
     gen = Generator(model, skip_set, draft_skip=draft_skip, lookahead=lookahead, compile=args.compile)
 
     batch = len(prompts) > 1

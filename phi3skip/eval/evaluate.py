@@ -22,6 +22,7 @@ from ..core.cli import UserError
 from ..core.distributed import Env, all_reduce
 from ..core.paths import atomic_output
 from ..data.tokens import eval_batches
+from ..model.quant import QuantLinear
 from ..model.skipsets import validate_skip
 from ..serve.generate import Generator
 from ..train.distill import default_chunk
@@ -39,6 +40,8 @@ def window_nll(model: nn.Module, x: torch.Tensor, y: torch.Tensor, skip: Sequenc
     """
     h = model.hidden_states(x.to(model.lm_head.weight.device), skip)
     weight = model.lm_head.weight  # read after the forward: under FSDP it is gathered only then
+    if isinstance(model.lm_head, QuantLinear):
+        weight = model.lm_head.dequantized(h.dtype)
     B, T = y.shape
     h = h.reshape(-1, h.shape[-1]).to(weight.dtype)
     y = y.reshape(-1).to(h.device)

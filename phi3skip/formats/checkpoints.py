@@ -16,7 +16,7 @@ from ..core.cli import UserError
 from ..core.devices import dtype_name, parse_dtype
 from ..core.hub import hub_errors, hub_offline, is_hub_id
 from ..core.paths import atomic_output
-from ..model import bypass
+from ..model import bypass, quant
 from ..model.config import ConfigError, Phi3Config
 from ..model.model import Phi3ForCausalLM
 
@@ -160,41 +160,68 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], model: Phi3ForCausalLM, whe
 
 
 def load_weights(model: Phi3ForCausalLM, folder: Path, dtype: torch.dtype,
-                 device: torch.device | str | None) -> None:
-    """Assign the folder's weights into a (meta-device) model, converted to dtype/device."""
+                 device: torch.device | str | None, quantize: str | None = None) -> None:
+    """Assign the folder's weights into a (meta-device) model, converted to dtype/device.
+
+    quantize ("int8", "int4"): every Linear weight is quantized as it is read (`phi3skip.model.quant`), so memory
+    peaks near the quantized model, not the full-precision one; the model's Linears become QuantLinears."""
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    tied = model.config.tie_word_embeddings
+    if tied:
+        linears |= {"model.embed_tokens.weight"}  # becomes the quantized lm_head, which the embedding then reads
     sd: dict[str, torch.Tensor] = {}
+    packed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, t in iter_tensors(folder):
         if name.endswith("rotary_emb.inv_freq"):  # derived buffer some old checkpoints carry
             continue
-        sd[name] = t.to(device=device or "cpu", dtype=dtype if t.is_floating_point() else t.dtype)
+        t = t.to(device=device or "cpu", dtype=dtype if t.is_floating_point() else t.dtype)
+        if quantize and name in linears and t.is_floating_point() and t.dim() == 2:
+            packed[name] = quant.quantize_weight(quantize, t)
+            t = torch.empty(t.shape, dtype=t.dtype, device="meta")  # the shape, for the checks below
+        sd[name] = t
     if model.config.source_model_type != "phi3":
-        sd = fuse_llama(sd, model.config.num_hidden_layers)
-    if model.config.tie_word_embeddings:
+        sd = fuse_llama(sd, model.config.num_hidden_layers)  # q, k, v (gate, up) were read unquantized
+    if tied:
         sd.pop("lm_head.weight", None)
     check_state_dict(sd, model, str(folder))
+    if quantize:
+        for name in linears & sd.keys():
+            if name not in packed:  # fused from a Llama layout just now
+                packed[name] = quant.quantize_weight(quantize, sd[name])
+        quant.quantize_model(model, quantize, dtype=dtype)
+        for name, (q, scale) in packed.items():
+            del sd[name]
+            name = "lm_head.weight" if name == "model.embed_tokens.weight" else name
+            sd[name], sd[name.removesuffix("weight") + "scale"] = q, scale
     model.load_state_dict(sd, strict=False, assign=True)  # lm_head is absent when tied
     model.tie_weights()
 
 
 def from_pretrained(src: str | os.PathLike, dtype: str | torch.dtype | None = None,
                     device: torch.device | str | None = None, revision: str | None = None,
-                    token: str | None = None) -> Phi3ForCausalLM:
+                    token: str | None = None, quantize: str | None = None) -> Phi3ForCausalLM:
     """Load a Phi-3 (or Llama/Mistral) checkpoint from a Hub repo id or a local folder, in eval mode.
 
     dtype defaults to the config's torch_dtype. The model is built on the meta device and the weights are
-    assigned, so memory peaks near one copy of the weights.
+    assigned, so memory peaks near one copy of the weights. quantize: "int8" or "int4", weight-only quantization
+    for decoding and evaluation, as the weights are read (`phi3skip.model.quant`; the bypasses too); such a model
+    is not saved again.
     """
+    if quantize is not None and quantize not in quant.MODES:
+        raise UserError(f"quantize={quantize!r}: one of {', '.join(quant.MODES)} (or None)")
     folder = resolve(src, revision, token)
     config = Phi3Config.from_json(folder / "config.json")
     target = parse_dtype(dtype, default=parse_dtype(config.torch_dtype) if config.torch_dtype else torch.float32)
     with torch.device("meta"):
         model = Phi3ForCausalLM(config)
-    load_weights(model, folder, target, device)
+    load_weights(model, folder, target, device, quantize)
     model.rotary = type(model.rotary)(config).to(device or "cpu")  # derived buffers, made for real
     model.source_dir = folder
     adapters = read_skip_profile(folder).get("adapters")
     if adapters is not None:  # skip-mode parameters beside the plain checkpoint (phi3skip/model/bypass.py)
         bypass.load(model, folder, adapters)
+        if quantize and not model.skip_adapters.depth_rank:  # with deltas: the Generator's merged bypasses are
+            quant.quantize_model(model.skip_adapters, quantize)  # quantized (their weights depend on the skip set)
     return model.eval()
 
 
@@ -274,6 +301,9 @@ def save_pretrained(model: Phi3ForCausalLM, folder: str | os.PathLike, *,
     Tokenizer and generation files come from `tokenizer_from`, else from the folder the model was loaded from.
     Skip adapters, when the model has them, go to their own file, named in skip.json.
     """
+    if getattr(model, "quantization", None):
+        raise UserError(f"this model was quantized ({model.quantization}) for decoding; save the full-precision model "
+                        f"(load it without quantize=) and quantize when loading it again")
     files, extra = {}, dict(extra_json or {})
     if model.skip_adapters is not None:
         files[bypass.FILE] = bypass.to_bytes(model.skip_adapters)

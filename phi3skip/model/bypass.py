@@ -138,6 +138,9 @@ class Bypass(nn.Module):
         return {name: w + d.get_submodule(name).delta() for name, w in own.items()}
 
     def forward(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        if depth is None or not len(self.depth):  # its own weights, through its modules (they may be quantized)
+            h = x if self.down is None else x + self.up(self.down(self.norm(x)))
+            return h if self.mlp is None else h + self.mlp(self.mlp_norm(h if self.form == "sequential" else x))
         w = self.weights(depth)
         h = x if self.down is None else x + F.linear(F.linear(self.norm(x), w["down"]), w["up"])
         if self.mlp is None:
@@ -245,7 +248,7 @@ def attach(model: Phi3ForCausalLM, layers: Sequence[int], rank: int | None = Non
         raise UserError(f"bypass MLP width {mlp}: must be 0 .. the model's intermediate size {cfg.intermediate_size}")
     if not 0 <= depth_rank <= cfg.hidden_size:
         raise UserError(f"per-depth delta rank {depth_rank}: must be 0 .. the model's hidden size {cfg.hidden_size}")
-    p = model.lm_head.weight
+    p = model.model.norm.weight  # the model's dtype and device (the lm_head's weight may be quantized)
     adapters = SkipAdapters(layers, cfg.hidden_size, rank, cfg.rms_norm_eps, mlp, form, depth_rank).to(
         device=p.device, dtype=p.dtype)
     with torch.no_grad():

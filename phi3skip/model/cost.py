@@ -141,7 +141,9 @@ def model_cost(model, skip: Iterable[int] = (), context: int = DEFAULT_CONTEXT) 
     """token_cost of a loaded Phi3ForCausalLM (its config, its skip adapters, its weights' dtype for both)."""
     adapters = getattr(model, "skip_adapters", None)
     bypass = BypassShape.from_description(adapters.describe()) if adapters is not None else None
-    return token_cost(model.config, skip, bypass, context, model.lm_head.weight.element_size())
+    mode = getattr(model, "quantization", None)  # bytes a weight: int8 1 (+ a row's scale), int4 a half + 4 / 32
+    size = {"int8": 1, "int4": Fraction(5, 8)}.get(mode, model.lm_head.weight.element_size())
+    return token_cost(model.config, skip, bypass, context, size)
 
 
 __all__ = ["BypassShape", "CostFraction", "TokenCost", "token_cost", "cost_fraction", "model_cost", "kv_bytes",

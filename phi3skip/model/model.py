@@ -52,6 +52,23 @@ def attention_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, window: int | N
     return ok
 
 
+SMALL_ATTENTION = 8  # queries up to which CPU attention over a cache runs `small_attention`
+
+
+def small_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked softmax attention of a few queries (a decode or verify step) in plain products, grouped-query heads
+    sharing their key/value head by a reshape (no copy). SDPA's CPU kernel spends ~0.1 ms of fixed cost a call on a
+    one-token query, more than the products themselves on a small model. q [B, H, T, D], k, v [B, Hk, S, D],
+    mask [B|1, 1, T, S] (True: visible)."""
+    B, H, T, D = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    g = H // Hk
+    scores = (q.reshape(B, Hk, g * T, D) @ k.transpose(-1, -2)).view(B, Hk, g, T, S) * D ** -0.5
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    p = torch.softmax(scores, dim=-1).view(B, Hk, g * T, S)
+    return (p @ v).view(B, H, T, D)
+
+
 class Attention(nn.Module):
     def __init__(self, config: Phi3Config):
         super().__init__()
@@ -74,8 +91,14 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update(slots, k, v)
                 k_slots = torch.arange(k.shape[2], device=x.device)
-            mask = attention_mask(slots, k_slots, self.window, key_mask)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
+            if key_mask is not None and key_mask.dim() == 4:  # the step's whole mask, made once for every layer
+                mask = key_mask
+            else:
+                mask = attention_mask(slots, k_slots, self.window, key_mask)
+            if T <= SMALL_ATTENTION and not x.is_cuda:
+                y = small_attention(q, k, v, mask)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
     def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -100,8 +123,9 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(hidden, 2 * width, bias=False)
         self.down_proj = nn.Linear(width, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, self.gate_up_proj.weight, self.down_proj.weight)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # `swiglu` through the modules (they may be quantized)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * F.silu(gate))
 
 
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -143,7 +167,7 @@ class Phi3ForCausalLM(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and isinstance(self.model.embed_tokens, nn.Embedding):  # not quantized
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
@@ -177,6 +201,9 @@ class Phi3ForCausalLM(nn.Module):
         if long_rope is None and (cache is not None or positions is not None):
             long_rope = self.rotary.use_long(int(pos.max()))  # else the prologue's T - 1: no device sync
         x, cos, sin = self._prologue(input_ids, pos, long_rope)
+        if cache is not None:  # one mask for every layer's attention over the cache (they share slots and window)
+            key_slots = torch.arange(cache.max_len, device=input_ids.device)
+            key_mask = attention_mask(input_pos, key_slots, self.config.sliding_window, key_mask)
         x = self.run_layers(x, cos, sin, input_pos, skipped, cache=cache, key_mask=key_mask, blocks=blocks,
                             bypasses=bypasses)
         return self.model.norm(x)

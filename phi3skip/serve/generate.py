@@ -25,7 +25,9 @@ from ..core.cli import UserError
 from ..model.bypass import merged
 from ..model.config import Phi3Config
 from ..model.kv_cache import KVCache
+from ..model import kernels as _kernels
 from ..model.model import Phi3ForCausalLM
+from ..model.quant import quantize_model, use_kernels
 from ..model.skipsets import check_draft_skip, validate_skip
 from .sampling import Sampling, logits_to_probs, sample
 from .speculative import speculative_decode
@@ -192,7 +194,8 @@ class Generator:
 
     def __init__(self, model: Phi3ForCausalLM, skip: Sequence[int] | None = (), *,
                  draft_skip: Sequence[int] | None = None, lookahead: int = 4, compile: bool | str = False,
-                 cuda_graphs: bool | None = None, sync_every: int | None = None, column_major: bool | None = None):
+                 cuda_graphs: bool | None = None, sync_every: int | None = None, column_major: bool | None = None,
+                 kernels: bool | None = None):
         self.model = model.eval()
         cfg = model.config
         L = self.num_layers = cfg.num_hidden_layers
@@ -221,10 +224,18 @@ class Generator:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         cuda = self.device.type == "cuda"
+        # fp32 on the CPU: few-row products through phi3skip's kernel (model.kernels), which reads nn.Linear's
+        # row-major layout; else MKL, faster on a column-major one. Quantized Linears use their kernels anyway.
+        if kernels is None:
+            kernels = not cuda and self.dtype == torch.float32 and _kernels.available()
+        self.kernels = bool(kernels)
+        if self.kernels:
+            if cuda or not _kernels.available():
+                raise UserError("kernels=True: phi3skip's CPU kernels are for CPU models and are not built here")
+            use_kernels(model)
         if column_major is None:
-            column_major = not cuda
-        if column_major:
-            set_weight_layout(model, column_major=True)
+            column_major = not cuda and not self.kernels
+        set_weight_layout(model, column_major=column_major)
         self.bypasses = self._merged_bypasses(column_major)
         self.cuda_graphs = bool(self.compile == "blocks" and cuda) if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not cuda:
@@ -253,7 +264,12 @@ class Generator:
         if adapters is None or not adapters.depth_rank:
             return dict.fromkeys(self.skip_sets)
         out = {kind: None if s is None else merged(adapters, s) for kind, s in self.skip_sets.items()}
+        mode = getattr(self.model, "quantization", None)
         for b in (b for bs in out.values() if bs for b in bs.values()):
+            if mode:
+                quantize_model(b, mode)
+            elif self.kernels:
+                use_kernels(b)
             set_weight_layout(b, column_major)
         return out
 
@@ -435,7 +451,8 @@ def _raise_recompile_limit(n: int = 64) -> None:
 def generate(model: Phi3ForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              skip: Sequence[int] | None = (), **kw) -> GenerationResult:
     """One-shot `Generator(model, skip, ...).generate(prompts, max_new_tokens, ...)`."""
-    gen_kw = {k: kw.pop(k) for k in ("draft_skip", "lookahead", "compile", "cuda_graphs", "sync_every", "column_major")
+    gen_kw = {k: kw.pop(k) for k in ("draft_skip", "lookahead", "compile", "cuda_graphs", "sync_every", "column_major",
+                                     "kernels")
               if k in kw}
     return Generator(model, skip, **gen_kw).generate(prompts, max_new_tokens, **kw)
 

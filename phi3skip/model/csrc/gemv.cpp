@@ -1,0 +1,222 @@
+// Few-row matrix-vector products for CPU decoding: y[t, n] = sum_k x[t, k] W[n, k], W row-major as nn.Linear
+// stores it, in fp32, int8 (one scale per output row) or int4 (q4_0's blocks: 32 values, one fp32 scale, byte j
+// holding value j in its low nibble and value j + 16 in its high one). Activations stay fp32: only the weights are
+// quantized. Each weight row is read once per call whatever the number of rows of x (at most a few: decode
+// and speculative verify steps); rows of W are split over torch's intra-op threads.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t GROUP = 32;   // int4 block size (q4_0's)
+constexpr int64_t ROWS = 4;     // weight rows per inner loop: one load of x feeds four rows
+constexpr int64_t PREFETCH_CHUNKS = 2;  // how far ahead the explicit prefetches run (measured: 1-4 alike)
+
+#if defined(__AVX512F__)
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+#endif
+
+// fp32: four weight rows at once against one row of x.
+inline void dot_f32(const float* x, const float* w, int64_t K, int64_t rows, float* out) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  if (rows == ROWS) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; k + 16 <= K; k += 16) {
+      for (int64_t r = 0; r < ROWS; ++r)  // the rows PREFETCH_CHUNKS chunks ahead, as in dot_q8
+        _mm_prefetch(reinterpret_cast<const char*>(w + (PREFETCH_CHUNKS * ROWS + r) * K + k), _MM_HINT_T0);
+      __m512 xv = _mm512_loadu_ps(x + k);
+      a0 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + k), a0);
+      a1 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + K + k), a1);
+      a2 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 2 * K + k), a2);
+      a3 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 3 * K + k), a3);
+    }
+    out[0] = hsum(a0); out[1] = hsum(a1); out[2] = hsum(a2); out[3] = hsum(a3);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) out[r] = 0.f;
+  }
+#else
+  for (int64_t r = 0; r < rows; ++r) out[r] = 0.f;
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* wr = w + r * K;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = (rows == ROWS ? k : 0); j < K; ++j) s += x[j] * wr[j];
+    out[r] += s;
+  }
+}
+
+inline void dot_q8(const float* x, const int8_t* q, int64_t K, int64_t rows, float* out) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  if (rows == ROWS) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; k + 16 <= K; k += 16) {
+      // one weight row is too short for the hardware prefetcher to ramp up: fetch the rows PREFETCH_CHUNKS
+      // chunks ahead explicitly, one cache line an iteration (4 rows x 16 bytes are consumed per iteration)
+      _mm_prefetch(reinterpret_cast<const char*>(q + PREFETCH_CHUNKS * ROWS * K + 4 * k), _MM_HINT_T0);
+      __m512 xv = _mm512_loadu_ps(x + k);
+#define LOAD_Q8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))
+      a0 = _mm512_fmadd_ps(xv, LOAD_Q8(q + k), a0);
+      a1 = _mm512_fmadd_ps(xv, LOAD_Q8(q + K + k), a1);
+      a2 = _mm512_fmadd_ps(xv, LOAD_Q8(q + 2 * K + k), a2);
+      a3 = _mm512_fmadd_ps(xv, LOAD_Q8(q + 3 * K + k), a3);
+#undef LOAD_Q8
+    }
+    out[0] = hsum(a0); out[1] = hsum(a1); out[2] = hsum(a2); out[3] = hsum(a3);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) out[r] = 0.f;
+  }
+#else
+  for (int64_t r = 0; r < rows; ++r) out[r] = 0.f;
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* qr = q + r * K;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = (rows == ROWS ? k : 0); j < K; ++j) s += x[j] * static_cast<float>(qr[j]);
+    out[r] += s;
+  }
+}
+
+// int4: up to four weight rows (K / 32 blocks of 16 bytes each) against one row of x. A block's codes c stand for
+// (c - 8) * scale: its dot product is scale * (x . c - 8 * sum(x over the block)), the block sums `xsum` made once.
+inline void dot_q4(const float* x, const float* xsum, const uint8_t* q, const float* scale, int64_t K, int64_t rows,
+                   float* out) {
+  const int64_t G = K / GROUP, bytes = K / 2;
+#if defined(__AVX512F__)
+  if (rows == ROWS) {
+    __m512 a[ROWS];
+    for (int64_t r = 0; r < ROWS; ++r) a[r] = _mm512_setzero_ps();
+    const __m512i mask = _mm512_set1_epi32(15);
+    for (int64_t g = 0; g < G; ++g) {
+      _mm_prefetch(reinterpret_cast<const char*>(q + PREFETCH_CHUNKS * ROWS * bytes + g * 64), _MM_HINT_T0);
+      const __m512 xl = _mm512_loadu_ps(x + g * GROUP), xh = _mm512_loadu_ps(x + g * GROUP + 16);
+      for (int64_t r = 0; r < ROWS; ++r) {
+        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * bytes + g * 16)));
+        __m512 d = _mm512_mul_ps(xl, _mm512_cvtepi32_ps(_mm512_and_si512(b, mask)));
+        d = _mm512_fmadd_ps(xh, _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), d);
+        // scale * (d - 8 xsum) spread over the lanes: 8 xsum / 16 taken off each lane
+        d = _mm512_sub_ps(d, _mm512_set1_ps(0.5f * xsum[g]));
+        a[r] = _mm512_fmadd_ps(d, _mm512_set1_ps(scale[r * G + g]), a[r]);
+      }
+    }
+    for (int64_t r = 0; r < ROWS; ++r) out[r] = hsum(a[r]);
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    float acc = 0.f;
+    for (int64_t g = 0; g < G; ++g) {
+      const uint8_t* b = q + r * bytes + g * GROUP / 2;
+      const float* xg = x + g * GROUP;
+      float d = 0.f;
+#pragma omp simd reduction(+ : d)
+      for (int64_t j = 0; j < GROUP / 2; ++j)
+        d += xg[j] * static_cast<float>(b[j] & 15) + xg[j + 16] * static_cast<float>(b[j] >> 4);
+      acc += (d - 8.f * xsum[g]) * scale[r * G + g];
+    }
+    out[r] = acc;
+  }
+}
+
+void check(const torch::Tensor& x, const torch::Tensor& w, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "x: a contiguous 2-D float32 CPU tensor");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(), "weight: a contiguous 2-D CPU tensor");
+  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the weight ", K);
+}
+
+// Rows of W in chunks of ROWS, split over threads; `body(n0, rows)` writes y[:, n0 : n0 + rows].
+template <typename F>
+void over_rows(int64_t N, F body) {
+  const int64_t chunks = (N + ROWS - 1) / ROWS;
+  at::parallel_for(0, chunks, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n0 = c * ROWS;
+      body(n0, std::min(ROWS, N - n0));
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor w) {
+  const int64_t N = w.size(0), K = w.size(1), T = x.size(0);
+  check(x, w, K);
+  TORCH_CHECK(w.scalar_type() == torch::kFloat, "weight: float32");
+  auto y = torch::empty({T, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  over_rows(N, [&](int64_t n0, int64_t rows) {
+    float out[ROWS];
+    for (int64_t t = 0; t < T; ++t) {
+      dot_f32(xp + t * K, wp + n0 * K, K, rows, out);
+      for (int64_t r = 0; r < rows; ++r) yp[t * N + n0 + r] = out[r];
+    }
+  });
+  return y;
+}
+
+torch::Tensor gemv_q8(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
+  const int64_t N = q.size(0), K = q.size(1), T = x.size(0);
+  check(x, q, K);
+  TORCH_CHECK(q.scalar_type() == torch::kChar, "weight: int8");
+  TORCH_CHECK(scale.numel() == N && scale.scalar_type() == torch::kFloat && scale.is_contiguous(),
+              "scale: N float32");
+  auto y = torch::empty({T, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  over_rows(N, [&](int64_t n0, int64_t rows) {
+    float out[ROWS];
+    for (int64_t t = 0; t < T; ++t) {
+      dot_q8(xp + t * K, qp + n0 * K, K, rows, out);
+      for (int64_t r = 0; r < rows; ++r) yp[t * N + n0 + r] = out[r] * sp[n0 + r];
+    }
+  });
+  return y;
+}
+
+torch::Tensor gemv_q4(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
+  const int64_t N = q.size(0), K = q.size(1) * 2, T = x.size(0);
+  check(x, q, K);
+  TORCH_CHECK(q.scalar_type() == torch::kByte, "weight: uint8 (two int4 values a byte)");
+  TORCH_CHECK(K % GROUP == 0, "int4: the input width must be a multiple of ", GROUP);
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) == K / GROUP &&
+              scale.scalar_type() == torch::kFloat && scale.is_contiguous(), "scale: [N, K / 32] float32");
+  auto y = torch::empty({T, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t G = K / GROUP;
+  std::vector<float> xsum(T * G);  // each block's sum of x, for every row of x
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t g = 0; g < G; ++g) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < GROUP; ++j) acc += xp[t * K + g * GROUP + j];
+      xsum[t * G + g] = acc;
+    }
+  over_rows(N, [&](int64_t n0, int64_t rows) {
+    float out[ROWS];
+    for (int64_t t = 0; t < T; ++t) {
+      dot_q4(xp + t * K, xsum.data() + t * G, qp + n0 * (K / 2), sp + n0 * G, K, rows, out);
+      for (int64_t r = 0; r < rows; ++r) yp[t * N + n0 + r] = out[r];
+    }
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv_f32", &gemv_f32, "y = x W^T, fp32, few rows");
+  m.def("gemv_q8", &gemv_q8, "y = x (q * scale)^T, int8 per-row weights, fp32 x");
+  m.def("gemv_q4", &gemv_q4, "y = x dequant(q)^T, int4 blocks of 32 (q4_0's layout), fp32 x");
+}
