@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from phi3skip import Phi3Config, Phi3ForCausalLM, from_pretrained
-from phi3skip.core.cli import UserError, run_main
+from phi3skip.core.cli import ArgumentParser, Range, UserError, check_ranges, run_main
+from phi3skip.core.machine import REPEATS, SEED
 from phi3skip.train.distill import LossConfig, distill_step, step_flops_per_token
 from phi3skip.model.rope import Rotary
 
@@ -245,8 +246,16 @@ def gpu_main(args) -> None:
     print(f"  ratios phi3skip/original: tokens/s {theirs[0] / ours[0]:.2f}x   peak memory {ours[1] / theirs[1]:.2f}x")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# every numeric flag's range, checked before any work (--seq-len's upper bound, the model's positions, and the
+# --skip layers, its layers, where the model is read)
+NUMBERS = {"--batch-size": Range(1, 1024, note="sequences a step; the memory check follows"), "--seq-len": Range(1),
+           "--kd-weight": Range(0, 1e6, note="the skip term's weight"), "--rounds": REPEATS,
+           "--steps": Range(1, 10000, note="timed steps"), "--warmup": Range(0, 1000, note="untimed steps"),
+           "--seed": SEED}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint folder (CPU; default: converted SmolLM2-135M-Instruct)")
     p.add_argument("--gpu", action="store_true", help="Phi-3-mini-shaped random bf16 model on one CUDA GPU")
     p.add_argument("--quick", action="store_true", help="--gpu: few steps (about 2 minutes on an H100)")
@@ -262,7 +271,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="--gpu: torch.compile each of our blocks")
     p.add_argument("--no-baseline", action="store_true", help="--gpu: skip the transformers baseline")
     p.add_argument("--worker", choices=("ours", "theirs"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    check_ranges(args, NUMBERS)
     if args.gpu:
         args.batch_size = args.batch_size or (4 if args.quick else 8)
         args.seq_len = args.seq_len or 1024
