@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from phi3skip import Phi3Config, Phi3ForCausalLM, from_pretrained
-from phi3skip.core.cli import ArgumentParser, Range, UserError, check_ranges, run_main
-from phi3skip.core.machine import REPEATS, SEED
+from phi3skip.core.cli import ArgumentParser, Range, UserError, check_range, check_ranges, run_main
+from phi3skip.core.machine import REPEATS, SEED, check_memory, forward_bytes
 from phi3skip.train.distill import LossConfig, distill_step, step_flops_per_token
 from phi3skip.model.rope import Rotary
 
@@ -135,10 +135,26 @@ def worker(args) -> None:
     print(json.dumps(rows))
 
 
+def check_shape(args, config: Phi3Config) -> None:
+    """The window within the model's positions, the skipped layers within its layers, and a step's activations
+    (teacher, and the student's two passes kept for the backward: about a forward's per layer) within the memory,
+    before anything is built."""
+    check_range("--seq-len", args.seq_len, Range(1, config.max_position_embeddings, note="the model's positions"))
+    if args.skip is not None:
+        check_range("--skip", args.skip, Range(0, config.num_hidden_layers - 1, note="the model's layers"))
+    if not args.gpu:  # the GPU's own memory is what bounds --gpu (an out-of-memory there is reported as such)
+        step = 3 * config.num_hidden_layers * forward_bytes(args.batch_size, args.seq_len, 0, config.hidden_size,
+                                                            config.intermediate_size) + forward_bytes(
+            args.batch_size, args.seq_len, config.vocab_size, 0, 0) * 3
+        check_memory("--batch-size/--seq-len", f"{args.batch_size}/{args.seq_len}", step,
+                     f"a distillation step of {args.batch_size} x {args.seq_len} tokens")
+
+
 def cpu_main(args) -> None:
     folder = Path(args.model) if args.model else (Path("/tmp/smollm2") if Path("/tmp/smollm2/config.json").is_file()
                                                   else benchutil.smollm2_dir())
     config = Phi3Config.from_json(folder / "config.json")
+    check_shape(args, config)
     skip = args.skip if args.skip is not None else [config.num_hidden_layers - 2]
     base = [sys.executable, __file__, "--model", str(folder), "--batch-size", str(args.batch_size),
             "--seq-len", str(args.seq_len), "--skip", ",".join(map(str, skip)), "--kd-weight", str(args.kd_weight),
@@ -191,6 +207,7 @@ def gpu_main(args) -> None:
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = Phi3Config.from_dict(PHI3_MINI)
+    check_shape(args, cfg)
     B, T = args.batch_size, args.seq_len
     skip = args.skip if args.skip is not None else [cfg.num_hidden_layers - 2]
     warmup, steps = (2, 3) if args.quick else (args.warmup + 1, args.steps)

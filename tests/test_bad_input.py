@@ -378,6 +378,9 @@ def test_quality_mistakes_are_one_line_before_any_work(quality, tiny_run, tmp_pa
     ("bench_train", ["--steps", "0"], "--steps must be"),
     ("bench_train", ["--kd-weight", "nan"], "--kd-weight must be a finite number"),
     ("bench_train", ["--batch-size", "100000"], "--batch-size must be in 1..1024"),
+    ("bench_train", ["--model", "{model}", "--seq-len", "65"], "--seq-len must be in 1..64 (the model's positions)"),
+    ("bench_train", ["--model", "{model}", "--seq-len", "16", "--skip", "4"], "--skip must be in 0..3"),
+    ("bench_train", ["--model", "{model}", "--batch-size", "1024", "--seq-len", "64"], "needs about"),
     ("bench_prepare", ["--workers", "100000"], "--workers must be in 1.."),
     ("bench_prepare", ["--runs", "0"], "--runs must be in 1..1000"),
     ("bench_prepare", ["--mb", "1e12"], "--mb must be"),
@@ -386,7 +389,86 @@ def test_quality_mistakes_are_one_line_before_any_work(quality, tiny_run, tmp_pa
 def test_benchmark_numbers_are_bounded(bench, tiny_run, capsys, monkeypatch, name, argv, words):
     from phi3skip.core.cli import run_main
 
-    monkeypatch.setattr(machine, "available_memory", lambda: 2**30)
+    monkeypatch.setattr(machine, "available_memory", lambda: 256 * 2**20)
     m = bench(name)
     args = [a.format(model=tiny_run[0] / "model") for a in argv]
     one_line(capsys, lambda: run_main(lambda: m.main(args)), words)
+
+
+# A new user's other mistakes, command by command ---------------------------------------------------------------------
+@pytest.fixture
+def files(tmp_path) -> Path:
+    """Bad inputs of every kind: a folder, non-UTF-8 text, an empty file, NUL bytes, a file where a folder goes."""
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 au lait\n")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "nul.txt").write_bytes(b"t1\x00t2")
+    (tmp_path / "bad.jsonl").write_text('"t1 t2"\n{not json\n')
+    (tmp_path / "num.jsonl").write_text("5\n")
+    (tmp_path / "file").write_text("x")
+    return tmp_path
+
+
+SWEEP = [  # command, its arguments, words of the one line
+    ("generate", ["--prompt-file", "{f}/dir"], "--prompt-file {f}/dir"),
+    ("generate", ["--prompt-file", "{f}/latin1.txt"], "cannot read it as UTF-8"),
+    ("generate", ["--prompt-file", "{f}/empty.txt"], "is empty"),
+    ("generate", ["--prompt-file", "{f}/bad.jsonl"], "bad.jsonl:2: not JSON"),
+    ("generate", ["--prompt-file", "{f}/num.jsonl"], "num.jsonl:1: expected a JSON string"),
+    ("generate", ["--prompt-file", "{f}/missing.txt"], "no such file"),
+    ("generate", ["--prompt", "t1", "--draft-skip", "2"], "--draft-skip needs --speculative"),
+    ("generate", ["--prompt", "t1", "--skip", "9"], "out of range"),
+    ("generate", ["--prompt", "t1", "--skip", "2,2"], "names a layer twice"),
+    ("generate", ["--prompt", "t1", "--top-k", "1.5"], "invalid int value"),
+    ("generate", ["--prompt", "t1", "--temperature", "hot"], "invalid float value"),
+    ("generate", ["--prompt", "t1", "--dtype", "int4"], "int4"),
+    ("generate", ["--prompt", "t1", "--device", "tpu"], "tpu"),
+    ("generate", ["--prompt", "t1", "--speculative", "--lookahead", "33"], "--lookahead must be in 1..32"),
+    ("generate", ["--model", "{f}/dir", "--prompt", "t1"], "{f}/dir"),
+    ("generate", ["--model", "{f}/file", "--prompt", "t1"], "{f}/file"),
+    ("evaluate", ["--data", "{data}", "--text", "{f}/dir"], "--text {f}/dir: no such file"),
+    ("evaluate", ["--data", "{data}", "--text", "{f}/latin1.txt"], "--text"),
+    ("evaluate", ["--data", "{data}", "--text", "{f}/nul.txt"], "--text"),
+    ("evaluate", ["--text", "{f}/empty.txt", "--seq-len", "16"], "too few for one window"),
+    ("evaluate", ["--data", "{f}/dir"], "{f}/dir"),
+    ("evaluate", ["--data", "{data}", "--out", "{f}/file"], "--out {f}/file: exists and is not a folder"),
+    ("evaluate", ["--data", "{data}", "--skip-sets", "9"], "9"),
+    ("evaluate", ["--data", "{data}", "--out", "{data}/eval"], "--out"),
+    ("evaluate", [], "nothing to score"),
+    ("export", ["--out", "{f}/file"], "--out {f}/file"),
+    ("export", ["--out", "{f}/x", "--outtype", "q8_0"], "--outtype needs --gguf"),
+    ("export", ["--out", "{f}/x", "--skip", "2", "--num-skip", "1"], "give --skip or --num-skip, not both"),
+    ("export", ["--out", "{f}/x", "--num-skip", "3"], "--num-skip"),
+    ("export", ["--gguf", "{f}/dir", "--skip", "2"], "--gguf {f}/dir"),
+    ("export", ["--out", "{model}/inside", "--skip", "2"], "inside"),
+    ("rank_layers", ["--data", "{data}", "--json", "{f}/dir"], "--json {f}/dir: is a folder"),
+    ("rank_layers", ["--data", "{data}", "--json", "{data}/r.json"], "--json"),
+    ("rank_layers", ["--data", "{f}/dir"], "{f}/dir"),
+    ("check_gguf", ["--gguf", "{f}/missing.gguf", "--data", "{data}"], "--gguf {f}/missing.gguf: no such file"),
+    ("check_gguf", ["--gguf", "{f}/dir", "--data", "{data}"], "--gguf {f}/dir: no such file"),
+    ("check_gguf", ["--gguf", "{f}/file"], "give one of --data"),
+    ("check_gguf", ["--gguf", "{f}/file", "--data", "{data}", "--text", "{f}/file"], "give one of --data"),
+    ("random_model", ["{model}", "{f}/file"], "exists and is not a folder"),
+    ("random_model", ["{model}", "{f}/dir"], "already exists; pass --overwrite"),
+    ("random_model", ["{f}/dir", "{f}/r"], "{f}/dir"),
+    ("random_model", ["{model}", "{f}/r", "--hidden", "30", "--heads", "4"], "--heads 4 must divide --hidden 30"),
+    ("random_model", ["{model}", "{model}/r"], "inside"),
+    ("convert_gguf", ["{f}/file", "{f}/out"], "not a GGUF file"),
+    ("convert_gguf", ["{f}/file", "{f}/out", "--dtype", "int8"], "invalid choice: 'int8'"),
+]
+
+
+@pytest.mark.parametrize("name,argv,words", SWEEP)
+def test_a_new_users_mistakes_are_one_line(tiny_run, files, capsys, monkeypatch, name, argv, words):
+    root, _ = tiny_run
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(sys, "stdin", None)
+    fill = lambda a: a.format(f=files, data=root / "data", model=root / "model")  # noqa: E731
+    base = {"generate": ["--model", str(root / "model"), "--max-new-tokens", "2"],
+            "evaluate": ["--model", str(root / "model"), "--no-plot", "--seq-len", "16", "--out", str(files / "e")],
+            "export": ["--model", str(root / "model")],
+            "rank_layers": ["--model", str(root / "model"), "--seq-len", "16"],
+            "check_gguf": ["--model", str(root / "model"), "--seq-len", "16"]}.get(name, [])
+    before = sorted(p.name for p in files.iterdir())
+    one_line(capsys, lambda: command(name)(base + [fill(a) for a in argv]), fill(words))
+    assert sorted(p.name for p in files.iterdir()) == before  # nothing written
