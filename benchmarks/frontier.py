@@ -67,6 +67,9 @@ class Row:
 
 
 def load_run(folder: Path) -> Run:
+    if not folder.is_dir():
+        raise UserError(f"--runs {folder}: no such run folder (a run of benchmarks/quality.py, or its name under "
+                        f"{RUNS})")
     try:
         res = json.loads((folder / "results.json").read_text(encoding="utf-8"))
         student = folder / "student"

@@ -113,10 +113,9 @@ def untrained_args(extra: list[str], cfg: Phi3Config) -> argparse.Namespace:
     check_ranges(a, {"--num-skip": Range(1, cfg.num_hidden_layers, note="the teacher's layers"),
                      "--adapter-rank": Range(0, cfg.hidden_size, note="the teacher's hidden size"),
                      "--adapter-mlp": Range(0, cfg.intermediate_size, note="the teacher's MLP width"),
-                     **{f: memory_bound(f, per_token, "a token's logits and activations are kept")
-                        for f in ("--rank-tokens", "--lsq-check-tokens")},
-                     **{f: Range(0, memory_bound(f, per_token, "").high)
-                        for f in ("--lsq-tokens", "--rank-fit-tokens")}})
+                     **{f: memory_bound(per_token, "a token's logits and activations are kept", low)
+                        for f, low in (("--rank-tokens", 1), ("--lsq-check-tokens", 1), ("--lsq-tokens", 0),
+                                       ("--rank-fit-tokens", 0))}})
     return a
 
 

@@ -290,7 +290,7 @@ def run_dir(tiny_run, tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("argv,words", [
-    (["--runs", "{tmp}/nowhere"], "not a run of benchmarks/quality.py"),
+    (["--runs", "{tmp}/nowhere"], "--runs {tmp}/nowhere: no such run folder"),
     (["--runs", "{tmp}"], "not a run of benchmarks/quality.py"),
     (["--out-md", "{tmp}"], "--out-md {tmp}: is a folder"),
     (["--out-md", "{tmp}/file.txt/q.md"], "is a file, not a folder"),

@@ -59,13 +59,13 @@ def check_memory(flag: str, value: object, need: float, what: str) -> None:
                         f"{gib(have)} available; lower {flag}")
 
 
-def memory_bound(flag: str, bytes_each: float, what: str) -> Range:
-    """1..the largest count whose `bytes_each` per unit fit in the available memory (no bound where it is not known):
-    a number-table entry for a count that is held in memory as a whole."""
+def memory_bound(bytes_each: float, what: str, low: int = 1) -> Range:
+    """low..the largest count whose `bytes_each` per unit fit in the available memory (no upper bound where it is not
+    known): a number-table entry for a count that is held in memory as a whole."""
     have = available_memory()
     if have is None:
-        return Range(1)
-    return Range(1, max(1, int(have // bytes_each)), note=f"{what}: {gib(have)} of memory available")
+        return Range(low)
+    return Range(low, max(low, int(have // bytes_each)), note=f"{what}: {gib(have)} of memory available")
 
 
 def forward_bytes(batch: int, seq: int, vocab: int, hidden: int, intermediate: int, elem: int = 4) -> int:
@@ -77,4 +77,4 @@ def forward_bytes(batch: int, seq: int, vocab: int, hidden: int, intermediate: i
 def held_tokens() -> Range:
     """--max-tokens of a command that holds the tokens it scores in memory (int64 inputs and targets: 16 bytes a
     token), bounded by the memory available."""
-    return memory_bound("--max-tokens", 16, "the scored tokens are held in memory, 16 bytes each")
+    return memory_bound(16, "the scored tokens are held in memory, 16 bytes each")
