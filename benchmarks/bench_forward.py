@@ -14,14 +14,27 @@ import time
 import benchutil
 import torch
 
-from phi3skip import Phi3Config, Phi3ForCausalLM, from_pretrained
-from phi3skip.core.cli import ArgumentParser, run_main
+from phi3skip import Phi3Config, Phi3ForCausalLM, from_pretrained, load_config
+from phi3skip.core.cli import ArgumentParser, Range, UserError, check_range, check_ranges, run_main
+from phi3skip.core.machine import REPEATS, check_memory, forward_bytes
 from phi3skip.core.devices import parse_dtype
 
 PHI3_MINI = dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                  max_position_embeddings=4096, original_max_position_embeddings=4096, sliding_window=2047,
                  rope_theta=10000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=32000, pad_token_id=32000)
+
+
+NUMBERS = {"--batch": Range(1), "--seq": Range(1), "--rounds": REPEATS}  # --seq up to the model's positions
+
+
+def check_shape(cfg: Phi3Config, batch: int, seq: int) -> None:
+    """The window within the model's positions and the forward (two models', one after the other) within the memory
+    available, before either model is built."""
+    check_range("--seq", seq, Range(1, cfg.max_position_embeddings, note="the model's positions"))
+    check_memory("--batch/--seq", f"{batch}/{seq}", forward_bytes(batch, seq, cfg.vocab_size, cfg.hidden_size,
+                                                                  cfg.intermediate_size),
+                 f"a forward of {batch} x {seq} tokens")
 
 
 def build(args, device: str, dtype: torch.dtype):
@@ -42,7 +55,7 @@ def build(args, device: str, dtype: torch.dtype):
     return ours.eval(), hf.eval()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint folder (default: converted SmolLM2-135M-Instruct)")
     p.add_argument("--gpu", action="store_true", help="Phi-3-mini-shaped random model on CUDA")
@@ -51,14 +64,17 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--no-compile", action="store_true")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    check_ranges(args, NUMBERS)
     device = "cuda" if args.gpu else "cpu"
     if args.gpu and not torch.cuda.is_available():
-        raise SystemExit("error: --gpu needs a CUDA device")
+        raise UserError("--gpu needs a CUDA device")
     dtype = parse_dtype(args.dtype, default=torch.bfloat16 if args.gpu else torch.float32)
     B = args.batch or (4 if args.gpu else 2)
     T = args.seq or (2048 if args.gpu else 256)
     rounds = args.rounds or (10 if args.gpu else 7)
+    check_shape(Phi3Config.from_dict(PHI3_MINI) if args.gpu else load_config(args.model or benchutil.smollm2_dir()),
+                B, T)
     torch.manual_seed(0)
     ours, hf = build(args, device, dtype)
     x = torch.randint(0, ours.config.vocab_size, (B, T), device=device)

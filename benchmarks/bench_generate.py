@@ -30,7 +30,9 @@ from typing import Callable
 import torch
 
 from phi3skip import Phi3Config, Phi3ForCausalLM
-from phi3skip.core.cli import ArgumentParser, UserError, run_main
+from phi3skip.core.cli import ArgumentParser, Range, UserError, check_range, check_ranges, run_main
+from phi3skip.core.machine import REPEATS, threads
+from phi3skip.model.skipsets import LOOKAHEAD
 from phi3skip.model.cost import kv_bytes, model_cost
 from phi3skip.model.quant import weight_bytes
 from phi3skip.serve.generate import COMPILE_MODES, GenerationResult, Generator, set_weight_layout
@@ -107,10 +109,15 @@ def cpu(args: argparse.Namespace) -> None:
         folder = benchutil.smollm2_dir()
     N = args.new_tokens or (32 if args.quick else 64)
     rounds = args.rounds or (2 if args.quick else 3)
+    positions = Phi3Config.from_json(folder / "config.json").max_position_embeddings
+    check_range("--new-tokens", N, Range(1, positions - 1, note="the model's positions less a prompt token"))
     tok = load_tokenizer(folder)
     prompts = {kind: tok.encode(format_chat(text, tok, folder), add_special_tokens=False).ids
                for kind, text in PROMPTS.items()}
     ids = prompts["prose"]
+    longest = max(map(len, prompts.values()))
+    check_range("--new-tokens", N, Range(1, max(1, positions - longest),
+                                         note=f"the model's positions less the {longest}-token prompt"))
     model = from_pretrained(folder, dtype=torch.float32)
     L = model.config.num_hidden_layers
     x = torch.tensor([ids])
@@ -446,6 +453,9 @@ def gpu(args: argparse.Namespace) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     N = args.new_tokens or (128 if args.quick else 512)
     rounds = args.rounds or (2 if args.quick else 3)
+    # the random model's 16-token prompt, and the draft's lookahead, within its positions
+    check_range("--new-tokens", N, Range(1, PHI3_MINI["max_position_embeddings"] - 16 - LOOKAHEAD.high - 1,
+                                         note="the model's positions less the prompt and a draft's lookahead"))
     t_start = time.perf_counter()
     failures: list[str] = []
     rows: list[str] = []
@@ -580,7 +590,13 @@ def positive_ints(value: str) -> tuple[int, ...]:
     return out
 
 
-def main() -> None:
+# every numeric flag's range, checked before any work (--new-tokens' upper bound, the model's positions less the
+# longest prompt, once the model's config and prompts are read)
+NUMBERS = {"--new-tokens": Range(1), "--rounds": REPEATS, "--lookaheads": LOOKAHEAD,
+           "--draft-depths": Range(1, 1024, note="prefixes of a trained order, no longer than a model's layers")}
+
+
+def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", action="store_true", help="Phi-3-mini-shaped random bf16 model on CUDA")
     p.add_argument("--quick", action="store_true", help="fewer tokens and runs (~2 minutes on an H100)")
@@ -609,7 +625,8 @@ def main() -> None:
     p.add_argument("--record", action="store_true",
                    help="CPU speculative: write the fastest draft and lookahead into --model's skip.json, the default "
                         "of generate.py --speculative")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    check_ranges(args, {**NUMBERS, "--threads": threads("CPU threads, this machine's CPUs")})
     (gpu if args.gpu else cpu)(args)
 
 

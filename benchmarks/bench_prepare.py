@@ -25,6 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from phi3skip.core.cli import ArgumentParser, Range, UserError, check_ranges, run_main
+from phi3skip.core.machine import REPEATS, cpu_count, threads
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = Path("/tmp/smollm2")  # the converted SmolLM2 checkpoint, when scripts/convert_gguf.py made it
 
@@ -119,19 +122,32 @@ def measure_prepare(corpus_dir: Path, model: Path, out: Path, workers: int) -> d
     return {"seconds": seconds, "rss_mb": usage.ru_maxrss / 1024, "summary": stdout.strip()}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+# every numeric flag's range, checked before any work: the corpus is written to a temporary folder (--mb x copies),
+# tokenized by --workers processes
+NUMBERS = {"--mb": Range(0.001, 1024, note="MB of text per copy"), "--copies": Range(1, 1024),
+           "--runs": REPEATS}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help=f"folder with tokenizer.json (default {DEFAULT_MODEL} if it "
                                                   f"exists, else an 8k byte-level BPE trained here)")
     p.add_argument("--mb", type=float, default=1.0, help="MB of stdlib text per copy")
     p.add_argument("--copies", type=int, nargs=2, default=[4, 16], help="the two corpus sizes, in copies")
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=int, default=cpu_count())
     p.add_argument("--verbose", action="store_true", help="print every run's tokens/s")
     p.add_argument("--child", choices=["plain", "batched"], help=argparse.SUPPRESS)
     p.add_argument("--corpus", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    check_ranges(args, {**NUMBERS, "--workers": threads("worker processes, this machine's CPUs")})
+    if not args.child:
+        need = args.mb * 1e6 * max(args.copies)  # the largest corpus on disk in the temporary folder
+        free = shutil.disk_usage(tempfile.gettempdir()).free
+        if need > free:
+            raise UserError(f"--mb {args.mb:g} x --copies {max(args.copies)}: the corpus needs {need / 1e9:.1f} GB "
+                            f"in {tempfile.gettempdir()}, which has {free / 1e9:.1f} GB free; lower --mb or --copies")
     if args.child:
         return child(args.child, args.corpus, args.model, args.out, args.workers)
 
@@ -174,4 +190,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

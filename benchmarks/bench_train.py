@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from phi3skip import Phi3Config, Phi3ForCausalLM, from_pretrained
-from phi3skip.core.cli import UserError, run_main
+from phi3skip.core.cli import ArgumentParser, Range, UserError, check_range, check_ranges, run_main
+from phi3skip.core.machine import REPEATS, SEED, check_memory, forward_bytes
 from phi3skip.train.distill import LossConfig, distill_step, step_flops_per_token
 from phi3skip.model.rope import Rotary
 
@@ -134,10 +135,26 @@ def worker(args) -> None:
     print(json.dumps(rows))
 
 
+def check_shape(args, config: Phi3Config) -> None:
+    """The window within the model's positions, the skipped layers within its layers, and a step's activations
+    (teacher, and the student's two passes kept for the backward: about a forward's per layer) within the memory,
+    before anything is built."""
+    check_range("--seq-len", args.seq_len, Range(1, config.max_position_embeddings, note="the model's positions"))
+    if args.skip is not None:
+        check_range("--skip", args.skip, Range(0, config.num_hidden_layers - 1, note="the model's layers"))
+    if not args.gpu:  # the GPU's own memory is what bounds --gpu (an out-of-memory there is reported as such)
+        step = 3 * config.num_hidden_layers * forward_bytes(args.batch_size, args.seq_len, 0, config.hidden_size,
+                                                            config.intermediate_size) + forward_bytes(
+            args.batch_size, args.seq_len, config.vocab_size, 0, 0) * 3
+        check_memory("--batch-size/--seq-len", f"{args.batch_size}/{args.seq_len}", step,
+                     f"a distillation step of {args.batch_size} x {args.seq_len} tokens")
+
+
 def cpu_main(args) -> None:
     folder = Path(args.model) if args.model else (Path("/tmp/smollm2") if Path("/tmp/smollm2/config.json").is_file()
                                                   else benchutil.smollm2_dir())
     config = Phi3Config.from_json(folder / "config.json")
+    check_shape(args, config)
     skip = args.skip if args.skip is not None else [config.num_hidden_layers - 2]
     base = [sys.executable, __file__, "--model", str(folder), "--batch-size", str(args.batch_size),
             "--seq-len", str(args.seq_len), "--skip", ",".join(map(str, skip)), "--kd-weight", str(args.kd_weight),
@@ -190,6 +207,7 @@ def gpu_main(args) -> None:
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = Phi3Config.from_dict(PHI3_MINI)
+    check_shape(args, cfg)
     B, T = args.batch_size, args.seq_len
     skip = args.skip if args.skip is not None else [cfg.num_hidden_layers - 2]
     warmup, steps = (2, 3) if args.quick else (args.warmup + 1, args.steps)
@@ -245,8 +263,16 @@ def gpu_main(args) -> None:
     print(f"  ratios phi3skip/original: tokens/s {theirs[0] / ours[0]:.2f}x   peak memory {ours[1] / theirs[1]:.2f}x")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# every numeric flag's range, checked before any work (--seq-len's upper bound, the model's positions, and the
+# --skip layers, its layers, where the model is read)
+NUMBERS = {"--batch-size": Range(1, 1024, note="sequences a step; the memory check follows"), "--seq-len": Range(1),
+           "--kd-weight": Range(0, 1e6, note="the skip term's weight"), "--rounds": REPEATS,
+           "--steps": Range(1, 10000, note="timed steps"), "--warmup": Range(0, 1000, note="untimed steps"),
+           "--seed": SEED}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint folder (CPU; default: converted SmolLM2-135M-Instruct)")
     p.add_argument("--gpu", action="store_true", help="Phi-3-mini-shaped random bf16 model on one CUDA GPU")
     p.add_argument("--quick", action="store_true", help="--gpu: few steps (about 2 minutes on an H100)")
@@ -262,7 +288,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="--gpu: torch.compile each of our blocks")
     p.add_argument("--no-baseline", action="store_true", help="--gpu: skip the transformers baseline")
     p.add_argument("--worker", choices=("ours", "theirs"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    check_ranges(args, NUMBERS)
     if args.gpu:
         args.batch_size = args.batch_size or (4 if args.quick else 8)
         args.seq_len = args.seq_len or 1024

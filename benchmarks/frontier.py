@@ -25,7 +25,8 @@ from phi3skip.core.cli import ArgumentParser, Range, UserError, check_ranges, ru
 from phi3skip.model.config import Phi3Config
 from phi3skip.model.cost import DEFAULT_CONTEXT, BypassShape, CostFraction, block_weights, cost_fraction
 from phi3skip.formats.checkpoints import read_skip_profile
-from phi3skip.core.paths import atomic_write_text
+from phi3skip.core.machine import REPEATS, threads
+from phi3skip.core.paths import atomic_write_text, check_output
 from phi3skip.model.skipsets import skip_prefixes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,9 @@ HEADING = "## Frontier: quality against per-token cost"
 # Where the section goes when the file has none: before the runs table that benchmarks/quality.py appends to.
 RUNS_TABLE = ("## Runs", "| run | recipe | order |")
 TEXTS = ("code", "prose")
-NUMBERS = {"--context": Range(1), "--new-tokens": Range(1), "--rounds": Range(1), "--threads": Range(1)}
+# (--context's upper bound, every run's positions, and --new-tokens', below the context, once the runs are read)
+NUMBERS = {"--context": Range(1), "--new-tokens": Range(1), "--rounds": REPEATS}
+PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")  # what matplotlib writes by the name alone
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ class Row:
 
 
 def load_run(folder: Path) -> Run:
+    if not folder.is_dir():
+        raise UserError(f"--runs {folder}: no such run folder (a run of benchmarks/quality.py, or its name under "
+                        f"{RUNS})")
     try:
         res = json.loads((folder / "results.json").read_text(encoding="utf-8"))
         student = folder / "student"
@@ -208,7 +214,26 @@ def plot(rows: Sequence[Row], context: int, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def main() -> None:
+def check_outputs(args) -> tuple[str, Path | None]:
+    """--out-md and the plot, checked before any run is read (the path rule of every command: a file, in a folder
+    this process can write); returns --out-md's text now (its section is replaced) and the plot's path."""
+    if args.no_write:
+        return "", None
+    out = check_output(args.out_md, "--out-md", "file")
+    try:
+        old = out.read_text(encoding="utf-8") if out.exists() else ""
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--out-md {out}: cannot read it as UTF-8 text to replace its section "
+                        f"({getattr(e, 'strerror', None) or e}); choose another file") from None
+    if args.no_plot:
+        return old, None
+    path = check_output(args.plot or out.parent / "frontier.png", "--plot", "file")
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise UserError(f"--plot {path}: the image type is its name's suffix, one of {', '.join(PLOT_SUFFIXES)}")
+    return old, path
+
+
+def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", nargs="+", metavar="RUN", help="run folders, or names under data/quality (default: all)")
     p.add_argument("--context", type=int, default=DEFAULT_CONTEXT,
@@ -222,11 +247,17 @@ def main() -> None:
     p.add_argument("--plot", type=Path, default=None, help="the plot (default: frontier.png beside --out-md)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-write", action="store_true", help="print the table only: no markdown, no plot")
-    args = p.parse_args()
-    check_ranges(args, NUMBERS)
+    args = p.parse_args(argv)
+    check_ranges(args, {**NUMBERS, "--threads": threads("CPU threads, this machine's CPUs")})
+    old, plot_path = check_outputs(args)
     runs = [load_run(f) for f in find_runs(args.runs)]
     if not runs:
         raise UserError(f"no runs: no {RUNS}/*/results.json (pass --runs RUN ...)")
+    positions = min(r.config.max_position_embeddings for r in runs)
+    check_ranges(args, {"--context": Range(1, positions, note="the runs' models' positions")})
+    if not args.no_speed:
+        check_ranges(args, {"--new-tokens": Range(1, args.context - 1, note="the measured decode's prompt fills the "
+                                                                            "context less the new tokens")})
     measured = None
     rows: list[Row] = []
     if not args.no_speed:
@@ -256,14 +287,12 @@ def main() -> None:
     if args.no_write:
         return
     image = None
-    if not args.no_plot:
-        path = args.plot or args.out_md.parent / "frontier.png"
+    if plot_path is not None:
         try:
-            image = os.path.relpath(plot(rows, args.context, path), args.out_md.parent)
-            print(f"wrote {path}")
+            image = os.path.relpath(plot(rows, args.context, plot_path), args.out_md.parent)
+            print(f"wrote {plot_path}")
         except UserError as e:  # matplotlib is the optional extra `plot`
             print(f"no plot: {e}")
-    old = args.out_md.read_text(encoding="utf-8") if args.out_md.exists() else ""
     atomic_write_text(args.out_md, put_section(old, section(rows, args.context, measured, image)))
     print(f"wrote the section {HEADING[3:]!r} into {args.out_md}")
 

@@ -38,7 +38,12 @@ from phi3skip.data.tokens import Batches, eval_batches
 from phi3skip.eval.evaluate import perplexity_ci, val_batches
 from phi3skip.eval.importance import greedy_order
 from phi3skip.formats.checkpoints import read_skip_profile, save_pretrained
-from phi3skip.core.paths import atomic_write_text
+from phi3skip.core.cli import ArgumentParser, Range, UserError, check_ranges, run_main
+from phi3skip.core.machine import memory_bound
+from phi3skip.core.paths import atomic_write_text, check_apart, check_output
+from phi3skip.data.corpus import read_text_file
+from phi3skip.data.tokens import read_header
+from phi3skip.model.config import Phi3Config
 from phi3skip.model.skipsets import parse_layers, skip_prefixes
 from phi3skip.data.tokenizer import load_tokenizer
 
@@ -89,9 +94,10 @@ def cell(r: dict[str, float]) -> str:
     return " / ".join(f"{r[n]:.3f}" for n in ("code", "prose", "docs") if n in r)
 
 
-def build_untrained(args, teacher_dir: Path, out: Path, extra: list[str]) -> None:
-    """--no-train: the teacher with a candidate order (and least-squares bypasses), saved like a student."""
-    p = argparse.ArgumentParser()
+def untrained_args(extra: list[str], cfg: Phi3Config) -> argparse.Namespace:
+    """--no-train's flags (after `--`), each checked against the teacher's shape and the memory the tokens take,
+    before anything loads."""
+    p = ArgumentParser(prog="quality.py --no-train --")
     p.add_argument("--layers", default=None)
     p.add_argument("--num-skip", type=int, default=None)
     p.add_argument("--rank-tokens", type=int, default=1024)
@@ -102,6 +108,19 @@ def build_untrained(args, teacher_dir: Path, out: Path, extra: list[str]) -> Non
     p.add_argument("--rank-fit-tokens", type=int, default=0,
                    help="greedy order scored with least-squares bypasses fitted on this many other train tokens")
     a = p.parse_args(extra)
+    # tokens scored or fitted are run through the teacher and kept: its logits and a block's activations, fp32
+    per_token = 4 * (cfg.vocab_size + 4 * cfg.hidden_size)
+    check_ranges(a, {"--num-skip": Range(1, cfg.num_hidden_layers, note="the teacher's layers"),
+                     "--adapter-rank": Range(0, cfg.hidden_size, note="the teacher's hidden size"),
+                     "--adapter-mlp": Range(0, cfg.intermediate_size, note="the teacher's MLP width"),
+                     **{f: memory_bound(per_token, "a token's logits and activations are kept", low)
+                        for f, low in (("--rank-tokens", 1), ("--lsq-check-tokens", 1), ("--lsq-tokens", 0),
+                                       ("--rank-fit-tokens", 0))}})
+    return a
+
+
+def build_untrained(args, teacher_dir: Path, out: Path, a: argparse.Namespace) -> None:
+    """--no-train: the teacher with a candidate order (and least-squares bypasses), saved like a student."""
     model = from_pretrained(teacher_dir, dtype=torch.float32)
     train = Batches(Path(args.data[0]) / "train.bin", 4, 256, seed=0)  # the first folder only
     if a.layers == "auto":
@@ -145,10 +164,62 @@ def step_tokens(train_args: list[str]) -> int:
     return a.batch_size * a.max_seq_len * a.grad_accum
 
 
-def main() -> None:
-    argv = sys.argv[1:]
+def check_inputs(args) -> tuple[Path, Path | None, Phi3Config]:
+    """What every run reads and writes, checked before training or scoring starts (the rules of every command):
+    the teacher, the data folders, the prose, the runs folder and the table; (teacher, docs or None, its config)."""
+    teacher_dir = Path(args.teacher)
+    if not (teacher_dir / "config.json").is_file():
+        raise UserError(f"--teacher {teacher_dir}: no config.json there; give the teacher's checkpoint folder")
+    cfg = Phi3Config.from_json(teacher_dir / "config.json")
+    for d in args.data:
+        for name in ("train.bin", "val.bin"):
+            if not (Path(d) / name).is_file():
+                raise UserError(f"--data {d}: no {name} there; give a folder made by prepare.py")
+            read_header(Path(d) / name)  # a damaged token file is one line now, not after training
+    if not Path(args.prose).exists():
+        raise UserError(f"--prose {args.prose}: no such file")
+    if Path(args.prose).is_dir():
+        raise UserError(f"--prose {args.prose}: is a folder; give a text file")
+    try:
+        read_text_file(args.prose)
+    except UserError as e:
+        raise UserError(f"--prose {e}") from None
+    except OSError as e:
+        raise UserError(f"--prose {args.prose}: cannot read it ({e.strerror})") from None
+    docs = Path(args.docs) if args.docs else None
+    if docs is not None and docs.exists() and not (docs / "val.bin").is_file():
+        raise UserError(f"--docs {docs}: no val.bin there; give a folder made by prepare.py (or one that does not "
+                        f"exist, to score no docs)")
+    check_output(args.runs, "--runs", "dir")
+    check_apart({"--runs": args.runs}, [("--teacher", teacher_dir), *(("--data", d) for d in args.data),
+                                        ("--prose", args.prose), ("--docs", docs)])
+    if not args.rescore:
+        check_output(TABLE, "the table", "file")
+        try:
+            TABLE.read_text(encoding="utf-8") if TABLE.exists() else ""
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{TABLE}: cannot read it as UTF-8 text to append a row ({e})") from None
+    return teacher_dir, docs, cfg
+
+
+def read_results(run: Path) -> dict:
+    """A run's results.json (--rescore), one line when it is missing or damaged."""
+    path = run / "results.json"
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"--rescore {run.name}: no {path}; give the name of a run under --runs") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not readable JSON ({e}); re-run the recipe") from None
+    if not isinstance(results, dict):
+        raise UserError(f"{path}: expected a JSON object; re-run the recipe")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="quality.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--name", required=True, help="the recipe, in a few words (the row's label)")
     p.add_argument("--teacher", default="data/smollm2")
     p.add_argument("--data", nargs="+", default=["data/stdlib"],
@@ -164,11 +235,16 @@ def main() -> None:
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--note", default="", help="said in the row, e.g. that the machine was shared")
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    teacher_dir = Path(args.teacher)
-    docs = Path(args.docs) if args.docs else None
+    if args.data_weights is not None and len(args.data_weights) != len(args.data):
+        raise UserError(f"--data-weights: {len(args.data_weights)} weights for {len(args.data)} --data folders; give "
+                        "one weight per folder")
+    if args.rescore and (args.no_train or extra):
+        raise UserError("--rescore scores an earlier run: it takes no --no-train and no train.py flags after --")
+    teacher_dir, docs, cfg = check_inputs(args)
+    untrained = untrained_args(extra, cfg) if args.no_train else None
     if args.rescore:
         run = Path(args.runs) / args.rescore
-        results = json.loads((run / "results.json").read_text())
+        results = read_results(run)
         sets = scoring_sets(teacher_dir, Path(args.data[0]), Path(args.prose), docs)
         _, ratios, base = score(run, teacher_dir, sets)
         results.update(ratios=ratios, teacher_ppl=base)
@@ -180,31 +256,32 @@ def main() -> None:
     out = run / "student"
     t0 = time.perf_counter()
     if args.no_train:
-        build_untrained(args, teacher_dir, out, extra)
+        build_untrained(args, teacher_dir, out, untrained)
         cmd = f"python benchmarks/quality.py --name {shlex.quote(args.name)}{data_flags(args)} --no-train -- {shlex.join(extra)}"
     else:
         blend = ["--data-weights", *args.data_weights] if args.data_weights else []
         train_cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(teacher_dir), "--data", *args.data, *blend,
                      "--out", str(out), "--ckpt-dir", str(run / "ckpt"), "--log-dir", str(run / "logs"), *DEMO, *extra]
         r = subprocess.run(train_cmd, env={**__import__("os").environ, "STDOUT": "1"})
-        if r.returncode != 0:
-            sys.exit(f"train.py failed (exit {r.returncode}); no row written")
+        if r.returncode != 0:  # train.py said why (a mistake in its flags: one line, exit 2)
+            print(f"train.py failed (exit {r.returncode}); no row written", file=sys.stderr)
+            sys.exit(r.returncode)
         cmd = f"python benchmarks/quality.py --name {shlex.quote(args.name)}{data_flags(args)} -- {shlex.join(extra)}"
     wall = time.perf_counter() - t0
 
     steps = int(read_skip_profile(out).get("steps", 0))
     layers, ratios, base = score(run, teacher_dir, scoring_sets(teacher_dir, Path(args.data[0]), Path(args.prose), docs))
     tokens = steps * step_tokens(DEMO + extra)
-    (run / "results.json").write_text(json.dumps({"name": args.name, "command": cmd, "layers": layers,
+    atomic_write_text(run / "results.json", json.dumps({"name": args.name, "command": cmd, "layers": layers,
                                                   "steps": steps, "wall_s": wall, "teacher_ppl": base,
                                                   "ratios": ratios, "train_tokens": tokens}, indent=2) + "\n")
     cells = [cell(r) for r in ratios] + ["–"] * max(0, DEPTHS - len(ratios))
     row = (f"| {slug} | {args.name}{' (' + args.note + ')' if args.note else ''} | {','.join(map(str, layers))} | "
            f"{tokens:,} | {wall / 60:.1f} min | " + " | ".join(cells[:DEPTHS]) + f" | `{cmd}` |\n")
-    text = TABLE.read_text() if TABLE.exists() else HEADER
+    text = TABLE.read_text(encoding="utf-8") if TABLE.exists() else HEADER
     atomic_write_text(TABLE, text + row)
     print(row, end="")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

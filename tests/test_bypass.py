@@ -142,7 +142,7 @@ def test_damaged_adapter_files_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="not a readable|do not match"):
         from_pretrained(tmp_path / "s")
     prof_path.write_text(json.dumps({**prof, "adapters": {**prof["adapters"], "kind": "pickle"}}))
-    with pytest.raises(UserError, match="unknown skip-adapter kind"):
+    with pytest.raises(UserError, match="field .adapters.kind. must be .bypass."):
         from_pretrained(tmp_path / "s")
     prof_path.write_text(json.dumps({**prof, "adapters": {**prof["adapters"], "mlp": 10 ** 6}}))
     with pytest.raises(UserError, match="MLP width"):
@@ -335,7 +335,7 @@ def test_sequential_bypass_is_a_block_and_old_files_load_as_parallel(tmp_path):
     torch.testing.assert_close(old(x), h + b.mlp(b.mlp_norm(x)))
     prof["adapters"]["form"] = "diagonal"
     (tmp_path / "s" / "skip.json").write_text(json.dumps(prof))
-    with pytest.raises(UserError, match="unknown bypass form 'diagonal'"):
+    with pytest.raises(UserError, match="field 'adapters.form' must be 'sequential' or 'parallel', got \"diagonal\""):
         from_pretrained(tmp_path / "s")
 
 
@@ -464,7 +464,7 @@ def test_depth_deltas_save_and_load(tmp_path):
         from_pretrained(tmp_path / "s")
     assert "\n" not in str(e.value)
     prof_path.write_text(json.dumps({**prof, "adapters": {**prof["adapters"], "depth_rank": -1}}))
-    with pytest.raises(UserError, match="per-depth delta rank -1"):
+    with pytest.raises(UserError, match="field .adapters.depth_rank. must be an integer 0..32 .at most the hidden size., got -1"):
         from_pretrained(tmp_path / "s")
     plain = tiny()  # written before per-depth deltas: skip.json's adapters without depth_rank load as none
     bypass.attach(plain, [4], rank=8)

@@ -411,7 +411,7 @@ def test_cli_generates_streams_and_summarises(tiny_dir):
     (["--skip", "3,x", "--prompt", "w1"], None, "--skip"),
     (["--prompt", "  "], None, "empty"),
     ([], "", "empty"),
-    (["--prompt", "w1 w2", "--max-new-tokens", "63"], None, "exceeds the model's context of 64"),
+    (["--prompt", "w1 w2", "--max-new-tokens", "63"], None, "--max-new-tokens must be in 1..62 (the model's positions"),
     (["--prompt", "w1", "--speculative", "--draft-skip", "9"], None, "out of range"),
     (["--prompt", "w1", "--temperature", "-1"], None, "temperature"),
     (["--prompt", "w1", "--bogus"], None, "unrecognized arguments"),

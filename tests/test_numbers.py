@@ -133,3 +133,99 @@ def test_range(allowed, good, bad, words):
         with pytest.raises(UserError, match=r"^--x must be "):
             check_range("--x", v, allowed)
     assert allowed.describe() == words
+
+
+# Upper bounds from what the machine can honour (issue 29), on a machine made to have 2 CPUs and 1 GiB of memory
+# available: threads against the CPUs, tokens held in memory (16 bytes each: 2**26 in 1 GiB) and a forward's
+# activations against the memory, decoding against the model's positions less the prompt (the tiny tokenizer reads
+# evaluate's speed prompt as 7 words), seeds within numpy's and torch's, repeats within 1000.
+MIB = 2**20
+FORWARD = 32 * (2 * 64 * 4 + (2 * 64 + 4 * 32) * 4)  # bytes a window of 32 tokens takes in the tiny model's forward
+UPPER = [  # command (and extra arguments), flag, refused, accepted
+    ("check_gguf", "--threads", ["3", "100000"], ["2"]),
+    ("check_gguf", "--repeats", ["1001", "1000000000"], ["1000"]),
+    ("check_gguf", "--max-tokens", [str(2**26 + 1)], [str(2**26)]),
+    ("check_gguf --against {model}/config.json", "--speed-tokens", ["57", "1000000000"], ["56"]),
+    ("evaluate", "--speed-tokens", ["58", "1000000000"], ["57"]),
+    ("evaluate", "--max-tokens", [str(2**26 + 1)], [str(2**26)]),
+    ("evaluate", "--batch-size", [str(1024 * MIB // FORWARD + 1), str(10**12)], [str(1024 * MIB // FORWARD)]),
+    ("rank_layers", "--max-tokens", [str(2**26 + 1)], [str(2**26)]),
+    ("rank_layers", "--batch-size", [str(1024 * MIB // FORWARD + 1)], [str(1024 * MIB // FORWARD)]),
+    ("rank_layers", "--shortlist", ["5"], ["4"]),
+    ("generate", "--seed", [str(2**32), str(2**64)], [str(2**32 - 1)]),
+    ("generate", "--temperature", ["100.5", "1e300"], ["100"]),
+    ("generate", "--top-k", ["65"], ["64"]),
+    ("generate", "--max-new-tokens", ["63", "1000000000"], ["62"]),  # the prompt "t1 t2": 2 tokens
+    ("random_model", "--seed", [str(2**32)], [str(2**32 - 1)]),
+    ("random_model", "--layers", ["1025"], []),
+    ("random_model", "--hidden", ["65537"], []),
+    ("random_model", "--heads", ["65"], []),
+    ("random_model", "--kv-heads", ["5"], ["4"]),
+]
+
+
+def _upper_cases():
+    for command, flag, refused, accepted in UPPER:
+        yield from ((command, flag, v, False) for v in refused)
+        yield from ((command, flag, v, True) for v in accepted)
+
+
+@pytest.mark.parametrize("command,flag,value,accepted", list(_upper_cases()))
+def test_every_count_has_an_upper_bound_from_the_machine(tiny_run, tmp_path, monkeypatch, command, flag, value,
+                                                         accepted):
+    from phi3skip.core import machine
+
+    root, _ = tiny_run
+    monkeypatch.setattr(machine, "cpu_count", lambda: 2)
+    monkeypatch.setattr(machine, "available_memory", lambda: 1024 * MIB)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    name, *extra = command.split(" ")
+    work, base = BASE[name]
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(work, started)
+    fill = dict(root=root, model=root / "model", data=root / "data", tmp=tmp_path)
+    argv = [a.format(**fill) for a in base + extra] + [f"{flag}={value}"]
+    if accepted:
+        with pytest.raises(Started):
+            entry(name)(argv)
+    else:
+        with pytest.raises(UserError, match=f"^{flag}[ :]") as e:  # its range, or the memory it needs
+            entry(name)(argv)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("command,argv,words", [
+    ("evaluate", ["--batch-size", str(10**9), "--seq-len", "64"], "--batch-size 1000000000: a forward of"),
+    ("rank_layers", ["--batch-size", str(10**9), "--seq-len", "64"], "needs about"),
+    ("random_model", ["--layers", "1024", "--hidden", "65536", "--heads", "512", "--kv-heads", "512"],
+     "a random model of"),
+])
+def test_memory_estimates_are_checked_before_anything_is_allocated(tiny_run, tmp_path, monkeypatch, command, argv,
+                                                                  words):
+    from phi3skip.core import machine
+
+    root, _ = tiny_run
+    monkeypatch.setattr(machine, "available_memory", lambda: 64 * MIB)
+    work, base = BASE[command]
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(work, started)
+    fill = dict(root=root, model=root / "model", data=root / "data", tmp=tmp_path)
+    with pytest.raises(UserError, match="of memory and this machine has 64.0 MiB available; lower") as e:
+        entry(command)([a.format(**fill) for a in base] + argv)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_machine_readings():
+    from phi3skip.core import machine
+
+    assert 1 <= machine.cpu_count() <= (__import__("os").cpu_count() or 1)
+    assert machine.available_memory() is None or machine.available_memory() > 0
+    assert machine.threads().high == machine.cpu_count()
+    assert machine.SEED.holds(2**32 - 1) and not machine.SEED.holds(2**32)
+    assert machine.REPEATS.describe() == "in 1..1000"

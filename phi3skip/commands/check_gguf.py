@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .. import from_pretrained, load_config
 from ..core.cli import ArgumentParser, Range, UserError, check_range, check_ranges, run_main
+from ..core.machine import REPEATS, held_tokens, threads
 from ..data.tokenizer import check_data_tokenizer, load_tokenizer
 from ..eval import llamacpp
 from ..eval.evaluate import val_batches
@@ -22,10 +23,14 @@ from ..formats import deci
 from ..formats.export import choose_skip
 from .evaluate import SPEED_PROMPT, read_texts, text_batches
 
-# every numeric flag's range, checked before any work (--seq-len's upper bound, the model's positions, once its
-# config is read; --num-skip's, skip.json's order, by export.choose_skip)
-NUMBERS = {"--max-tokens": Range(1), "--seq-len": Range(1), "--speed-tokens": Range(0), "--repeats": Range(1),
-           "--threads": Range(1)}
+# every numeric flag's range, checked before any work (--seq-len's and --speed-tokens' upper bounds, the model's
+# positions, once its config is read; --num-skip's, skip.json's order, by export.choose_skip)
+NUMBERS = {"--seq-len": Range(1), "--speed-tokens": Range(0), "--repeats": REPEATS}
+
+
+def numbers() -> dict[str, Range]:
+    """NUMBERS with the bounds this machine sets: threads against its CPUs, tokens against its free memory."""
+    return {**NUMBERS, "--max-tokens": held_tokens(), "--threads": threads("llama.cpp threads, this machine's CPUs")}
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -45,7 +50,7 @@ def run(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if (args.data is None) == (args.text is None):
         raise UserError("give one of --data (a prepare.py folder) or --text FILE: the held-out tokens to score")
-    check_ranges(args, NUMBERS)
+    check_ranges(args, numbers())
     for flag, path in (("--gguf", args.gguf), ("--against", args.against)):
         if path is not None and not Path(path).is_file():
             raise UserError(f"{flag} {path}: no such file")
@@ -58,6 +63,11 @@ def run(argv: list[str] | None = None) -> None:
     check_range("--seq-len", args.seq_len, Range(1, window, note="the model's sliding window, which llama.cpp does not "
                                                                "run" if window < config.max_position_embeddings else
                                                  "the model's positions"))
+    prompt = load_tokenizer(str(folder)).encode(SPEED_PROMPT).ids
+    if args.against:  # llama.cpp's context holds the prompt, the new tokens and one more: no more than the model's
+        check_range("--speed-tokens", args.speed_tokens, Range(0, max(0, config.max_position_embeddings - len(prompt)
+                                                                      - 1), note=f"the model's positions less the "
+                                                                                 f"{len(prompt)}-token prompt"))
     skip = choose_skip(read_skip_profile(folder), config.num_hidden_layers, args.skip, args.num_skip)
     if args.data:
         check_data_tokenizer(args.data, folder)
@@ -70,7 +80,6 @@ def run(argv: list[str] | None = None) -> None:
                               vocab_size=config.vocab_size)
     else:
         batches = text_batches(texts, folder, 4, args.seq_len, args.max_tokens)
-    prompt = load_tokenizer(str(folder)).encode(SPEED_PROMPT).ids
     res = llamacpp.check(student, skip, args.gguf, batches, args.against, prompt,
                          args.speed_tokens if args.against else 0, args.threads, args.repeats)
     shown = ",".join(map(str, skip)) or "none"

@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import from_pretrained, load_config
 from ..core.cli import ArgumentParser, Range, UserError, check_range, check_ranges, run_main
+from ..core.machine import check_memory, forward_bytes, held_tokens
 from ..core.devices import dtype_name, pick_device, pick_dtype
 from ..core.paths import atomic_write_text, check_apart, check_output, local, writable
 from ..data.corpus import read_text_file
@@ -29,9 +30,9 @@ from ..formats.checkpoints import read_skip_profile, resolve
 from ..model.quant import MODES as QUANT_MODES
 from ..model.skipsets import default_layers, parse_skip_sets, validate_skip
 
-# every numeric flag's range, checked before any work (--seq-len's upper bound, the model's positions, once its
-# config is read)
-NUMBERS = {"--max-tokens": Range(1), "--seq-len": Range(1), "--batch-size": Range(1), "--speed-tokens": Range(0)}
+# every numeric flag's range, checked before any work (--seq-len's and --speed-tokens' upper bounds, the model's
+# positions, and --batch-size's, the memory one forward needs, once its config is read)
+NUMBERS = {"--seq-len": Range(1), "--batch-size": Range(1), "--speed-tokens": Range(0)}
 SPEED_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 
 
@@ -61,6 +62,24 @@ def text_batches(texts: dict[str, str], model_dir: Path, batch_size: int, seq_le
     return list(eval_batches(np.asarray(ids, dtype=np.int64), batch_size, seq_len, max_tokens=max_tokens))
 
 
+def speed_prompt(folder: Path) -> list[int]:
+    return load_tokenizer(str(folder)).encode(SPEED_PROMPT).ids
+
+
+def check_model_numbers(args, config, folder: Path) -> None:
+    """The bounds the model sets, before it loads: windows and decoding within its positions, a batch's forward
+    within the memory available."""
+    positions = config.max_position_embeddings
+    check_range("--seq-len", args.seq_len, Range(1, positions, note="the model's positions"))
+    if args.speed_tokens:
+        n = len(speed_prompt(folder))
+        check_range("--speed-tokens", args.speed_tokens, Range(0, max(0, positions - n),
+                                                               note=f"the model's positions less the {n}-token prompt"))
+    check_memory("--batch-size", args.batch_size, forward_bytes(args.batch_size, args.seq_len, config.vocab_size,
+                                                                config.hidden_size, config.intermediate_size),
+                 f"a forward of {args.batch_size} windows of {args.seq_len} tokens")
+
+
 def run(argv: list[str] | None = None) -> None:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="data/llm_cache/student_model", help="the student (folder or Hub id)")
@@ -81,7 +100,7 @@ def run(argv: list[str] | None = None) -> None:
                    help="score the student with weight-only int8 or int4 weights, as generate.py --quantize runs it "
                         "(the teacher stays as loaded); skip.json's evaluation is then left as it is")
     args = p.parse_args(argv)
-    check_ranges(args, NUMBERS)
+    check_ranges(args, {**NUMBERS, "--max-tokens": held_tokens()})
     if not args.data and not args.text:
         raise UserError("nothing to score: give --data (a prepare.py folder) and/or --text FILES")
     if not args.no_plot:
@@ -93,8 +112,8 @@ def run(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     folder = resolve(args.model)
     out = check_output(Path(args.out) if args.out else folder / "eval", "--out", "dir")
-    check_range("--seq-len", args.seq_len, Range(1, load_config(folder).max_position_embeddings,
-                                                 note="the model's positions"))
+    config = load_config(folder)
+    check_model_numbers(args, config, folder)
     profile = read_skip_profile(folder)
     teacher_src = args.teacher or profile.get("teacher")
     # The student's folder is kept, not only read: evaluate records into it (skip.json; <model>/eval by default).
@@ -120,7 +139,7 @@ def run(argv: list[str] | None = None) -> None:
     if args.text:
         datasets["text" if len(args.text) > 1 else Path(args.text[0]).stem] = text_batches(
             texts, folder, args.batch_size, args.seq_len, args.max_tokens)
-    prompt = load_tokenizer(str(folder)).encode(SPEED_PROMPT).ids if args.speed_tokens else None
+    prompt = speed_prompt(folder) if args.speed_tokens else None
     n_tok = {k: sum(y.numel() for _, y in v) for k, v in datasets.items()}
     print(f"scoring {len(skip_sets)} skip sets on {', '.join(f'{k} ({v} tokens)' for k, v in n_tok.items())}"
           f"{' with the naive teacher baseline' if teacher else ''}", file=sys.stderr, flush=True)

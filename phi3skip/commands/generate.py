@@ -17,7 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..core.cli import ArgumentParser, Range, UserError, check_ranges, run_main
+from ..core.cli import ArgumentParser, Range, UserError, check_range, check_ranges, run_main
+from ..core.machine import SEED
 from ..formats import checkpoints
 from ..model.quant import MODES as QUANT_MODES
 from ..model.skipsets import LOOKAHEAD, default_draft_skip, measured_speculative, parse_skip
@@ -86,24 +87,22 @@ def show_skips(folder: Path, model: str) -> None:
 
 
 def profile_of(folder: Path) -> dict:
-    """skip.json ({} when there is none, or it is unreadable: generation only takes defaults from it)."""
-    try:
-        return checkpoints.read_skip_profile(folder)
-    except UserError:
-        return {}
+    """skip.json ({} when there is none); a damaged one is one line naming its field, as in every command (it was
+    read as {} here, and `--skip first:K` then said the student had no trained order)."""
+    return checkpoints.read_skip_profile(folder)
 
 
 def trained_order(folder: Path) -> list[int]:
-    """skip.json's trained order ([] when there is none, or it is unreadable: only `first:K` needs it)."""
-    try:
-        return [int(i) for i in profile_of(folder).get("layers") or []]
-    except (TypeError, ValueError):
-        return []
+    """skip.json's trained order ([] when there is none; its fields are checked where it is read)."""
+    return list(profile_of(folder).get("layers") or [])
 
 
 # every numeric flag's range, checked before any work
-NUMBERS = {"--max-new-tokens": Range(1), "--lookahead": LOOKAHEAD, "--temperature": Range(0),
-           "--top-k": Range(1), "--top-p": Range(0.0, 1.0, above=True), "--seed": Range(0)}
+# (--top-k's upper bound, the vocabulary, once the config is read; --max-new-tokens', the model's positions less
+# the prompt, by check_request once the prompt is tokenized, before the weights load)
+NUMBERS = {"--max-new-tokens": Range(1), "--lookahead": LOOKAHEAD,
+           "--temperature": Range(0, 100, note="above 100 sampling is uniform to float32's precision"),
+           "--top-k": Range(1), "--top-p": Range(0.0, 1.0, above=True), "--seed": SEED}
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -163,6 +162,7 @@ def run(argv: list[str] | None = None) -> None:
     config = Phi3Config.from_json(folder / "config.json")
     L = config.num_hidden_layers
     skip_set = validate_skip(skip, L)  # checked once: the Generator and its steps take it as it is
+    check_range("--top-k", args.top_k, Range(1, config.vocab_size, note="the model's vocabulary"))
     if untrained(skip, trained) and trained:
         print(f"note: --skip names layer(s) {','.join(map(str, untrained(skip, trained)))} that the student was not "
               f"trained to skip (its order: {','.join(map(str, trained))}); expect the naive skip's quality",
@@ -191,6 +191,10 @@ def run(argv: list[str] | None = None) -> None:
         texts = [chat.format_chat(t, tok, folder, args.system) for t in texts]
     prompts = [chat.encode_prompt(t, tok, chat=args.chat) for t in texts]
     stop = [] if args.ignore_eos else chat.stop_token_ids(folder, config, tok)
+    longest = max(map(len, prompts))
+    check_range("--max-new-tokens", args.max_new_tokens, Range(1, max(1, config.max_position_embeddings - longest),
+                                                               note=f"the model's positions less the {longest}-token "
+                                                                    f"prompt"))
     check_request(config, prompts, args.max_new_tokens)  # bad lengths fail before the weights load
 
     model = from_pretrained(folder, dtype=dtype, device=device, quantize=args.quantize)

@@ -17,6 +17,7 @@ from pathlib import Path
 from .. import from_pretrained, load_config
 from ..core.cli import ArgumentParser, Range, check_ranges, run_main
 from ..core.devices import pick_device, pick_dtype
+from ..core.machine import check_memory, forward_bytes, held_tokens
 from ..core.paths import atomic_write_text, check_apart, check_output, local
 from ..data.tokenizer import check_data_tokenizer
 from ..eval.evaluate import val_batches
@@ -24,7 +25,7 @@ from ..eval.importance import format_table, greedy_order, rank_layers, recommend
 from ..model.skipsets import SHORTLIST
 
 # every numeric flag's range, checked before any work (upper bounds from the model's config, once it is read)
-NUMBERS = {"--max-tokens": Range(1), "--seq-len": Range(1), "--batch-size": Range(1), "--num-skip": Range(1),
+NUMBERS = {"--seq-len": Range(1), "--batch-size": Range(1), "--num-skip": Range(1),
            "--greedy": Range(0), "--shortlist": Range(0)}
 
 
@@ -38,14 +39,14 @@ def run(argv: list[str] | None = None) -> None:
     p.add_argument("--num-skip", type=int, default=None, help="how many layers to recommend (default: all)")
     p.add_argument("--greedy", type=int, default=0, metavar="K",
                    help="also the greedy conditional order of K layers (what train.py --layers auto uses)")
-    p.add_argument("--shortlist", type=int, default=SHORTLIST,
+    p.add_argument("--shortlist", type=int, default=None,
                    help=f"--greedy: after the first pick, re-score only the N layers that added the least KL when "
                         f"last scored (default {SHORTLIST}, as train.py --rank-shortlist; 0: every layer every pick)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default float32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cuda when available)")
     p.add_argument("--json", help="write the ranking here as JSON")
     args = p.parse_args(argv)
-    check_ranges(args, NUMBERS)
+    check_ranges(args, {**NUMBERS, "--max-tokens": held_tokens()})
     if args.json:
         check_output(args.json, "--json", "file")
         check_apart({"--json": args.json}, {"--model": local(args.model), "--data": args.data})
@@ -53,7 +54,12 @@ def run(argv: list[str] | None = None) -> None:
     L = config.num_hidden_layers
     check_ranges(args, {"--seq-len": Range(1, config.max_position_embeddings, note="the model's positions"),
                         "--num-skip": Range(1, L, note="the model's layers"),
-                        "--greedy": Range(0, L, note="the model's layers; 0: none")})
+                        "--greedy": Range(0, L, note="the model's layers; 0: none"),
+                        "--shortlist": Range(0, L, note="the model's layers; 0: every layer")})
+    shortlist = min(SHORTLIST, L) if args.shortlist is None else args.shortlist
+    check_memory("--batch-size", args.batch_size, forward_bytes(args.batch_size, args.seq_len, config.vocab_size,
+                                                                config.hidden_size, config.intermediate_size),
+                 f"a forward of {args.batch_size} windows of {args.seq_len} tokens")
 
     device = pick_device(args.device)
     model = from_pretrained(args.model, dtype=pick_dtype(args.dtype, device, "rank_layers"), device=device)
@@ -68,7 +74,7 @@ def run(argv: list[str] | None = None) -> None:
     print(format_table(full, ranking))
     greedy = []
     if args.greedy:
-        greedy = greedy_order(model, batches, args.greedy, shortlist=args.shortlist or None,
+        greedy = greedy_order(model, batches, args.greedy, shortlist=shortlist or None,
                               progress=lambda b: print(f"  greedy: + layer {b[0]} (KL {b[1]:.4f})", file=sys.stderr))
         print("\n| k | layer added | KL(full || skipping the first k) |\n|---|---|---|")
         for k, (layer, kl) in enumerate(greedy, 1):

@@ -18,6 +18,7 @@ from ..core.hub import hub_errors, hub_offline, is_hub_id
 from ..core.paths import atomic_output
 from ..model import bypass, quant
 from ..model.config import ConfigError, Phi3Config
+from ..model.skipsets import ProfileShape, check_profile
 from ..model.model import Phi3ForCausalLM
 
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
@@ -65,7 +66,11 @@ def read_skip_profile(folder: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
-    return obj
+    shape = ProfileShape()
+    if (Path(folder) / "config.json").is_file():  # the bounds of its layers and sizes (a damaged config: one line)
+        cfg = Phi3Config.from_json(Path(folder) / "config.json")
+        shape = ProfileShape(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
+    return check_profile(obj, str(path), shape)
 
 
 def load_config(src: str | os.PathLike, revision: str | None = None, token: str | None = None) -> Phi3Config:

@@ -140,6 +140,48 @@ class _File:
             raise GGUFError(f"{self.path}: metadata {key!r} is malformed ({e})") from None
 
 
+# The metadata this reader uses, by the Python type its value must decode to ("{arch}" is general.architecture):
+# checked once when the file is opened, so a damaged or hand-edited key is one line naming it, not a traceback
+# wherever it is first used.
+_INT, _NUM, _STR, _BOOL = (int,), (int, float), (str,), (bool,)
+_TYPES = {
+    "general.architecture": _STR, "general.name": _STR, "split.count": _INT,
+    "{arch}.block_count": _INT, "{arch}.context_length": _INT, "{arch}.embedding_length": _INT,
+    "{arch}.feed_forward_length": _INT, "{arch}.attention.head_count": _INT, "{arch}.attention.head_count_kv": _INT,
+    "{arch}.attention.key_length": _INT, "{arch}.attention.value_length": _INT, "{arch}.expert_count": _INT,
+    "{arch}.rope.dimension_count": _INT, "{arch}.rope.freq_base": _NUM, "{arch}.attention.layer_norm_rms_epsilon": _NUM,
+    "{arch}.rope.scaling.type": _STR, "{arch}.rope.scaling.factor": _NUM, "{arch}.rope.scaling.attn_factor": _NUM,
+    "{arch}.rope.scaling.original_context_length": _INT, "{arch}.attention.sliding_window": _INT,
+    "tokenizer.ggml.model": _STR, "tokenizer.ggml.pre": _STR, "tokenizer.chat_template": _STR,
+    "tokenizer.ggml.add_bos_token": _BOOL, "tokenizer.ggml.add_eos_token": _BOOL,
+    "tokenizer.ggml.add_space_prefix": _BOOL, **{f"tokenizer.ggml.{n}_token_id": _INT for n in
+                                                 ("bos", "eos", "unknown", "padding", "eot")},
+}
+# the large arrays, by their element type (not decoded to check it)
+_ARRAY_TYPES = {"tokenizer.ggml.tokens": "STRING", "tokenizer.ggml.merges": "STRING",
+                "tokenizer.ggml.scores": "FLOAT32", "tokenizer.ggml.token_type": "INT32"}
+
+
+def _check_types(path: Path, reader: Any, meta: dict[str, Any]) -> None:
+    from gguf import GGUFValueType as T
+
+    arch = meta.get("general.architecture")
+    for key, types in _TYPES.items():
+        key = key.format(arch=arch)
+        v = meta.get(key)
+        if key in reader.fields and (isinstance(v, bool) != (types is _BOOL) or not isinstance(v, types)
+                                     or (types is _NUM and not math.isfinite(v))):
+            want = {id(_INT): "an integer", id(_NUM): "a finite number", id(_STR): "a string",
+                    id(_BOOL): "a boolean"}[id(types)]
+            raise GGUFError(f"{path}: metadata {key!r} must be {want}, got {str(v)[:60]!r}; the file is damaged or "
+                            "was not written by llama.cpp's converter")
+    for key, element in _ARRAY_TYPES.items():
+        field = reader.fields.get(key)
+        if field is not None and (not field.types or field.types[0] != T.ARRAY or field.types[-1] != T[element]):
+            raise GGUFError(f"{path}: metadata {key!r} must be an array of {element.lower()}, got "
+                            f"{'/'.join(t.name.lower() for t in field.types) or 'nothing'}; the file is damaged")
+
+
 _BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
                "tokenizer.ggml.merges")
 
@@ -197,6 +239,7 @@ def _open(path: str | os.PathLike) -> _File:
             meta[key] = _value(field)
         except Exception:  # exotic/undecodable values are not needed here
             continue
+    _check_types(path, reader, meta)
     if int(meta.get("split.count", 1) or 1) > 1:
         raise GGUFError(f"{path}: one part of a split GGUF ({meta['split.count']} parts); merge them first with "
                         "llama.cpp's `llama-gguf-split --merge FIRST-PART.gguf OUT.gguf`")
@@ -258,6 +301,11 @@ def _config(f: _File, tensors: dict[str, Any]) -> Phi3Config:
         kw.update(max_position_embeddings=ctx, original_max_position_embeddings=orig, sliding_window=window,
                   rope_scaling=rope_scaling, partial_rotary_factor=rot / head_dim)
     eos = f.get("tokenizer.ggml.eos_token_id")
+    for n in ("bos", "eos", "unknown", "padding", "eot"):  # their types are checked by _open
+        i = f.get(f"tokenizer.ggml.{n}_token_id")
+        if i is not None and not 0 <= i < vocab:
+            raise GGUFError(f"{f.path}: metadata 'tokenizer.ggml.{n}_token_id' is {i}, outside the vocabulary of "
+                            f"{vocab} tokens (token_embd.weight's rows); the file is damaged")
     try:
         return Phi3Config(
             vocab_size=vocab, hidden_size=hidden, intermediate_size=pos_int("{arch}.feed_forward_length"),

@@ -48,13 +48,10 @@ from torch import nn
 
 from ..core.cli import UserError
 from .cost import block_weights
+from .skipsets import FORMS, KIND
 from .model import MLP, Phi3ForCausalLM, RMSNorm, swiglu
 
 FILE = "skip_adapters.safetensors"
-KIND = "bypass"
-
-
-FORMS = ("sequential", "parallel")
 DELTA_SEED = 0  # fresh deltas' A factors come from this seed: a fresh student is reproducible
 
 

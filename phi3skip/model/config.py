@@ -30,6 +30,12 @@ class RopeScaling:
     type: str = "longrope"  # "su" and "yarn" are old names for it, written back as "longrope"
 
 
+# The largest size a config may give: 10x beyond any Phi-3 or Llama released (a config of 10**12 layers spent minutes
+# and gigabytes building its modules before failing); a checkpoint past them is damaged, not large.
+SIZE_LIMITS = {"vocab_size": 2**22, "hidden_size": 2**17, "intermediate_size": 2**20, "num_hidden_layers": 2**12,
+               "num_attention_heads": 2**12, "num_key_value_heads": 2**12, "max_position_embeddings": 2**24}
+
+
 @dataclass(frozen=True)
 class Phi3Config:
     vocab_size: int = 32064
@@ -92,10 +98,26 @@ class Phi3Config:
         def bad(msg: str) -> None:
             raise ConfigError(f"invalid config: {msg}")
 
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                bad(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name, most in SIZE_LIMITS.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= most:
+                bad(f"{name} must be a positive integer, at most {most:,}, got {v!r}")
+        for name in ("head_dim", "sliding_window", "original_max_position_embeddings"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= 2**24):
+                bad(f"{name} must be a positive integer, at most {2**24:,}, got {v!r}")
+        for name in ("rope_theta", "rms_norm_eps", "partial_rotary_factor"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+                bad(f"{name} must be a positive finite number, got {v!r}")
+        for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in
+                   (v if isinstance(v, list) else [] if v is None else [v])):
+                bad(f"{name} must be a token id (or, for eos_token_id, a list of them), got {v!r}")
+        if self.num_key_value_heads > self.num_attention_heads:
+            bad(f"num_key_value_heads ({self.num_key_value_heads}) must be at most num_attention_heads "
+                f"({self.num_attention_heads})")
         if self.num_attention_heads % self.num_key_value_heads:
             bad(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})")
@@ -152,11 +174,14 @@ class Phi3Config:
         kw.setdefault("original_max_position_embeddings", kw.get("max_position_embeddings", 4096))
         if kw.get("head_dim") is not None and kw["head_dim"] == kw.get("hidden_size", 0) // kw.get("num_attention_heads", 1):
             kw["head_dim"] = None
+        rope_scaling = _parse_scaling(scaling, source)
         try:
             return cls(rope_theta=float(theta), partial_rotary_factor=float(partial),
-                       rope_scaling=_parse_scaling(scaling, source), source_model_type=mt, extra=d, **kw)
-        except TypeError as e:
+                       rope_scaling=rope_scaling, source_model_type=mt, extra=d, **kw)
+        except (TypeError, ValueError) as e:
             raise ConfigError(f"{source}: malformed config ({e})") from None
+        except ConfigError as e:  # the file named with what is wrong in it
+            raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Phi3Config":
@@ -167,6 +192,8 @@ class Phi3Config:
             d = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: malformed JSON ({e})") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
         return cls.from_dict(d, str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -196,14 +223,21 @@ class Phi3Config:
 def _parse_scaling(s: dict[str, Any] | None, source: str) -> RopeScaling | None:
     if not s:
         return None
+    if not isinstance(s, dict):
+        raise ConfigError(f"{source}: rope_scaling must be an object (or null), got {json.dumps(s)[:60]}")
     kind = s.get("rope_type", s.get("type"))
     if kind in (None, "default"):
         return None
-    if kind not in ("su", "longrope", "yarn"):
+    if not isinstance(kind, str) or kind not in ("su", "longrope", "yarn"):
         raise ConfigError(f"{source}: rope_scaling type {kind!r} is not supported (Phi-3 uses longrope/su)")
     try:
-        return RopeScaling(short_factor=tuple(float(x) for x in s["short_factor"]),
-                           long_factor=tuple(float(x) for x in s["long_factor"]),
-                           factor=s.get("factor"), attention_factor=s.get("attention_factor"))
+        out = RopeScaling(short_factor=tuple(float(x) for x in s["short_factor"]),
+                          long_factor=tuple(float(x) for x in s["long_factor"]),
+                          factor=None if s.get("factor") is None else float(s["factor"]),
+                          attention_factor=None if s.get("attention_factor") is None else float(s["attention_factor"]))
+        if not all(math.isfinite(x) and x > 0 for x in (*out.short_factor, *out.long_factor, out.factor or 1,
+                                                        out.attention_factor or 1)):
+            raise ValueError("factors must be positive finite numbers")
+        return out
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"{source}: malformed rope_scaling ({e!r})") from None

@@ -13,8 +13,11 @@ the model once, when a `SkipSet` is made (`validate_skip`); a SkipSet then passe
 """
 from __future__ import annotations
 
+import json
+import math
 import operator
-from typing import Iterable, Sequence
+from pathlib import Path
+from typing import Iterable, NamedTuple, NoReturn, Sequence
 
 from ..core.cli import Range, UserError, check_range
 
@@ -212,3 +215,118 @@ def measured_speculative(profile: dict) -> tuple[tuple[int, ...], int | None, di
     except (KeyError, TypeError, ValueError):
         return (), None, {}
     return (draft, lookahead, speedup) if lookahead >= 1 else ((), None, {})
+
+
+# What skip.json's "adapters" may name (phi3skip.model.bypass takes them from here: one list)
+KIND = "bypass"
+FORMS = ("sequential", "parallel")
+
+
+# skip.json: every field checked once, where it is read (phi3skip.formats.checkpoints.read_skip_profile) -------------
+class ProfileShape(NamedTuple):
+    """The model a skip.json describes: the bounds of its layer indices and bypass sizes (None: not known)."""
+
+    num_layers: int | None = None
+    hidden: int | None = None
+    intermediate: int | None = None
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def check_profile(obj: dict, where: str, shape: ProfileShape = ProfileShape()) -> dict:
+    """skip.json's fields, each of its type and range (one line naming the file and the field, else `obj` as is).
+    Fields this phi3skip does not know are kept and not read."""
+
+    def bad(field: str, want: str, got: object) -> NoReturn:
+        raise UserError(f"{where}: field {field!r} must be {want}, got {json.dumps(got)[:80]}; fix or delete the "
+                        f"field, or re-save the student (train.py, scripts/evaluate.py)")
+
+    def integer(field: str, v: object, low: int, high: int | None = None, note: str = "") -> int:
+        if not _is_int(v) or v < low or (high is not None and v > high):
+            bad(field, (f"an integer {low}..{high}" if high is not None else f"an integer, {low} or more") + note, v)
+        return v
+
+    def layer_list(field: str, v: object, empty: bool = True) -> None:
+        n = shape.num_layers
+        if not isinstance(v, list) or (not v and not empty) or not all(_is_int(i) for i in v) \
+                or len(set(v)) != len(v) or any(i < 0 or (n is not None and i >= n) for i in v):
+            bad(field, f"a list of distinct layer indices{f' 0..{n - 1}' if n else ''}" + ("" if empty else
+                                                                                            ", not empty"), v)
+
+    def number(field: str, v: object, none: bool = True) -> None:
+        if not (_is_number(v) or (none and v is None)):
+            bad(field, "a finite number" + (" or null" if none else ""), v)
+
+    def kind(field: str, v: object, t: type, what: str) -> None:
+        if not isinstance(v, t) or isinstance(v, bool) and t is not bool:
+            bad(field, what, v)
+
+    h = shape.hidden
+    for key, t, what in (("teacher", str, "a string"), ("schedule", str, "a string"), ("weights_dtype", str,
+                         "a string"), ("train_scope", str, "a string"), ("perplexity", dict, "an object"),
+                         ("evaluation", dict, "an object"), ("speculative", dict, "an object"),
+                         ("adapters", dict, "an object")):
+        if key in obj and obj[key] is not None:
+            kind(key, obj[key], t, what)
+    if "layers" in obj and obj["layers"] is not None:
+        layer_list("layers", obj["layers"])
+    for key in ("steps", "val_tokens"):
+        if obj.get(key) is not None:
+            integer(key, obj[key], 0)
+    ppl = obj.get("perplexity") or {}
+    for key in ("student", "teacher"):
+        number(f"perplexity.{key}", ppl.get(key))
+    prefixes = ppl.get("prefixes")
+    if prefixes is not None:
+        if not isinstance(prefixes, list) or not all(isinstance(p, dict) for p in prefixes):
+            bad("perplexity.prefixes", "a list of objects", prefixes)
+        for i, p in enumerate(prefixes):
+            layer_list(f"perplexity.prefixes[{i}].skip", p.get("skip", []))
+            number(f"perplexity.prefixes[{i}].perplexity", p.get("perplexity"))
+    a = obj.get("adapters")
+    if a is not None:
+        for key in ("file", "kind", "form"):
+            if key in a:
+                kind(f"adapters.{key}", a[key], str, "a string")
+        if Path(str(a.get("file", "x"))).name != str(a.get("file", "x")) or a.get("file") in ("", ".", ".."):
+            bad("adapters.file", "a file name inside the student's folder", a.get("file"))
+        if a.get("kind") != KIND:
+            bad("adapters.kind", f"{KIND!r} (the only kind this phi3skip knows)", a.get("kind"))
+        if a.get("form", "parallel") not in FORMS:
+            bad("adapters.form", " or ".join(map(repr, FORMS)), a.get("form"))
+        rank = integer("adapters.rank", a.get("rank"), 0, h, " (0: no map; at most the hidden size)")
+        mlp = integer("adapters.mlp", a.get("mlp", 0), 0, shape.intermediate, " (at most the MLP width)")
+        integer("adapters.depth_rank", a.get("depth_rank", 0), 0, h, " (at most the hidden size)")
+        if not rank and not mlp:
+            bad("adapters.rank", "above 0 where adapters.mlp is 0 (a bypass that runs nothing)", rank)
+        layer_list("adapters.layers", a.get("layers"), empty=False)
+    ev = obj.get("evaluation") or {}
+    results = ev.get("results", [])
+    if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+        bad("evaluation.results", "a list of objects", results)
+    for i, r in enumerate(results):
+        layer_list(f"evaluation.results[{i}].skip", r.get("skip") or [])
+        number(f"evaluation.results[{i}].tokens_per_s", r.get("tokens_per_s"))
+        for who in ("student", "teacher"):
+            by = r.get(who) or {}
+            if not isinstance(by, dict) or not all(isinstance(v, dict) for v in by.values()):
+                bad(f"evaluation.results[{i}].{who}", "an object of perplexities by dataset", by)
+            for data, v in by.items():
+                for key in ("ppl", "low", "high"):
+                    number(f"evaluation.results[{i}].{who}.{data}.{key}", v.get(key))
+                if v.get("tokens") is not None:
+                    integer(f"evaluation.results[{i}].{who}.{data}.tokens", v["tokens"], 0)
+    spec = obj.get("speculative")
+    if spec is not None:
+        layer_list("speculative.draft_skip", spec.get("draft_skip"))
+        integer("speculative.lookahead", spec.get("lookahead"), int(LOOKAHEAD.low), int(LOOKAHEAD.high))
+        speedup = spec.get("speedup", {})
+        if not isinstance(speedup, dict) or not all(_is_number(v) and v > 0 for v in speedup.values()):
+            bad("speculative.speedup", "an object of positive numbers", speedup)
+    return obj
