@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Decode speed of phi3skip's generation: against transformers' generate and llama.cpp (the same model exported
-as f32, q8_0 and q4_0 GGUFs, beside phi3skip's fp32, int8 and int4 weights), per skip set against the ideal L/(L-k)
+as f32, q8_0, q4_1 and q4_0 GGUFs, beside phi3skip's fp32, int8 and int4 weights), per skip set against the ideal L/(L-k)
 in each weight mode, the exported skip sets in llama.cpp against the
 exported full model (`--only llama`), with self-speculative decoding, and the cost of each step shape that
 decoding runs (`--only steps`: the multi-token verify against one decode step, and the speculative ceiling that
@@ -49,7 +49,9 @@ PROMPTS = {"prose": PROMPT,
            "code": "Write a Python function that reads a CSV file and returns its rows as a list of dicts."}
 SECTIONS = ("transformers", "skip", "llama", "speculative", "steps")
 MODES = ("fp32", "int8", "int4")
-LLAMA_PEER = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}  # llama.cpp's GGUF type of the same weight bytes
+# llama.cpp's GGUF types of each mode's weight bytes: q4_1 holds int4's very blocks (a scale and an offset each),
+# q4_0 (a scale only) is llama.cpp's smallest, fastest 4-bit type
+LLAMA_PEERS = {"fp32": ("f32",), "int8": ("q8_0",), "int4": ("q4_1", "q4_0")}
 
 
 def median(xs: list[float]) -> float:
@@ -191,7 +193,7 @@ def cpu(args: argparse.Namespace) -> None:
             from phi3skip.eval.llamacpp import Decoder
 
             # the CPU peers, loaded and warmed up once: same model, prompt, length and threads
-            peers = tuple(LLAMA_PEER[m] for m in args.modes)
+            peers = tuple(t for m in args.modes for t in LLAMA_PEERS[m])
             ggufs = {f"llama.cpp {t}": Decoder(p, ids, N, torch.get_num_threads())
                      for (_, t), p in llama_ggufs([()], peers).items()}
             for _ in range(rounds):
@@ -215,15 +217,15 @@ def cpu(args: argparse.Namespace) -> None:
         if ggufs:
             print("\neach weight mode against its llama.cpp peer (phi3skip's fastest row of the mode, eager marked)")
             for mode in args.modes:
-                peer = f"llama.cpp {LLAMA_PEER[mode]}"
                 tag = "phi3skip" if mode == "fp32" else f"phi3skip {mode}"
                 rows = {n: median(rates[n]) for n in gens if n == tag or n.startswith(tag + " compile=")}
                 best = max(rows, key=rows.get)
                 wb = weight_bytes(of_mode(mode))  # what a decode step reads, at least: every weight once
-                print(f"  {mode:5s} {best:30s} {rows[best]:7.1f} tokens/s = {rows[best] / median(rates[peer]):5.2f}x "
-                      f"{peer} ({median(rates[peer]):.1f}); eager {rows[tag] / median(rates[peer]):.2f}x; "
-                      f"{wb / 1e6:.0f} MB of weights a token: {rows[best] * wb / bw:.0%} of the measured bandwidth, "
-                      f"llama.cpp {median(rates[peer]) * wb / bw:.0%}")
+                for t in LLAMA_PEERS[mode]:
+                    peer = median(rates[f"llama.cpp {t}"])
+                    print(f"  {mode:5s} {best:30s} {rows[best]:7.1f} tokens/s = {rows[best] / peer:5.2f}x llama.cpp {t} "
+                          f"({peer:.1f}); eager {rows[tag] / peer:.2f}x; {wb / 1e6:.0f} MB of weights a token: "
+                          f"{rows[best] * wb / bw:.0%} of the measured bandwidth")
 
     def skip_sets() -> None:
         cands = candidate_layers(L, folder)
@@ -250,7 +252,7 @@ def cpu(args: argparse.Namespace) -> None:
 
         cands = candidate_layers(L, folder)
         sets = [()] + [tuple(cands[:k]) for k in (1, 2, 4, 6) if k <= len(cands)]
-        for t in (LLAMA_PEER[m] for m in args.modes):
+        for t in (t for m in args.modes for t in LLAMA_PEERS[m]):
             paths = llama_ggufs(sets, (t,))
             if not paths:
                 return
@@ -612,7 +614,7 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"CPU: the sections to run, comma-separated, of {','.join(SECTIONS)} (default: all)")
     p.add_argument("--modes", type=lambda v: parse_names(v, MODES), default=MODES,
                    help=f"CPU transformers/skip/llama sections: the weight modes, of {','.join(MODES)} (default: all); "
-                        f"each beside its llama.cpp peer ({', '.join(f'{k}: {v}' for k, v in LLAMA_PEER.items())})")
+                        f"each beside its llama.cpp peers ({'; '.join(f'{k}: {chr(44).join(v)}' for k, v in LLAMA_PEERS.items())})")
     p.add_argument("--draft-depths", type=positive_ints, default=(1, 2, 4, 6),
                    help="CPU speculative: draft skip depths, prefixes of the trained order (default 1,2,4,6)")
     p.add_argument("--lookaheads", type=positive_ints, default=(1, 2, 3, 4),

@@ -50,26 +50,34 @@ def test_int8_zero_row_is_zero():
     assert torch.equal(quant.dequantize("int8", q, s)[1], torch.zeros(32))
 
 
-def test_int4_layout_is_q4_0_read_by_gguf():
-    """Our codes and scales, written as GGML q4_0 blocks (fp16 scale, 16 bytes of nibbles), decode in the gguf
-    package's own q4_0 reader to our dequantized weight."""
+def test_int4_layout_is_q4_1_read_by_gguf():
+    """Our codes, scales and offsets, written as GGML q4_1 blocks (fp16 scale, fp16 offset, 16 bytes of nibbles),
+    decode in the gguf package's own q4_1 reader to our dequantized weight, exactly."""
     gguf = pytest.importorskip("gguf")
     from gguf import quants
 
-    w = torch.randn(5, 96)
-    q, s = quant.quantize_int4(w)
-    s16 = s.to(torch.float16)
-    blocks = np.concatenate([s16.numpy().view(np.uint8).reshape(5, 3, 2), q.numpy().reshape(5, 3, 16)], axis=-1)
-    theirs = quants.dequantize(blocks.reshape(5, -1), gguf.GGMLQuantizationType.Q4_0)
-    ours = quant.dequantize("int4", q, s16.float())
-    np.testing.assert_allclose(theirs, ours.numpy(), rtol=0, atol=1e-6)
+    w = torch.randn(5, 96) + torch.linspace(-1, 1, 96)  # blocks that are not centred on zero
+    q, s, o = quant.quantize_int4(w)
+    as_bytes = lambda t: t.numpy().view(np.uint8).reshape(5, 3, 2)  # noqa: E731
+    blocks = np.concatenate([as_bytes(s), as_bytes(o), q.numpy().reshape(5, 3, 16)], axis=-1)
+    theirs = quants.dequantize(blocks.reshape(5, -1), gguf.GGMLQuantizationType.Q4_1)
+    np.testing.assert_allclose(theirs, quant.dequantize("int4", q, s, o).numpy(), rtol=0, atol=1e-6)
 
 
-def test_int4_refit_beats_q4_0_scale():
-    w = torch.randn(64, 256)
+def test_int4_refit_and_offset():
+    """The least-squares refit lowers the range's error; the offset serves blocks that are not centred, where
+    symmetric codes (q4_0's) waste half their levels."""
+    w = torch.randn(64, 256) + 3.0
     err = {n: float((quant.dequantize("int4", *quant.quantize_int4(w, refits=n)) - w).pow(2).sum()) for n in (0, 2)}
-    assert err[2] < 0.97 * err[0]  # the least-squares refit lowers q4_0's error by a few percent
-    assert rel(quant.dequantize("int4", *quant.quantize_int4(w)), w) < 0.12
+    assert err[2] < 0.97 * err[0]
+    assert rel(quant.dequantize("int4", *quant.quantize_int4(w)), w) < 0.03
+    g = torch.randn(64, 256)
+    assert rel(quant.dequantize("int4", *quant.quantize_int4(g)), g) < 0.09  # ~0.075 for Gaussian blocks of 32
+
+
+def test_int4_constant_block_exact():
+    w = torch.full((2, 32), 0.25)
+    assert torch.equal(quant.dequantize("int4", *quant.quantize_int4(w)), w)
 
 
 def test_int4_needs_whole_blocks():
@@ -91,8 +99,8 @@ def test_kernels_equal_torch(rows, N, K):
     q, s = quant.quantize_int8(w)
     torch.testing.assert_close(kernels.linear_q8(x, q, s), F.linear(x, quant.dequantize("int8", q, s)),
                                rtol=1e-5, atol=1e-4)
-    q4, s4 = quant.quantize_int4(w)
-    torch.testing.assert_close(kernels.linear_q4(x, q4, s4), F.linear(x, quant.dequantize("int4", q4, s4)),
+    q4, s4, o4 = quant.quantize_int4(w)
+    torch.testing.assert_close(kernels.linear_q4(x, q4, s4, o4), F.linear(x, quant.dequantize("int4", q4, s4, o4)),
                                rtol=1e-5, atol=1e-4)
 
 

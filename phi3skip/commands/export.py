@@ -21,7 +21,7 @@ import time
 
 from ..core.cli import ArgumentParser, Range, UserError, check_range, run_main
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")  # phi3skip.formats.gguf_writer.OUTTYPES, without importing torch for --help
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")  # phi3skip.formats.gguf_writer.OUTTYPES, without importing torch for --help
 
 
 def run(argv: list[str] | None = None) -> None:

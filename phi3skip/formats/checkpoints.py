@@ -175,7 +175,7 @@ def load_weights(model: Phi3ForCausalLM, folder: Path, dtype: torch.dtype,
     if tied:
         linears |= {"model.embed_tokens.weight"}  # becomes the quantized lm_head, which the embedding then reads
     sd: dict[str, torch.Tensor] = {}
-    packed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    packed: dict[str, tuple[torch.Tensor, ...]] = {}
     for name, t in iter_tensors(folder):
         if name.endswith("rotary_emb.inv_freq"):  # derived buffer some old checkpoints carry
             continue
@@ -194,10 +194,10 @@ def load_weights(model: Phi3ForCausalLM, folder: Path, dtype: torch.dtype,
             if name not in packed:  # fused from a Llama layout just now
                 packed[name] = quant.quantize_weight(quantize, sd[name])
         quant.quantize_model(model, quantize, dtype=dtype)
-        for name, (q, scale) in packed.items():
+        for name, tensors in packed.items():
             del sd[name]
-            name = "lm_head.weight" if name == "model.embed_tokens.weight" else name
-            sd[name], sd[name.removesuffix("weight") + "scale"] = q, scale
+            prefix = ("lm_head.weight" if name == "model.embed_tokens.weight" else name).removesuffix("weight")
+            sd.update(zip((prefix + n for n in ("weight", "scale", "offset")), tensors))
     model.load_state_dict(sd, strict=False, assign=True)  # lm_head is absent when tied
     model.tie_weights()
 

@@ -28,7 +28,7 @@ from .deci import check, context_length
 from .gguf import (_LLAMA3_SPLIT, BYTE, CONTROL, NORMAL, ROPE_FACTORS, TOKENIZER_GGUF, UNKNOWN, UNUSED, USER_DEFINED,
                    GGUFError, gguf_name, tokenizer_fields)
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
 # GPT-4o / o200k split (Phi-4-mini's tokenizer), llama.cpp's "gpt-4o" pre-tokenizer.
 _GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
@@ -214,7 +214,7 @@ def _qtype(outtype: str, shape: tuple[int, ...]):
 
     if len(shape) < 2 or outtype == "f32":
         return Q.F32
-    kind = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[outtype]
+    kind = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}[outtype]
     return kind if shape[-1] % GGML_QUANT_SIZES[kind][0] == 0 else Q.F16
 
 
@@ -276,7 +276,7 @@ def write_gguf(state_dict: Mapping[str, torch.Tensor], config: Phi3Config, path:
                overwrite: bool = False) -> Path:
     """Write a Phi-3 state dict as a phi3-architecture GGUF with its tokenizer embedded; returns the path.
 
-    outtype: f32, f16, bf16, q8_0 or q4_0 (2-D weights; norms and rope factors stay F32). The file is written under a
+    outtype: f32, f16, bf16, q8_0, q4_0 or q4_1 (2-D weights; norms and rope factors stay F32). The file is written under a
     temporary name and renamed into place; an existing file is an error unless overwrite=True.
     """
     check_config(config)
@@ -376,7 +376,7 @@ def _write(path: str | os.PathLike, arch: str, hparams: Callable[[Any], None],
         hparams(w)
         ft = gguf.LlamaFileType
         w.add_file_type({"f32": ft.ALL_F32, "f16": ft.MOSTLY_F16, "bf16": ft.MOSTLY_BF16, "q8_0": ft.MOSTLY_Q8_0,
-                        "q4_0": ft.MOSTLY_Q4_0}[outtype])
+                        "q4_0": ft.MOSTLY_Q4_0, "q4_1": ft.MOSTLY_Q4_1}[outtype])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for key, value, vtype, sub in fields:
             w.add_key_value(key, value, vtype, sub)

@@ -21,7 +21,7 @@ import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
 MAX_ROWS = 8  # rows of x the kernels take; more (a prefill) go through a dequantized matrix product
-GROUP = 32  # int4 block size, q4_0's
+GROUP = 32  # int4 block size, llama.cpp q4_1's
 
 
 def _cpu_tag() -> str:
@@ -84,8 +84,8 @@ def gemv_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tens
 
 
 @torch.library.custom_op("phi3skip::gemv_q4", mutates_args=())
-def gemv_q4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return extension().gemv_q4(x.contiguous(), q, scale)
+def gemv_q4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    return extension().gemv_q4(x.contiguous(), q, scale, offset)
 
 
 @gemv_f32.register_fake
@@ -99,7 +99,7 @@ def _(x, q, scale):
 
 
 @gemv_q4.register_fake
-def _(x, q, scale):
+def _(x, q, scale, offset):
     return x.new_empty(x.shape[0], q.shape[0])
 
 
@@ -122,10 +122,10 @@ def linear_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
     return y.view(*x.shape[:-1], q.shape[0])
 
 
-def linear_q4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def linear_q4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     rows = _rows(x)
     ext = None if torch.compiler.is_compiling() else _EXT[0]
-    y = ext.gemv_q4(rows.contiguous(), q, scale) if ext is not None else gemv_q4(rows, q, scale)
+    y = ext.gemv_q4(rows.contiguous(), q, scale, offset) if ext is not None else gemv_q4(rows, q, scale, offset)
     return y.view(*x.shape[:-1], q.shape[0])
 
 

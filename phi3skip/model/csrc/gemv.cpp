@@ -1,6 +1,6 @@
 // Few-row matrix-vector products for CPU decoding: y[t, n] = sum_k x[t, k] W[n, k], W row-major as nn.Linear
-// stores it, in fp32, int8 (one scale per output row) or int4 (q4_0's blocks: 32 values, one fp32 scale, byte j
-// holding value j in its low nibble and value j + 16 in its high one). Activations stay fp32: only the weights are
+// stores it, in fp32, int8 (one scale per output row) or int4 (q4_1's blocks: 32 codes c for c * scale + offset,
+// fp16 scale and offset, byte j holding code j in its low nibble and code j + 16 in its high one). Activations stay fp32: only the weights are
 // quantized. Each weight row is read once per call whatever the number of rows of x (at most a few: decode
 // and speculative verify steps); rows of W are split over torch's intra-op threads.
 #include <torch/extension.h>
@@ -12,7 +12,7 @@
 
 namespace {
 
-constexpr int64_t GROUP = 32;   // int4 block size (q4_0's)
+constexpr int64_t GROUP = 32;   // int4 block size (q4_1's)
 constexpr int64_t ROWS = 4;     // weight rows per inner loop: one load of x feeds four rows
 constexpr int64_t PREFETCH_CHUNKS = 2;  // how far ahead the explicit prefetches run (measured: 1-4 alike)
 
@@ -85,10 +85,14 @@ inline void dot_q8(const float* x, const int8_t* q, int64_t K, int64_t rows, flo
 }
 
 // int4: up to four weight rows (K / 32 blocks of 16 bytes each) against one row of x. A block's codes c stand for
-// (c - 8) * scale: its dot product is scale * (x . c - 8 * sum(x over the block)), the block sums `xsum` made once.
-inline void dot_q4(const float* x, const float* xsum, const uint8_t* q, const float* scale, int64_t K, int64_t rows,
-                   float* out) {
+// c * scale + offset (fp16 each, q4_1's block): its dot product is scale * (x . c) + offset * sum(x over the
+// block), the block sums `xsum` made once per row of x.
+inline float half_to_float(at::Half h) { return static_cast<float>(h); }
+
+inline void dot_q4(const float* x, const float* xsum, const uint8_t* q, const at::Half* scale,
+                   const at::Half* offset, int64_t K, int64_t rows, float* out) {
   const int64_t G = K / GROUP, bytes = K / 2;
+  float bias[ROWS] = {0.f, 0.f, 0.f, 0.f};
 #if defined(__AVX512F__)
   if (rows == ROWS) {
     __m512 a[ROWS];
@@ -101,12 +105,11 @@ inline void dot_q4(const float* x, const float* xsum, const uint8_t* q, const fl
         __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * bytes + g * 16)));
         __m512 d = _mm512_mul_ps(xl, _mm512_cvtepi32_ps(_mm512_and_si512(b, mask)));
         d = _mm512_fmadd_ps(xh, _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), d);
-        // scale * (d - 8 xsum) spread over the lanes: 8 xsum / 16 taken off each lane
-        d = _mm512_sub_ps(d, _mm512_set1_ps(0.5f * xsum[g]));
-        a[r] = _mm512_fmadd_ps(d, _mm512_set1_ps(scale[r * G + g]), a[r]);
+        a[r] = _mm512_fmadd_ps(d, _mm512_set1_ps(half_to_float(scale[r * G + g])), a[r]);
+        bias[r] += half_to_float(offset[r * G + g]) * xsum[g];
       }
     }
-    for (int64_t r = 0; r < ROWS; ++r) out[r] = hsum(a[r]);
+    for (int64_t r = 0; r < ROWS; ++r) out[r] = hsum(a[r]) + bias[r];
     return;
   }
 #endif
@@ -119,7 +122,7 @@ inline void dot_q4(const float* x, const float* xsum, const uint8_t* q, const fl
 #pragma omp simd reduction(+ : d)
       for (int64_t j = 0; j < GROUP / 2; ++j)
         d += xg[j] * static_cast<float>(b[j] & 15) + xg[j + 16] * static_cast<float>(b[j] >> 4);
-      acc += (d - 8.f * xsum[g]) * scale[r * G + g];
+      acc += d * half_to_float(scale[r * G + g]) + half_to_float(offset[r * G + g]) * xsum[g];
     }
     out[r] = acc;
   }
@@ -185,17 +188,19 @@ torch::Tensor gemv_q8(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
   return y;
 }
 
-torch::Tensor gemv_q4(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
+torch::Tensor gemv_q4(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor offset) {
   const int64_t N = q.size(0), K = q.size(1) * 2, T = x.size(0);
   check(x, q, K);
   TORCH_CHECK(q.scalar_type() == torch::kByte, "weight: uint8 (two int4 values a byte)");
   TORCH_CHECK(K % GROUP == 0, "int4: the input width must be a multiple of ", GROUP);
-  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) == K / GROUP &&
-              scale.scalar_type() == torch::kFloat && scale.is_contiguous(), "scale: [N, K / 32] float32");
+  for (const auto& t : {scale, offset})
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == K / GROUP && t.scalar_type() == torch::kHalf &&
+                t.is_contiguous(), "scale, offset: [N, K / 32] float16");
   auto y = torch::empty({T, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* qp = q.data_ptr<uint8_t>();
-  const float* sp = scale.data_ptr<float>();
+  const at::Half* sp = scale.data_ptr<at::Half>();
+  const at::Half* op = offset.data_ptr<at::Half>();
   float* yp = y.data_ptr<float>();
   const int64_t G = K / GROUP;
   std::vector<float> xsum(T * G);  // each block's sum of x, for every row of x
@@ -208,7 +213,7 @@ torch::Tensor gemv_q4(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
   over_rows(N, [&](int64_t n0, int64_t rows) {
     float out[ROWS];
     for (int64_t t = 0; t < T; ++t) {
-      dot_q4(xp + t * K, xsum.data() + t * G, qp + n0 * (K / 2), sp + n0 * G, K, rows, out);
+      dot_q4(xp + t * K, xsum.data() + t * G, qp + n0 * (K / 2), sp + n0 * G, op + n0 * G, K, rows, out);
       for (int64_t r = 0; r < rows; ++r) yp[t * N + n0 + r] = out[r];
     }
   });
@@ -218,5 +223,5 @@ torch::Tensor gemv_q4(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_f32", &gemv_f32, "y = x W^T, fp32, few rows");
   m.def("gemv_q8", &gemv_q8, "y = x (q * scale)^T, int8 per-row weights, fp32 x");
-  m.def("gemv_q4", &gemv_q4, "y = x dequant(q)^T, int4 blocks of 32 (q4_0's layout), fp32 x");
+  m.def("gemv_q4", &gemv_q4, "y = x dequant(q)^T, int4 blocks of 32 with scale and offset (q4_1's), fp32 x");
 }
