@@ -163,10 +163,10 @@ def test_quantized_ggufs_keep_the_perplexity(tmp_path, tokenizers, outtype, tole
 
 
 @pytest.mark.parametrize("kind", ["plain", "bypassed"])
-def test_phi3skip_quantized_beside_llama_cpp_q8_0_and_q4_0(tmp_path, tokenizers, kind):
-    """q4_0 GGUFs (the gguf package's quantizer) load and run in llama.cpp; phi3skip's weight-only int8 and int4
-    (int4 in q4_0's block layout) score the same windows within a few percent of llama.cpp's q8_0 and q4_0: the same
-    bits per weight, rounded alike."""
+def test_phi3skip_quantized_beside_llama_cpp_q8_0_and_q4_1(tmp_path, tokenizers, kind):
+    """q4_0 and q4_1 GGUFs (the gguf package's quantizers) load and run in llama.cpp; phi3skip's weight-only int8 and
+    int4 (q4_1's blocks) score the same windows within a few percent of llama.cpp's q8_0 and q4_1: the same bits per
+    weight."""
     if kind == "plain":
         folder, model = student(tmp_path, "gqa-tied", tokenizers["bpe"])
         skip = (2,)
@@ -175,7 +175,9 @@ def test_phi3skip_quantized_beside_llama_cpp_q8_0_and_q4_0(tmp_path, tokenizers,
         skip = (2, 0)
     windows = torch.cat([inputs(model.config, 33, seed=s) for s in range(4)])
     full = perplexity_ci(model, [(windows[:, :-1], windows[:, 1:])], skip).ppl
-    for mode, outtype, tolerance in (("int8", "q8_0", 0.01), ("int4", "q4_0", 0.03)):
+    export(folder, skip=",".join(map(str, skip)), gguf=tmp_path / "m.q4_0.gguf", outtype="q4_0", warn=lambda m: None)
+    assert abs(llamacpp.perplexity(tmp_path / "m.q4_0.gguf", windows.tolist()) / full - 1) < 0.1
+    for mode, outtype, tolerance in (("int8", "q8_0", 0.01), ("int4", "q4_1", 0.03)):
         res = export(folder, skip=",".join(map(str, skip)), gguf=tmp_path / f"m.{outtype}.gguf", outtype=outtype,
                      warn=lambda m: None)
         theirs = llamacpp.perplexity(res.gguf, windows.tolist())

@@ -188,8 +188,10 @@ def set_weight_layout(model: nn.Module, column_major: bool) -> None:
 
 
 class Generator:
-    """Generation for one model, skip set and (optionally) draft skip set. On the CPU it stores the model's
-    Linear weights column-major (`set_weight_layout`; column_major=False keeps them as they are). Bypasses with
+    """Generation for one model, skip set and (optionally) draft skip set. On the CPU, fp32 Linears run phi3skip's
+    few-row kernels where they are built (kernels=None: then; `quant.use_kernels`), else their weights are stored
+    column-major for MKL (`set_weight_layout`; column_major=False keeps them row-major). A quantized model
+    (`from_pretrained(..., quantize=)`) runs its own kernels. Bypasses with
     per-depth deltas run merged, as made at construction (`_merged_bypasses`)."""
 
     def __init__(self, model: Phi3ForCausalLM, skip: Sequence[int] | None = (), *,
