@@ -9,6 +9,7 @@ recipe), `check` applies the rules that need no model, `check_model` those that 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 
 from ..core.cli import Range, UserError, check_ranges
 from ..core.devices import parse_dtype
+from ..data.tokens import Mixture, blend_pattern, data_fingerprint
 from ..model.config import Phi3Config
 from ..model.skipsets import SHORTLIST, parse_layers
 from .distill import K_DISTS, SCHEDULES
@@ -121,6 +123,11 @@ class JobConfig:
         check_ranges(self, NUMBERS)
         if not self.data:
             raise UserError("--data: give at least one folder made by prepare.py")
+        real = [os.path.realpath(d) for d in self.data]  # symlinks, ./A, A/ and other spellings of one folder
+        for i, r in enumerate(real):
+            if (j := real.index(r)) < i:
+                raise UserError(f"--data names one folder twice: {self.data[j]} and {self.data[i]} are both {r}; name "
+                                f"each folder once (to weigh one more, use --data-weights)")
         if self.data_weights is not None and len(self.data_weights) != len(self.data):
             raise UserError(f"--data-weights: {len(self.data_weights)} weight(s) for {len(self.data)} --data "
                             f"folder(s); give one per folder")
@@ -150,14 +157,28 @@ class JobConfig:
                             "--depth-rank": Range(0, config.hidden_size, note="the model's hidden size"),
                             "--num-skip": Range(1, candidates, note="the number of candidate layers")})
 
+    @property
+    def blend_weights(self) -> tuple[float, ...] | None:
+        """A blend's weights exactly as given (equal ones by default); None for one folder."""
+        return None if len(self.data) == 1 else tuple(self.data_weights or [1.0] * len(self.data))
+
     def data_setting(self) -> str:
-        """The training data as the run's settings hold it: one folder as its path (as runs always recorded it),
-        a blend as each folder with its share."""
-        paths = [str(Path(f).resolve()) for f in self.data]
-        if len(paths) == 1:
+        """The training data as the run's settings hold it: one folder as its real path (as runs always recorded
+        it), a blend as each folder with its weight as given (repr: every digit)."""
+        paths = [os.path.realpath(f) for f in self.data]
+        if self.blend_weights is None:
             return paths[0]
-        weights = self.data_weights or [1.0] * len(paths)
-        return " + ".join(f"{w / sum(weights):.6g} x {p}" for p, w in zip(paths, weights))
+        return " + ".join(f"{w!r} x {p}" for p, w in zip(paths, self.blend_weights))
+
+    def data_identity(self) -> dict:
+        """The data a checkpoint is valid for: each folder's real path with the fingerprint of its tokens (from its
+        meta.json; hashed now for a folder prepared before prepare.py kept one), a blend's exact weights and the
+        interleaving pattern they give."""
+        weights = self.blend_weights
+        return dict(data_files=tuple(f"{os.path.realpath(f)} {data_fingerprint(f)}" for f in self.data),
+                    data_weights=weights,
+                    blend_pattern=None if weights is None else
+                    ",".join(map(str, blend_pattern(weights, Mixture.PERIOD).tolist())))
 
     def run_settings(self, *, layers: tuple[int, ...], steps_per_phase: int, world_size: int, warmup: int,
                      kd_weight: float) -> RunSettings:
@@ -170,4 +191,5 @@ class JobConfig:
                            min_lr_ratio=self.min_lr_ratio, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
                            seed=self.seed, k_dist=self.k_dist, adapter_rank=self.adapter_rank,
                            adapter_mlp=self.adapter_mlp, lsq_tokens=self.lsq_tokens,
-                           align_weight=self.align_weight or None, depth_rank=self.depth_rank or None)
+                           align_weight=self.align_weight or None, depth_rank=self.depth_rank or None,
+                           **self.data_identity())
