@@ -29,7 +29,6 @@ from email.parser import BytesParser
 from pathlib import Path
 
 from ..core.cli import ArgumentParser, UserError, run_main
-from .tokens import file_sha256
 
 FETCH = "python -m phi3skip.data.pkgdocs"  # the command that fills the cache, named by every error here
 
@@ -119,6 +118,15 @@ def cache_dir() -> Path:
         return Path(os.environ["PHI3SKIP_PKGDOCS_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "phi3skip" / "pkgdocs"
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    """sha256 of a file's bytes, read in chunks (constant memory); the one hash of files here and in tokens.py."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _problem(path: Path, wheel: Wheel) -> str | None:

@@ -31,6 +31,7 @@ import torch
 
 from ..core.cli import UserError
 from ..core.paths import publish, remove, temp_sibling
+from .pkgdocs import file_sha256
 
 MAGIC = b"P3SKTOK\0"
 VERSION = 1
@@ -112,15 +113,6 @@ def read_meta(folder: str | os.PathLike) -> dict:
 
 
 FINGERPRINTED = ("train.bin", "val.bin")  # the files a data folder's fingerprint covers
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    """sha256 of a file's bytes, read in chunks (constant memory)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def token_file_hashes(folder: str | os.PathLike) -> dict[str, str]:
