@@ -29,6 +29,7 @@ from phi3skip.core.paths import atomic_output, check_apart, check_output, local
 from phi3skip.data import corpus, pkgdocs
 from phi3skip.data.tokenizer import eos_token_id, read_tokenizer, tokenizer_file, tokenizer_hash, vocab_size
 from phi3skip.data.tokens import HEADER_BYTES, META_FILE, TokenWriter, read_header, token_dtype, token_file_hashes
+from phi3skip.train.job import SEED, TOKENS, TOKENS_OR_0
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
 DEFAULT_VAL_FRACTION = 0.01
@@ -37,8 +38,11 @@ _DOC_CHUNK = 1 << 20  # documents per chunk when scanning lengths: constant memo
 _COPY_CHUNK = 1 << 24  # tokens per copy from the temporary file into train/val
 
 
-NUMBERS = {"--max-tokens": Range(1), "--val-tokens": Range(0), "--val-fraction": Range(0.0, 1.0, below=True),
-           "--workers": Range(1), "--seed": Range(0)}  # every numeric flag's range, checked before any work
+# Every numeric flag's range, checked before any work: token counts up to 2**40 (terabytes of token files; nothing
+# here allocates by them: the split is found in passes over a lengths file), tokenizer threads up to this machine's
+# CPUs, and train.py's seed rule (below 2**32).
+NUMBERS = {"--max-tokens": TOKENS, "--val-tokens": TOKENS_OR_0, "--val-fraction": Range(0.0, 1.0, below=True),
+           "--workers": Range(1, os.cpu_count() or 1, note="this machine's CPUs"), "--seed": SEED}
 
 
 @dataclass(frozen=True)

@@ -503,3 +503,15 @@ def test_cli_signal_leaves_no_partial_file(tmp_path, tok_dir, sig):
         pytest.skip("prepare.py finished before the signal")
     assert p.returncode == 130 and err.strip() == "interrupted", err
     assert list(tmp_path.iterdir()) == []  # neither the final folder nor a temporary one
+
+
+def test_meta_json_keeps_the_token_files_fingerprint(tmp_path, docs_dir, tok_dir):
+    """Hashed once as the folder is written; re-made from other text into the same path, the fingerprint changes."""
+    from phi3skip.data.tokens import data_fingerprint, token_file_hashes
+    out = tmp_path / "o"
+    meta = run("--dataset", docs_dir, "--model", tok_dir, "--out", out, "--val-fraction", "0.3")
+    assert meta["fingerprint"] == read_meta(out)["fingerprint"] == token_file_hashes(out)
+    before = data_fingerprint(out)
+    (docs_dir / "a.txt").write_text("Other text altogether.\n", encoding="utf-8")
+    run("--dataset", docs_dir, "--model", tok_dir, "--out", out, "--val-fraction", "0.3", "--overwrite")
+    assert data_fingerprint(out) != before and read_meta(out)["fingerprint"] == token_file_hashes(out)

@@ -55,7 +55,7 @@ class Range(NamedTuple):
         return ok and (self.high is None or (value < self.high if self.below else value <= self.high))
 
     def describe(self) -> str:
-        lo, hi = (f"{b:g}" if b is not None else None for b in (self.low, self.high))
+        lo, hi = (f"{b:,}" if isinstance(b, int) else f"{b:g}" if b is not None else None for b in (self.low, self.high))
         if self.below:
             return f"at least {lo} and below {hi}"
         if self.above:
