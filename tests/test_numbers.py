@@ -3,6 +3,8 @@ work. Each flag is tried at the values just outside its range (refused with one 
 never starts) and at its edges (accepted: the command gets as far as its work, which the test stops)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from commands import entry, module
@@ -229,3 +231,65 @@ def test_machine_readings():
     assert machine.threads().high == machine.cpu_count()
     assert machine.SEED.holds(2**32 - 1) and not machine.SEED.holds(2**32)
     assert machine.REPEATS.describe() == "in 1..1000"
+
+
+# train.py's and prepare.py's upper bounds (issue 29): both ends of every flag, what the machine can honour --------
+_CPUS = os.cpu_count() or 1
+_BIG = [  # command, flag, refused, accepted
+    ("prepare", "--max-tokens", [str(2**40 + 1)], [str(2**40)]),
+    ("prepare", "--val-tokens", [str(2**40 + 1)], [str(2**40)]),
+    ("prepare", "--workers", [str(_CPUS + 1)], [str(_CPUS)]),
+    ("prepare", "--seed", [str(2**32), str(2**64)], [str(2**32 - 1)]),
+    ("train", "--batch-size", ["2147483648", "100000000"], ["1000"]),  # 1e8 x 32 x 64 logits: 1.6 TB
+    ("train", "--grad-accum", [str(2**20 + 1)], [str(2**20)]),
+    ("train", "--eval-tokens", ["0", str(2**40 + 1)], ["1", str(2**40)]),
+    ("train", "--log-every", ["0", str(10**9 + 1)], ["1", str(10**9)]),
+    ("train", "--keep-checkpoints", ["0", "10001"], ["1", "10000"]),
+    ("train", "--rank-tokens", ["0", str(2**40 + 1)], ["1", str(2**40)]),
+    ("train --layers auto", "--rank-tokens", [str(2**40)], ["1024"]),  # 8 TB of token ids to rank on
+    ("train", "--steps-per-layer", ["0", str(10**9 + 1)], ["1", str(10**9)]),
+    ("train", "--max-steps", ["0", str(10**9 + 1)], ["1", str(10**9)]),
+    ("train", "--stop-at", ["0", str(10**9 + 1)], ["1", str(10**9)]),
+    ("train", "--kl-chunk", ["0", str(2**31)], ["1", str(2**31 - 1)]),
+    ("train", "--num-skip", [str(2**16 + 1)], []),
+    ("train", "--lsq-tokens", [str(2**40 + 1)], [str(2**40)]),  # sequential: no least-squares fit
+    ("train --schedule nested", "--lsq-tokens", [str(10**9)], ["0", "256"]),  # 640 GB of residuals
+    ("train", "--lsq-check-tokens", ["-1", str(2**40 + 1)], ["0", str(2**40)]),
+    ("train", "--rank-shortlist", [str(2**16 + 1)], [str(2**16)]),
+    ("train", "--save-every", [str(10**9 + 1)], [str(10**9)]),
+    ("train", "--eval-every", ["-1", str(10**9 + 1)], ["0", str(10**9)]),
+    ("train", "--warmup", ["-1", str(10**9 + 1)], ["0", str(10**9)]),
+    ("train", "--kd-weight", ["-1", "1000001"], ["0", "1000000"]),
+    ("train", "--ce-weight", ["-1", "1000001", "nan"], ["0", "1000000"]),
+    ("train --schedule nested", "--align-weight", ["-1", "1000001"], ["0", "1000000"]),
+    ("train", "--weight-decay", ["-0.1", "10.5"], ["0", "10"]),
+    ("train", "--grad-clip", ["1000001"], ["1000000"]),
+    ("train", "--seed", [str(2**32), str(2**64)], [str(2**32 - 1)]),
+    ("train", "--lr", ["10.5"], ["10"]),
+    ("train", "--temperature", ["-1", "100.5", "inf"], ["100"]),
+    ("train", "--num-epochs", ["0", "1000001"], ["1e-3", "1000000"]),
+    ("train", "--data-weights", ["1e13", "inf"], ["1e12"]),
+]
+
+
+@pytest.mark.parametrize("command,flag,value,accepted", [
+    (c, f, v, ok) for c, f, refused, accepted in _BIG for vals, ok in ((refused, False), (accepted, True)) for v in vals])
+def test_train_and_prepare_counts_have_upper_bounds(tiny_run, tmp_path, monkeypatch, command, flag, value, accepted):
+    test_every_numeric_flag_is_checked_before_any_work(tiny_run, tmp_path, monkeypatch, command, flag, value, accepted)
+
+
+def test_the_memory_check_says_what_it_needs_and_what_the_machine_has(tiny_run, tmp_path, monkeypatch):
+    """One line with the estimate, its largest part, the machine's memory and where it was read."""
+    from phi3skip.train.job import machine_memory
+    have, where = machine_memory()
+    assert have > 2**20 and where == "memory (/proc/meminfo)"
+    monkeypatch.setattr("phi3skip.train.job.machine_memory", lambda device="cpu": (2**30, "memory (test)"))
+    monkeypatch.setenv("STDOUT", "1")
+    root, _ = tiny_run
+    module("train")
+    monkeypatch.setattr(BASE["train"][0], lambda *a, **k: pytest.fail("the work started"))
+    argv = [a.format(root=root, model=root / "model", data=root / "data", tmp=tmp_path) for a in BASE["train"][1]]
+    with pytest.raises(UserError, match=r"^--batch-size 70000 x --max-seq-len 32: the run needs at least 1\.1 GiB "
+                                        r"\(logits 1\.1 GiB\), more than this machine's 1\.0 GiB of memory \(test\); "
+                                        r"lower it$"):
+        entry("train")(argv + ["--batch-size", "70000"])

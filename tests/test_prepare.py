@@ -107,32 +107,88 @@ def test_round_trip_and_counts(tmp_path, docs_dir, tok_dir, tok):
     assert "prepare.py --dataset" in meta["command"]
 
 
-def _dist(site: Path, folder: str, text: str) -> None:
-    (site / folder).mkdir(parents=True)
-    (site / folder / ("PKG-INFO" if folder.endswith(".egg-info") else "METADATA")).write_text(text)
+def _wheel(folder: Path, name: str, metadata: str) -> tuple[Path, str]:
+    """A minimal wheel (a zip with NAME-1.0.dist-info/METADATA and a module that must never run), and its sha256."""
+    import hashlib
+    import zipfile
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{name}-1.0.dist-info/METADATA", metadata)
+        z.writestr(f"{name}/__init__.py", "raise SystemExit('a pinned wheel was executed')\n")
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_pkgdocs_are_the_installed_distributions_descriptions(tmp_path, tok_dir, tok, monkeypatch):
-    site, shadowed = tmp_path / "site", tmp_path / "later"
-    _dist(site, "zeta_pkg-1.0.dist-info", "Metadata-Version: 2.1\nName: Zeta_Pkg\n\nZeta does *everything*.\n")
-    _dist(site, "alpha-2.0.dist-info", "Metadata-Version: 2.1\nName: alpha\n\n# Alpha\n\nReads files.\n")
-    _dist(site, "old-0.1.egg-info", "Metadata-Version: 1.1\nName: old\nDescription: Old style.\n        "
-                                    "Second line.\n")
-    _dist(site, "bare-1.0.dist-info", "Metadata-Version: 2.1\nName: bare\n")  # no description: no document
-    _dist(site, "phi3skip-0.1.dist-info", "Metadata-Version: 2.1\nName: phi3skip\n\nOur own README.\n")
-    _dist(shadowed, "alpha-1.0.dist-info", "Metadata-Version: 2.1\nName: Alpha\n\nAn older alpha.\n")
-    monkeypatch.setattr(corpus, "site_dirs", lambda: [str(site), str(shadowed), str(tmp_path / "missing")])
+@pytest.fixture
+def pinned(tmp_path, monkeypatch) -> Path:
+    """A cache of three pinned wheels (one without a description) in place of the real list."""
+    from phi3skip.data import pkgdocs
+    cache = tmp_path / "wheels"
+    cache.mkdir()
+    texts = {"alpha": "Metadata-Version: 2.1\nName: alpha\n\n# Alpha\n\nReads files.\n",
+             "old": "Metadata-Version: 1.1\nName: old\nDescription: Old style.\n        Second line.\n",
+             "bare": "Metadata-Version: 2.1\nName: bare\n"}
+    wheels = []
+    for name, text in texts.items():
+        path, sha = _wheel(cache, name, text)
+        wheels.append(pkgdocs.Wheel(name, "1.0", path.name, sha))
+    monkeypatch.setattr(pkgdocs, "WHEELS", tuple(wheels))
+    monkeypatch.setenv("PHI3SKIP_PKGDOCS_CACHE", str(cache))
+    return cache
+
+
+def test_pkgdocs_are_the_pinned_wheels_descriptions(tmp_path, tok_dir, tok, pinned):
+    from phi3skip.data import pkgdocs
     source = corpus.resolve("pkgdocs")
-    assert source.kind == "pkgdocs" and [Path(f).parent.name for f in source.files] == [
-        "alpha-2.0.dist-info", "bare-1.0.dist-info", "old-0.1.egg-info", "zeta_pkg-1.0.dist-info"]  # by name
+    assert source.kind == "pkgdocs" and [Path(f).name for f in source.files] == [w.filename for w in pkgdocs.WHEELS]
     stats = corpus.Stats()
     docs = list(corpus.documents([source], stats=stats))
-    assert docs == ["# Alpha\n\nReads files.", "Old style.\nSecond line.", "Zeta does *everything*."]
-    assert stats.empty == 1 and stats.per_source == {"pkgdocs": 3}
+    assert docs == ["# Alpha\n\nReads files.", "Old style.\nSecond line."]  # the list's order; nothing ran
+    assert stats.empty == 1 and stats.per_source == {"pkgdocs": 2}
     out = tmp_path / "docs"
     meta = run("--dataset", "pkgdocs", "--model", tok_dir, "--out", out, "--val-tokens", "1")
-    assert meta["documents"] == 3 and meta["sources"][0]["kind"] == "pkgdocs"
+    assert meta["documents"] == 2 and meta["sources"][0]["kind"] == "pkgdocs"
+    assert meta["sources"][0]["fingerprint"] == pkgdocs.fingerprint()
     assert sorted(decoded(out, tok, "train") + decoded(out, tok, "val")) == sorted(docs)
+
+
+def test_the_pinned_list_is_pure_python_wheels_with_distinct_names():
+    from phi3skip.data import pkgdocs
+    assert len(pkgdocs.WHEELS) == len({w.name.lower() for w in pkgdocs.WHEELS}) >= 50
+    assert all(w.filename.endswith("-none-any.whl") and len(w.sha256) == 64 for w in pkgdocs.WHEELS)
+    assert pkgdocs.fingerprint().startswith("sha256:") and pkgdocs.fingerprint() != pkgdocs.fingerprint(
+        pkgdocs.WHEELS[1:])
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda c, w: w.unlink(), r"pkgdocs: 1 of the 3 pinned wheels are not in .*first: alpha-1\.0-py3-none-any"
+                              r"\.whl.*python -m phi3skip\.data\.pkgdocs"),
+    (lambda c, w: w.write_bytes(w.read_bytes()[:-10]), r"alpha-1\.0-py3-none-any\.whl: sha256 .* is not the pinned "
+                                                        r".*python -m phi3skip\.data\.pkgdocs"),
+    (lambda c, w: [p.unlink() for p in c.iterdir()], r"3 of the 3 pinned wheels are not in"),
+])
+def test_pkgdocs_offline_without_the_wheels_is_one_line(tmp_path, tok_dir, pinned, damage, words):
+    damage(pinned, pinned / "alpha-1.0-py3-none-any.whl")
+    with pytest.raises(UserError, match=words) as e:
+        run("--dataset", "pkgdocs", "--model", tok_dir, "--out", tmp_path / "o")
+    assert "\n" not in str(e.value) and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("content,words", [
+    (b"not a zip", r"cannot read it as a wheel \(BadZipFile\)"),
+    (None, r"not a wheel \(0 \*\.dist-info/METADATA files\)"),
+])
+def test_a_damaged_pinned_wheel_is_one_line(tmp_path, content, words):
+    import zipfile
+    from phi3skip.data import pkgdocs
+    path = tmp_path / "x-1.0-py3-none-any.whl"
+    if content is None:
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("x/__init__.py", "")
+    else:
+        path.write_bytes(content)
+    with pytest.raises(pkgdocs.PkgdocsError, match=words) as e:
+        pkgdocs.description(path)
+    assert "\n" not in str(e.value) and "python -m phi3skip.data.pkgdocs" in str(e.value)
 
 
 def test_stdlib_with_max_tokens(tmp_path, tok_dir, tok):
@@ -297,6 +353,35 @@ def test_bad_sources(tmp_path, tok_dir, setup, message):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
+def _truncated_gz(path: Path, text: str) -> Path:
+    data = gzip.compress(text.encode())
+    path.write_bytes(data[:len(data) // 2])
+    return path
+
+
+_LINES = "".join(json.dumps({"text": f"line {i} " + "words " * 40}) + "\n" for i in range(400))
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: _truncated_gz(d / "t.jsonl.gz", _LINES), r"t\.jsonl\.gz: cannot read it \(EOFError: Compressed file ended"),
+    (lambda d: _truncated_gz(d / "t.json.gz", "[" + _LINES.replace("\n", ",") + "{}]"),
+     r"t\.json\.gz: cannot read it \(EOFError"),
+    (lambda d: _truncated_gz(d / "t.txt.gz", "words " * 4000), r"t\.txt\.gz: cannot read it \(Compressed file ended"),
+    (lambda d: (d / "a.jsonl").write_text('[1, 2]\n') and d / "a.jsonl",
+     r"a\.jsonl line 1: expected a JSON object per record, got list"),
+    (lambda d: (d / "n.jsonl").write_text('{"text": 3}\n') and d / "n.jsonl",
+     r"n\.jsonl line 1: the text field holds int, not a string"),
+    (lambda d: (d / "s.jsonl").write_text('{"text": "ok"}\n"just a string"\n') and d / "s.jsonl",
+     r"s\.jsonl line 2: expected a JSON object per record, got str"),
+])
+def test_damaged_compressed_and_record_sources_are_one_line(tmp_path, tok_dir, setup, message):
+    src = setup(tmp_path)
+    with pytest.raises(UserError, match=message) as e:
+        run("--dataset", src, "--model", tok_dir, "--out", tmp_path / "out")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
 def test_text_field_named_but_missing(tmp_path, tok_dir):
     (tmp_path / "r.jsonl").write_text('{"text": "hi"}\n')
     with pytest.raises(UserError, match=r"record has no field 'body' \(it has text\); pass --text-field NAME"):
@@ -418,3 +503,15 @@ def test_cli_signal_leaves_no_partial_file(tmp_path, tok_dir, sig):
         pytest.skip("prepare.py finished before the signal")
     assert p.returncode == 130 and err.strip() == "interrupted", err
     assert list(tmp_path.iterdir()) == []  # neither the final folder nor a temporary one
+
+
+def test_meta_json_keeps_the_token_files_fingerprint(tmp_path, docs_dir, tok_dir):
+    """Hashed once as the folder is written; re-made from other text into the same path, the fingerprint changes."""
+    from phi3skip.data.tokens import data_fingerprint, token_file_hashes
+    out = tmp_path / "o"
+    meta = run("--dataset", docs_dir, "--model", tok_dir, "--out", out, "--val-fraction", "0.3")
+    assert meta["fingerprint"] == read_meta(out)["fingerprint"] == token_file_hashes(out)
+    before = data_fingerprint(out)
+    (docs_dir / "a.txt").write_text("Other text altogether.\n", encoding="utf-8")
+    run("--dataset", docs_dir, "--model", tok_dir, "--out", out, "--val-fraction", "0.3", "--overwrite")
+    assert data_fingerprint(out) != before and read_meta(out)["fingerprint"] == token_file_hashes(out)

@@ -325,24 +325,24 @@ def _other_data(tiny: Path, tmp_path: Path, n: int = 20000, tokenizer_sha256: st
     (("--schedule", "nested", "--adapter-mlp", "129"), r"--adapter-mlp must be in 0\.\.128 \("),
     (("--layers", "auto", "--num-skip", "5"), r"--num-skip must be in 1\.\.4 \(the number of candidate layers\)"),
     (("--layers", "2,0", "--num-skip", "3"), r"--num-skip must be in 1\.\.2"),
-    (("--num-skip", "0"), "--num-skip must be at least 1, got 0"),
-    (("--seed", "-1"), "--seed must be 0 or more"),
-    (("--lr", "inf"), "--lr must be a finite number, got inf"),
+    (("--num-skip", "0"), r"--num-skip must be in 1\.\.65,536 \(then the model's layers\), got 0"),
+    (("--seed", "-1"), r"--seed must be in 0\.\.4,294,967,295 \(a 32-bit seed"),
+    (("--lr", "inf"), r"--lr must be a finite number \(a rate above 10 diverges at once\), got inf"),
     (("--train-scope", "2", "--layers", "2"), "no gradient from the skip term"),
     (("--resume",), "no intact checkpoint"),
     (("--bogus",), "unrecognized arguments"),
-    (("--stop-at", "-3"), "--stop-at must be at least 1"),
-    (("--save-every", "-1"), "--save-every must be 0 or more"),
-    (("--kd-weight", "-1"), "--kd-weight must be 0 or more"),
-    (("--ce-weight", "nan"), "--ce-weight must be a finite number, got nan"),
+    (("--stop-at", "-3"), r"--stop-at must be in 1\.\.1,000,000,000 \(a billion steps\)"),
+    (("--save-every", "-1"), r"--save-every must be in 0\.\.1,000,000,000"),
+    (("--kd-weight", "-1"), r"--kd-weight must be between 0 and 1e\+06 \(a loss weight\)"),
+    (("--ce-weight", "nan"), r"--ce-weight must be a finite number \(a loss weight\), got nan"),
     (("--align-weight", "1"), "--align-weight aligns the bypasses of --train-scope adapters"),
     (("--depth-rank", "2"), "--depth-rank gives the bypasses of --train-scope adapters per-depth deltas"),
     (("--schedule", "nested", "--depth-rank", "65"), r"--depth-rank must be in 0\.\.64 \(the model's hidden size\)"),
-    (("--schedule", "nested", "--align-weight", "-1"), "--align-weight must be 0 or more"),
+    (("--schedule", "nested", "--align-weight", "-1"), r"--align-weight must be between 0 and 1e\+06"),
     (("--min-lr-ratio", "2"), "--min-lr-ratio must be between 0 and 1"),
     (("--dtype", "float16"), "loss scaler"),
     (("--data-weights", "1", "1"), r"--data-weights: 2 weight\(s\) for 1 --data folder\(s\)"),
-    (("--data-weights", "0"), "--data-weights must be positive, got 0.0"),
+    (("--data-weights", "0"), r"--data-weights must be above 0 and at most 1e\+12 \(a blend's weight\), got 0\.0"),
 ])
 def test_bad_input(tiny, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
@@ -484,3 +484,48 @@ def test_depth_deltas_train_every_depth_and_resume_bitwise(tiny, tmp_path):
     assert all(a[f"layers.{i}.depth.{k}.up.B"].any() for i, ks in ((2, (1, 2, 3)), (1, (2, 3)), (0, (3,))) for k in ks)
     assert json.loads((straight / "skip.json").read_text())["adapters"]["depth_rank"] == 2
     assert from_pretrained(straight).skip_adapters.depth_rank == 2
+
+
+def _remade(folder: Path, seed: int) -> Path:
+    """The folder as prepare.py --overwrite leaves it: other tokens, meta.json with their fingerprint."""
+    from phi3skip.data.tokens import token_file_hashes
+    folder.mkdir(exist_ok=True)
+    write_tokens(folder / "train.bin", markov(20000, seed), V, 2)
+    write_tokens(folder / "val.bin", markov(3000, seed + 1), V, 2)
+    meta = json.loads((folder.parent / "meta.template.json").read_text())  # the tiny model's tokenizer
+    (folder / "meta.json").write_text(json.dumps({**meta, "fingerprint": token_file_hashes(folder)}))
+    return folder
+
+
+def test_a_resume_refuses_data_remade_in_the_same_folder(tiny, tmp_path):
+    """prepare.py --overwrite into the run's --data folder: the path is the same, the tokens are not."""
+    (tmp_path / "meta.template.json").write_text((tiny / "data" / "meta.json").read_text())
+    data = _remade(tmp_path / "data", seed=0)
+    run = ("--data", str(data), *SEQ, "--save-every", "2")
+    train.main(args(tiny, tmp_path, *run, "--stop-at", "2"))
+    train.main(args(tiny, tmp_path, *run, "--stop-at", "3", "--resume"))  # the same data resumes
+    _remade(data, seed=7)
+    with pytest.raises(UserError, match=r"^--resume: .*step-00000003 was made on other tokens in --data "
+                                        rf"{data} \(fingerprint .*re-made by prepare\.py\?\); resume with the original "
+                                        r"data, or start a new run \(another --ckpt-dir\)$"):
+        train.main(args(tiny, tmp_path, *run, "--resume"))
+
+
+def test_a_resume_refuses_blend_weights_that_differ_in_any_digit(tiny, tmp_path):
+    other = _other_data(tiny, tmp_path)
+    blend = ("--data", str(tiny / "data"), str(other), "--data-weights")
+    run = (*SEQ, "--save-every", "2")
+    train.main(args(tiny, tmp_path, *run, *blend, "100.5", "139.5", "--stop-at", "2"))
+    with pytest.raises(UserError, match=r"^--resume: .* was made with --data-weights 100\.5 139\.5, this run has "
+                                        r"100\.4999 139\.5001; give the run's weights exactly"):
+        train.main(args(tiny, tmp_path, *run, *blend, "100.4999", "139.5001", "--resume"))
+
+
+@pytest.mark.parametrize("spelling", ["same", "slash", "dot", "symlink"])
+def test_a_data_folder_named_twice_is_refused(tiny, tmp_path, spelling):
+    data = tiny / "data"
+    (tmp_path / "link").symlink_to(data)
+    second = {"same": str(data), "slash": f"{data}/", "dot": f"{data}/.", "symlink": str(tmp_path / "link")}[spelling]
+    with pytest.raises(UserError, match=r"^--data names one folder twice: .* are both .*; name each folder once"):
+        train.main(args(tiny, tmp_path / "run", "--data", str(data), second))
+    assert not (tmp_path / "run").exists()

@@ -390,3 +390,48 @@ def test_checkpoints_are_read_only_with_a_safe_torch(tmp_path, monkeypatch, vers
                 read()
         else:
             read()
+
+
+# The data's identity: a resume refuses other data, saying what changed ------------------------------------------
+DATA = dataclasses.replace(SETTINGS, data="1.0 x /a + 3.0 x /b", data_files=("/a sha256:" + "1" * 64,
+                                                                            "/b sha256:" + "2" * 64),
+                           data_weights=(1.0, 3.0), blend_pattern="0,0,0,1")
+
+
+@pytest.mark.parametrize("change,words", [
+    (dict(data_files=("/a sha256:" + "1" * 64, "/b sha256:" + "3" * 64)),
+     r"^was made on other tokens in --data /b \(fingerprint 222222222222\.\.\., now 333333333333\.\.\.: re-made by "
+     r"prepare\.py\?\); resume with the original data, or start a new run \(another --ckpt-dir\)$"),
+    (dict(data="1.0 x /a + 3.0 x /c", data_files=("/a sha256:" + "1" * 64, "/c sha256:" + "2" * 64)),
+     r"^was made on --data /a /b, this run names /a /c; resume with the original data"),
+    (dict(data="3.0 x /b + 1.0 x /a", data_files=DATA.data_files[::-1], data_weights=(3.0, 1.0)),
+     r"^was made on --data /a /b, this run names /b /a;"),
+    (dict(data="1.0000001 x /a + 3.0 x /b", data_weights=(1.0000001, 3.0)),
+     r"^was made with --data-weights 1\.0 3\.0, this run has 1\.0000001 3\.0; give the run's weights exactly"),
+    (dict(blend_pattern="0,0,1,0"), r"^interleaves its blend in another pattern"),
+    (dict(data="/a", data_files=("/a sha256:" + "1" * 64,), data_weights=None, blend_pattern=None),
+     r"^was made on --data /a /b, this run names /a;"),
+])
+def test_a_resume_on_other_data_names_what_changed(change, words):
+    saved = json.loads(json.dumps(TrainState(DATA, 6, 5, step=2).state_dict()))
+    state = TrainState(dataclasses.replace(DATA, **change), total_steps=6, batches_per_epoch=5)
+    with pytest.raises(SettingsMismatch, match=words) as e:
+        state.load_state_dict(saved)
+    assert "\n" not in str(e.value) and state.step == 0
+
+
+def test_a_checkpoint_without_data_fingerprints_is_refused():
+    older = {k: v for k, v in json.loads(json.dumps(SETTINGS.state_dict())).items()
+             if k not in ("data_files", "data_weights", "blend_pattern")}  # as runs before the fingerprints saved
+    assert RunSettings.problem(older) is None
+    state = TrainState(dataclasses.replace(SETTINGS, data_files=("/d sha256:" + "1" * 64,)), 6, 5)
+    with pytest.raises(SettingsMismatch, match=r"^records no fingerprint of its data \(it was made before runs "
+                                               r"recorded one\), so its tokens cannot be checked; start a new run"):
+        state.load_state_dict({"step": 1, "phase": 0, "settings": older})
+
+
+@pytest.mark.parametrize("field,value", [("data_files", "/a sha256:1"), ("data_files", [1]), ("data_weights", ["1"]),
+                                         ("data_weights", 2.0), ("blend_pattern", [0, 1])])
+def test_damaged_data_fields_are_found(field, value):
+    saved = {**json.loads(json.dumps(DATA.state_dict())), field: value}
+    assert RunSettings.problem(saved) == f"settings field {field} is {value!r:.40}"

