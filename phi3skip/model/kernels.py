@@ -8,7 +8,8 @@ itself. Built with `-march=native`: the cache is named after this CPU's instruct
 by two machines holds a build for each. Without a compiler (or with PHI3SKIP_KERNELS=0) everything runs in plain
 torch (`available()` is False): the same numbers up to float rounding, slower.
 
-The products are registered as torch custom ops (`phi3skip::gemv_*`), so torch.compile traces through them.
+The products are registered with torch's dispatcher from C++ (`torch.ops.phi3skip_cpu.gemv_*`), so a call runs no
+Python and torch.compile keeps them as calls.
 """
 from __future__ import annotations
 
@@ -53,8 +54,10 @@ def _build():
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name=f"phi3skip_gemv_{_cpu_tag()}", sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        load(name=f"phi3skip_gemv_{_cpu_tag()}", sources=[str(SOURCE)], is_python_module=False,
+             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        _register_fakes()
+        return torch.ops.phi3skip_cpu
     except Exception as e:  # noqa: BLE001 - any build failure falls back to plain torch
         warnings.warn(f"phi3skip: the CPU decode kernels did not build ({type(e).__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''}); decoding in plain torch, slower", stacklevel=2)
@@ -72,35 +75,12 @@ def usable(x: torch.Tensor) -> bool:
             and bool(_EXT) and _EXT[0] is not None)
 
 
-# Custom ops, so that torch.compile keeps them as calls (they run the kernels as they are) ------------------------
-@torch.library.custom_op("phi3skip::gemv_f32", mutates_args=())
-def gemv_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return extension().gemv_f32(x.contiguous(), w)
-
-
-@torch.library.custom_op("phi3skip::gemv_q8", mutates_args=())
-def gemv_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return extension().gemv_q8(x.contiguous(), q, scale)
-
-
-@torch.library.custom_op("phi3skip::gemv_q4", mutates_args=())
-def gemv_q4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    return extension().gemv_q4(x.contiguous(), q, scale, offset)
-
-
-@gemv_f32.register_fake
-def _(x, w):
-    return x.new_empty(x.shape[0], w.shape[0])
-
-
-@gemv_q8.register_fake
-def _(x, q, scale):
-    return x.new_empty(x.shape[0], q.shape[0])
-
-
-@gemv_q4.register_fake
-def _(x, q, scale, offset):
-    return x.new_empty(x.shape[0], q.shape[0])
+def _register_fakes() -> None:
+    """Output shapes of the ops for torch.compile's tracing (the ops themselves are registered in C++)."""
+    lib = "phi3skip_cpu::"
+    torch.library.register_fake(lib + "gemv_f32")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_fake(lib + "gemv_q8")(lambda x, q, scale: x.new_empty(x.shape[0], q.shape[0]))
+    torch.library.register_fake(lib + "gemv_q4")(lambda x, q, scale, offset: x.new_empty(x.shape[0], q.shape[0]))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -109,24 +89,15 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x W^T through the kernel (x: [..., K] fp32 with few rows, W: [N, K] row-major)."""
-    rows = _rows(x)
-    ext = None if torch.compiler.is_compiling() else _EXT[0]  # eager: skip the custom op's Python dispatch
-    y = ext.gemv_f32(rows.contiguous(), w) if ext is not None else gemv_f32(rows, w)
-    return y.view(*x.shape[:-1], w.shape[0])
+    return _EXT[0].gemv_f32(_rows(x), w).view(*x.shape[:-1], w.shape[0])
 
 
 def linear_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    rows = _rows(x)
-    ext = None if torch.compiler.is_compiling() else _EXT[0]
-    y = ext.gemv_q8(rows.contiguous(), q, scale) if ext is not None else gemv_q8(rows, q, scale)
-    return y.view(*x.shape[:-1], q.shape[0])
+    return _EXT[0].gemv_q8(_rows(x), q, scale).view(*x.shape[:-1], q.shape[0])
 
 
 def linear_q4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    rows = _rows(x)
-    ext = None if torch.compiler.is_compiling() else _EXT[0]
-    y = ext.gemv_q4(rows.contiguous(), q, scale, offset) if ext is not None else gemv_q4(rows, q, scale, offset)
-    return y.view(*x.shape[:-1], q.shape[0])
+    return _EXT[0].gemv_q4(_rows(x), q, scale, offset).view(*x.shape[:-1], q.shape[0])
 
 
 __all__ = ["available", "usable", "extension", "linear_f32", "linear_q8", "linear_q4", "MAX_ROWS", "GROUP"]

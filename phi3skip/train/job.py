@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..core import machine
 from ..core.cli import Range, UserError, check_ranges
 from ..core.devices import parse_dtype
 from ..data.tokens import Mixture, blend_pattern, data_fingerprint
@@ -28,9 +29,7 @@ from .train_state import RunSettings
 # (batch x sequence x vocabulary logits, the least-squares fit's residuals) is checked against the machine's memory by
 # `check_memory` before anything is allocated.
 MAX_STEPS, MAX_TOKENS = 10**9, 2**40
-# Seeds: below 2**32, what every seeding takes (torch.manual_seed takes < 2**64, numpy's Generator any size, but
-# numpy's legacy np.random.seed and RandomState only < 2**32), so that a seed recorded here reproduces anywhere.
-SEED = Range(0, 2**32 - 1, note="a 32-bit seed, what numpy's legacy seeding takes")
+SEED = machine.SEED  # below 2**32: numpy's legacy seeding takes no more, so a recorded seed reproduces anywhere
 STEPS = Range(1, MAX_STEPS, note="a billion steps")
 STEPS_OR_0 = Range(0, MAX_STEPS, note="a billion steps")
 TOKENS = Range(1, MAX_TOKENS, note="2**40 tokens")
