@@ -28,16 +28,17 @@ LLAMA = {"fp32": "f32", "int8": "q8_0", "int4": "q4_1", "int4 (q4_0)": "q4_0"}  
 NUMBERS = {"--max-tokens": Range(64, 1 << 20, note="tokens scored per dataset"), "--seq-len": Range(8, 4096),
            "--memory-tokens": Range(1, 4096)}
 
-# A decode in a fresh process: load (quantized as read), 2 warm-up tokens, N tokens; its peak RSS in MiB on stdout.
+# A decode in a fresh process: load (quantized as read), N tokens; its peak RSS in MiB on stdout. VmHWM, not
+# ru_maxrss: ru_maxrss keeps the forking parent's peak across exec, and this parent holds three models.
 MEMORY_PROBE = """
-import resource, sys, torch, phi3skip
+import sys, torch, phi3skip
 from phi3skip.serve.generate import Generator
 torch.set_num_threads(1)
 folder, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if mode != "baseline":
     model = phi3skip.from_pretrained(folder, dtype=torch.float32, quantize=None if mode == "fp32" else mode)
     Generator(model).generate([[1, 2, 3, 4, 5, 6, 7, 8]], n)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024)
 """
 
 

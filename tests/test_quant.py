@@ -65,12 +65,12 @@ def test_int4_layout_is_q4_1_read_by_gguf():
 
 
 def test_int4_refit_and_offset():
-    """The least-squares refit lowers the range's error; the offset serves blocks that are not centred, where
-    symmetric codes (q4_0's) waste half their levels."""
+    """The least-squares refit (off by default) lowers the range's weight error; the offset serves blocks that are
+    not centred, where symmetric codes (q4_0's) waste half their levels."""
     w = torch.randn(64, 256) + 3.0
     err = {n: float((quant.dequantize("int4", *quant.quantize_int4(w, refits=n)) - w).pow(2).sum()) for n in (0, 2)}
     assert err[2] < 0.97 * err[0]
-    assert rel(quant.dequantize("int4", *quant.quantize_int4(w)), w) < 0.03
+    assert rel(quant.dequantize("int4", *quant.quantize_int4(w)), w) < 0.035
     g = torch.randn(64, 256)
     assert rel(quant.dequantize("int4", *quant.quantize_int4(g)), g) < 0.09  # ~0.075 for Gaussian blocks of 32
 

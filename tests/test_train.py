@@ -325,7 +325,7 @@ def _other_data(tiny: Path, tmp_path: Path, n: int = 20000, tokenizer_sha256: st
     (("--schedule", "nested", "--adapter-mlp", "129"), r"--adapter-mlp must be in 0\.\.128 \("),
     (("--layers", "auto", "--num-skip", "5"), r"--num-skip must be in 1\.\.4 \(the number of candidate layers\)"),
     (("--layers", "2,0", "--num-skip", "3"), r"--num-skip must be in 1\.\.2"),
-    (("--num-skip", "0"), r"--num-skip must be in 1\.\.65,536 \(then the model's layers\), got 0"),
+    (("--num-skip", "0"), r"--num-skip must be in 1\.\.65536 \(then the model's layers\), got 0"),
     (("--seed", "-1"), r"--seed must be in 0\.\.4294967295 \(what numpy and torch seed with"),
     (("--lr", "inf"), r"--lr must be a finite number \(a rate above 10 diverges at once\), got inf"),
     (("--train-scope", "2", "--layers", "2"), "no gradient from the skip term"),
