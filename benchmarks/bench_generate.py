@@ -34,6 +34,7 @@ from phi3skip.core.cli import ArgumentParser, Range, UserError, check_range, che
 from phi3skip.core.machine import REPEATS, threads
 from phi3skip.model.skipsets import LOOKAHEAD
 from phi3skip.model.cost import kv_bytes, model_cost
+from phi3skip.model.kernels import available as kernels_built
 from phi3skip.model.quant import weight_bytes
 from phi3skip.serve.generate import COMPILE_MODES, GenerationResult, Generator, set_weight_layout
 from phi3skip.serve.sampling import Sampling
@@ -179,10 +180,10 @@ def cpu(args: argparse.Namespace) -> None:
                 tag = "phi3skip" if mode == "fp32" else f"phi3skip {mode}"
                 gens[tag] = Generator(m)
                 run(tag, gens[tag])
-                if mode == "fp32" and gens[tag].kernels:  # torch's own products beside the kernel, on a second copy
-                    mkl = "phi3skip, torch's F.linear"  # (a Generator sets its model's weight layout)
-                    gens[mkl] = Generator(from_pretrained(folder, dtype=torch.float32), kernels=False)
-                    run(mkl, gens[mkl])
+                if mode == "fp32" and kernels_built():  # phi3skip's fp32 kernel beside MKL, on a second copy
+                    own = "phi3skip, fp32 kernel"  # (a Generator sets its model's weight layout)
+                    gens[own] = Generator(from_pretrained(folder, dtype=torch.float32), kernels=True)
+                    run(own, gens[own])
                 for c in compiled:
                     name = f"{tag} compile={c}"
                     gens[name] = Generator(m, compile=c)

@@ -115,9 +115,8 @@ def test_greedy_equals_transformers_generate(variant, P, N):
 
 
 def test_cpu_weight_layout_changes_no_value_token_or_saved_byte(tmp_path):
-    """Without its kernels the Generator stores Linear weights column-major on the CPU (MKL's faster layout): same
-    values, tied weights still tied, the tokens of row-major weights, and a checkpoint saved afterwards holds the
-    same tensors."""
+    """The Generator stores Linear weights column-major on the CPU (MKL's faster layout): same values, tied weights
+    still tied, the tokens of row-major weights, and a checkpoint saved afterwards holds the same tensors."""
     cfg = Phi3Config.from_dict({**BASE, **VARIANTS["phi4"]})  # tied embeddings
     m = Phi3ForCausalLM(cfg).eval()
     m.load_state_dict(model("phi4").state_dict())
@@ -125,7 +124,7 @@ def test_cpu_weight_layout_changes_no_value_token_or_saved_byte(tmp_path):
     ids = prompt(9, seed=4)
     ref = Generator(m, (1,), column_major=False).generate([ids], 12).tokens
     assert all(p.is_contiguous() for p in m.parameters())
-    assert Generator(m, (1,), kernels=False).generate([ids], 12).tokens == ref
+    assert Generator(m, (1,)).generate([ids], 12).tokens == ref
     linears = [mod.weight for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
     assert linears and all(w.stride() == (1, w.shape[0]) for w in linears)
     assert m.lm_head.weight is m.model.embed_tokens.weight

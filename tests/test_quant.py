@@ -237,9 +237,13 @@ def test_compiled_blocks_serve_every_skip_set_without_recompiling(tmp_path):
 def test_fp32_kernels_same_tokens(tmp_path):
     m = tiny(tied=True)
     ids = list(range(5, 14))
-    ref = Generator(m, (1,), kernels=False).generate([ids], 8).tokens
-    gen = Generator(m, (1,))
-    assert gen.kernels == kernels.available()
+    ref = Generator(m, (1,)).generate([ids], 8).tokens
+    if not kernels.available():
+        with pytest.raises(UserError, match="not built"):
+            Generator(m, (1,), kernels=True)
+        return
+    gen = Generator(m, (1,), kernels=True)
+    assert gen.kernels and isinstance(m.lm_head, quant.KernelLinear)
     assert gen.generate([ids], 8).tokens == ref
     assert m.lm_head.weight is m.model.embed_tokens.weight  # still tied, names unchanged
     assert all(p.is_contiguous() for p in m.parameters())

@@ -178,7 +178,7 @@ class QuantEmbedding(nn.Module):
 
 class KernelLinear(nn.Linear):
     """An nn.Linear (same parameter, same state dict) whose few-row, no-grad products on the CPU run the fp32 kernel:
-    what a Generator makes of the model's Linears (`use_kernels`) where the kernels are built."""
+    what `Generator(..., kernels=True)` makes of the model's Linears (`use_kernels`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight

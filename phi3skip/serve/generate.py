@@ -188,9 +188,9 @@ def set_weight_layout(model: nn.Module, column_major: bool) -> None:
 
 
 class Generator:
-    """Generation for one model, skip set and (optionally) draft skip set. On the CPU, fp32 Linears run phi3skip's
-    few-row kernels where they are built (kernels=None: then; `quant.use_kernels`), else their weights are stored
-    column-major for MKL (`set_weight_layout`; column_major=False keeps them row-major). A quantized model
+    """Generation for one model, skip set and (optionally) draft skip set. On the CPU it stores the model's fp32
+    Linear weights column-major for MKL (`set_weight_layout`; column_major=False keeps them row-major), or with
+    kernels=True runs them through phi3skip's fp32 kernel (`quant.use_kernels`). A quantized model
     (`from_pretrained(..., quantize=)`) runs its own kernels. Bypasses with
     per-depth deltas run merged, as made at construction (`_merged_bypasses`)."""
 
@@ -226,10 +226,9 @@ class Generator:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         cuda = self.device.type == "cuda"
-        # fp32 on the CPU: few-row products through phi3skip's kernel (model.kernels), which reads nn.Linear's
-        # row-major layout; else MKL, faster on a column-major one. Quantized Linears use their kernels anyway.
-        if kernels is None:
-            kernels = not cuda and self.dtype == torch.float32 and _kernels.available()
+        # fp32 on the CPU: MKL's one-row products on column-major weights by default; kernels=True runs them through
+        # phi3skip's fp32 kernel (row-major), which measured no faster here (12.6-14.9 against 14.3-15.0 tokens/s,
+        # docs/benchmarks.md). Quantized Linears always use their kernels.
         self.kernels = bool(kernels)
         if self.kernels:
             if cuda or not _kernels.available():
