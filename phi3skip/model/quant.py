@@ -102,6 +102,7 @@ def quantize_weight(mode: str, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(codes, scales) of a weight [N, K] in `mode`, (codes, scales, offsets) for int4; int8 where int4 cannot hold
     its width (`mode_for`)."""
     mode = mode_for(mode, w.shape[1])
+    w = w.contiguous()  # a column-major weight (the Generator's CPU layout) gives row-major codes all the same
     if mode not in MODES:
         raise ValueError(f"quantization {mode!r}: one of {', '.join(MODES)}")
     return quantize_int8(w) if mode == "int8" else quantize_int4(w)
