@@ -100,13 +100,19 @@ def weight_files(folder: Path) -> dict[str, list[str]]:
 
 
 def iter_tensors(folder: Path):
-    """Yield (name, tensor) one at a time, so peak memory stays near one copy of the weights."""
+    """Yield (name, tensor) one at a time, so peak memory stays near one copy of the weights. The file is mapped
+    again for each tensor: the pages of a mapping count in the process's resident memory until it is closed, and
+    a mapping kept open over the whole file doubled the peak (a quantizing load held the file's pages as well as
+    its int8 weights)."""
     for shard in weight_files(folder):
         path = folder / shard
         try:
             with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
+                names = list(f.keys())
+            for name in names:
+                with safe_open(str(path), framework="pt") as f:
+                    t = f.get_tensor(name)
+                yield name, t
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
 

@@ -98,6 +98,9 @@ def mode_for(mode: str, in_features: int) -> str:
     return "int8" if mode == "int4" and in_features % GROUP else mode
 
 
+ROW_CHUNK = 4096  # rows quantized at a time: the temporaries of a 49k-row embedding would be 3x its fp32 size
+
+
 def quantize_weight(mode: str, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(codes, scales) of a weight [N, K] in `mode`, (codes, scales, offsets) for int4; int8 where int4 cannot hold
     its width (`mode_for`)."""
@@ -105,7 +108,9 @@ def quantize_weight(mode: str, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
     w = w.contiguous()  # a column-major weight (the Generator's CPU layout) gives row-major codes all the same
     if mode not in MODES:
         raise ValueError(f"quantization {mode!r}: one of {', '.join(MODES)}")
-    return quantize_int8(w) if mode == "int8" else quantize_int4(w)
+    fn = quantize_int8 if mode == "int8" else quantize_int4
+    parts = [fn(w[i:i + ROW_CHUNK]) for i in range(0, w.shape[0], ROW_CHUNK)]  # rows are quantized independently
+    return tuple(torch.cat(p) for p in zip(*parts)) if len(parts) > 1 else parts[0]
 
 
 # Modules -------------------------------------------------------------------------------------------------
