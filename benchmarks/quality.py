@@ -40,7 +40,7 @@ from phi3skip.eval.importance import greedy_order
 from phi3skip.formats.checkpoints import read_skip_profile, save_pretrained
 from phi3skip.core.cli import ArgumentParser, Range, UserError, check_ranges, run_main
 from phi3skip.core.machine import memory_bound
-from phi3skip.core.paths import atomic_write_text, check_apart, check_output
+from phi3skip.core.paths import atomic_write_text, check_apart, check_output, read_json_object
 from phi3skip.data.corpus import read_text_file
 from phi3skip.data.tokens import read_header
 from phi3skip.model.config import Phi3Config
@@ -206,14 +206,9 @@ def read_results(run: Path) -> dict:
     """A run's results.json (--rescore), one line when it is missing or damaged."""
     path = run / "results.json"
     try:
-        results = json.loads(path.read_text(encoding="utf-8"))
+        return read_json_object(path, "; re-run the recipe")
     except FileNotFoundError:
         raise UserError(f"--rescore {run.name}: no {path}; give the name of a run under --runs") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not readable JSON ({e}); re-run the recipe") from None
-    if not isinstance(results, dict):
-        raise UserError(f"{path}: expected a JSON object; re-run the recipe")
-    return results
 
 
 def main(argv: list[str] | None = None) -> None:

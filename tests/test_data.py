@@ -116,7 +116,7 @@ def test_meta_mismatch(tmp_path):
     with pytest.raises(UserError, match=r"x\.bin: vocabulary of 1000 in the header but 32000 in .*meta\.json"):
         open_tokens(path)
     (tmp_path / "meta.json").write_text("{")
-    with pytest.raises(UserError, match=r"meta\.json: unreadable"):
+    with pytest.raises(UserError, match=r"meta\.json: not readable JSON"):
         read_meta(tmp_path)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import json
 import os
 import re
 import secrets
@@ -222,3 +223,18 @@ def check_apart(outputs: Paths, reads: Paths, keeps: Paths = ()) -> None:
             if how:
                 raise UserError(f"{flag} {out} {how} {name} {other}: writing it would replace or change that; "
                                 f"choose another {flag}")
+
+def read_json_object(path: str | os.PathLike, fix: str = "", error: type[Exception] = UserError) -> dict:
+    """A JSON file that holds an object (meta.json, skip.json, results.json): one line naming the file when it is
+    unreadable, not JSON or not an object, `fix` appended (e.g. "; re-create it with prepare.py"). A missing file
+    raises FileNotFoundError, which each caller words for itself."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise error(f"{path}: not readable JSON ({e}){fix}") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: expected a JSON object{fix}")
+    return obj
+

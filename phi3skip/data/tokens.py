@@ -19,7 +19,6 @@ replaying the ones before.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import struct
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from ..core.cli import UserError
-from ..core.paths import publish, remove, temp_sibling
+from ..core.paths import publish, read_json_object, remove, temp_sibling
 from .pkgdocs import file_sha256
 
 MAGIC = b"P3SKTOK\0"
@@ -102,14 +101,9 @@ def read_meta(folder: str | os.PathLike) -> dict:
     """meta.json of a prepared data folder (see prepare.py for its keys)."""
     path = Path(folder) / META_FILE
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        return read_json_object(path, "; re-create it with prepare.py", TokenFileError)
     except FileNotFoundError:
         raise TokenFileError(f"{path}: not found; prepare the folder with prepare.py") from None
-    except (OSError, ValueError) as e:
-        raise TokenFileError(f"{path}: unreadable or not JSON ({e}); re-create it with prepare.py") from None
-    if not isinstance(meta, dict):
-        raise TokenFileError(f"{path}: expected a JSON object")
-    return meta
 
 
 FINGERPRINTED = ("train.bin", "val.bin")  # the files a data folder's fingerprint covers

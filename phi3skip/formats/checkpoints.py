@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from ..core.cli import UserError
 from ..core.devices import dtype_name, parse_dtype
 from ..core.hub import hub_errors, hub_offline, is_hub_id
-from ..core.paths import atomic_output
+from ..core.paths import atomic_output, read_json_object
 from ..model import bypass, quant
 from ..model.config import ConfigError, Phi3Config
 from ..model.skipsets import ProfileShape, check_profile
@@ -60,12 +60,7 @@ def read_skip_profile(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / SKIP_FILE
     if not path.is_file():
         return {}
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    obj = read_json_object(path, error=CheckpointError)
     shape = ProfileShape()
     if (Path(folder) / "config.json").is_file():  # the bounds of its layers and sizes (a damaged config: one line)
         cfg = Phi3Config.from_json(Path(folder) / "config.json")

@@ -23,66 +23,43 @@ constexpr int64_t ROWS = 4;     // weight rows per inner loop: one load of x fee
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 #endif
 
-// fp32: four weight rows at once against one row of x.
-inline void dot_f32(const float* x, const float* w, int64_t K, int64_t rows, float* out) {
-  int64_t k = 0;
+// 16 weights as fp32: loaded (fp32), or widened and converted (int8).
 #if defined(__AVX512F__)
-  if (rows == ROWS) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; k + 16 <= K; k += 16) {
-      for (int64_t r = 0; r < ROWS; ++r)  // the rows PREFETCH_CHUNKS chunks ahead, as in dot_q8
-        _mm_prefetch(reinterpret_cast<const char*>(w + (PREFETCH_CHUNKS * ROWS + r) * K + k), _MM_HINT_T0);
-      __m512 xv = _mm512_loadu_ps(x + k);
-      a0 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + k), a0);
-      a1 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + K + k), a1);
-      a2 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 2 * K + k), a2);
-      a3 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 3 * K + k), a3);
-    }
-    out[0] = hsum(a0); out[1] = hsum(a1); out[2] = hsum(a2); out[3] = hsum(a3);
-  } else {
-    for (int64_t r = 0; r < rows; ++r) out[r] = 0.f;
-  }
-#else
-  for (int64_t r = 0; r < rows; ++r) out[r] = 0.f;
-#endif
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* wr = w + r * K;
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = (rows == ROWS ? k : 0); j < K; ++j) s += x[j] * wr[j];
-    out[r] += s;
-  }
+inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
+inline __m512 load16(const int8_t* q) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
 }
+#endif
 
-inline void dot_q8(const float* x, const int8_t* q, int64_t K, int64_t rows, float* out) {
+// fp32 or int8 weights: four weight rows at once against one row of x (one load of x feeds the four), any fewer
+// rows and the tail of K in a plain loop. out[r] = x . w[r] (int8: before the row's scale).
+template <typename W>
+inline void dot_rows(const float* x, const W* w, int64_t K, int64_t rows, float* out) {
   int64_t k = 0;
+  for (int64_t r = 0; r < rows; ++r) out[r] = 0.f;
 #if defined(__AVX512F__)
   if (rows == ROWS) {
+    // One weight row is too short for the hardware prefetcher to ramp up: fetch the chunk PREFETCH_CHUNKS ahead
+    // explicitly, as many cache lines an iteration as the four rows consume (4 x 16 weights).
+    const char* ahead = reinterpret_cast<const char*>(w + PREFETCH_CHUNKS * ROWS * K);
+    constexpr int64_t per_iter = ROWS * 16 * sizeof(W);
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (; k + 16 <= K; k += 16) {
-      // one weight row is too short for the hardware prefetcher to ramp up: fetch the rows PREFETCH_CHUNKS
-      // chunks ahead explicitly, one cache line an iteration (4 rows x 16 bytes are consumed per iteration)
-      _mm_prefetch(reinterpret_cast<const char*>(q + PREFETCH_CHUNKS * ROWS * K + 4 * k), _MM_HINT_T0);
-      __m512 xv = _mm512_loadu_ps(x + k);
-#define LOAD_Q8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))
-      a0 = _mm512_fmadd_ps(xv, LOAD_Q8(q + k), a0);
-      a1 = _mm512_fmadd_ps(xv, LOAD_Q8(q + K + k), a1);
-      a2 = _mm512_fmadd_ps(xv, LOAD_Q8(q + 2 * K + k), a2);
-      a3 = _mm512_fmadd_ps(xv, LOAD_Q8(q + 3 * K + k), a3);
-#undef LOAD_Q8
+      for (int64_t b = 0; b < per_iter; b += 64) _mm_prefetch(ahead + k / 16 * per_iter + b, _MM_HINT_T0);
+      const __m512 xv = _mm512_loadu_ps(x + k);
+      a0 = _mm512_fmadd_ps(xv, load16(w + k), a0);
+      a1 = _mm512_fmadd_ps(xv, load16(w + K + k), a1);
+      a2 = _mm512_fmadd_ps(xv, load16(w + 2 * K + k), a2);
+      a3 = _mm512_fmadd_ps(xv, load16(w + 3 * K + k), a3);
     }
     out[0] = hsum(a0); out[1] = hsum(a1); out[2] = hsum(a2); out[3] = hsum(a3);
-  } else {
-    for (int64_t r = 0; r < rows; ++r) out[r] = 0.f;
   }
-#else
-  for (int64_t r = 0; r < rows; ++r) out[r] = 0.f;
 #endif
   for (int64_t r = 0; r < rows; ++r) {
-    const int8_t* qr = q + r * K;
+    const W* wr = w + r * K;
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t j = (rows == ROWS ? k : 0); j < K; ++j) s += x[j] * static_cast<float>(qr[j]);
+    for (int64_t j = (rows == ROWS ? k : 0); j < K; ++j) s += x[j] * static_cast<float>(wr[j]);
     out[r] += s;
   }
 }
@@ -164,7 +141,7 @@ torch::Tensor gemv_f32(const torch::Tensor& x_in, const torch::Tensor& w) {
   over_rows(N, [&](int64_t n0, int64_t rows) {
     float out[ROWS];
     for (int64_t t = 0; t < T; ++t) {
-      dot_f32(xp + t * K, wp + n0 * K, K, rows, out);
+      dot_rows(xp + t * K, wp + n0 * K, K, rows, out);
       for (int64_t r = 0; r < rows; ++r) yp[t * N + n0 + r] = out[r];
     }
   });
@@ -186,7 +163,7 @@ torch::Tensor gemv_q8(const torch::Tensor& x_in, const torch::Tensor& q, const t
   over_rows(N, [&](int64_t n0, int64_t rows) {
     float out[ROWS];
     for (int64_t t = 0; t < T; ++t) {
-      dot_q8(xp + t * K, qp + n0 * K, K, rows, out);
+      dot_rows(xp + t * K, qp + n0 * K, K, rows, out);
       for (int64_t r = 0; r < rows; ++r) yp[t * N + n0 + r] = out[r] * sp[n0 + r];
     }
   });
